@@ -1,0 +1,1 @@
+"""Data: LLaVA-style records, WebDataset shards with an energon index, and reading them back."""
