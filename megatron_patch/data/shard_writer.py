@@ -34,8 +34,8 @@ class _OpenShard:
 
 @dataclass
 class SplitShardWriter:
-    """Rolls to a new shard of a split when it reaches `max_samples` or `max_bytes` (checked
-    before each write, so a single oversized sample still gets a shard of its own)."""
+    """Rolls to a new shard of a split before a sample would push it past `max_samples` or
+    `max_bytes` (a single sample larger than `max_bytes` gets a shard of its own)."""
     output_dir: str
     max_samples: int
     max_bytes: int
@@ -48,16 +48,18 @@ class SplitShardWriter:
         os.makedirs(self.staging)
 
     def write(self, split: str, key: str, parts: dict) -> None:
+        # tar adds a 512-byte header per member and pads its data to 512 bytes
+        size = sum(512 + -(-len(v) // 512) * 512 for v in parts.values())
         shard = self._open.get(split)
-        if shard and (shard.info.samples >= self.max_samples or shard.info.bytes >= self.max_bytes):
+        if shard and (shard.info.samples >= self.max_samples
+                      or shard.info.bytes + size > self.max_bytes):
             self._close(split)
             shard = None
         if shard is None:
             shard = self._start(split)
         shard.writer.write({"__key__": key, **parts})
         shard.info.samples += 1
-        # tar adds a 512-byte header per member plus padding to 512 bytes
-        shard.info.bytes += sum(512 + -(-len(v) // 512) * 512 for v in parts.values())
+        shard.info.bytes += size
 
     def _start(self, split: str) -> _OpenShard:
         name = f"{split}-{len(self._closed[split]):05d}.tar"
