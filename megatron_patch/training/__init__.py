@@ -1,0 +1,1 @@
+"""Training: arguments, loop, optimizer and schedule, checkpointing, metrics."""

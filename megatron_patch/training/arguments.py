@@ -1,0 +1,163 @@
+"""Command-line arguments of the trainer, with Megatron-LM's names so users' habits carry over.
+
+`validate_args` turns every invalid combination into one clear message before any heavy work
+(model build, data loading): a 4B model takes minutes to build, and a typo should not cost that.
+"""
+import argparse
+import json
+import os
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="LLaVA-OneVision-1.5 SFT on megatron-core",
+                                allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="config name: tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
+    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
+                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
+        g.add_argument(f"--{name}", type=int, help="override the config's value")
+    g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"))
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+
+    g = p.add_argument_group("parallelism and batch")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, help="default: micro batch x data parallel")
+    g.add_argument("--seq-length", type=int, default=2048)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--optimizer", choices=("adam", "sgd", "muon"), default="adam")
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-vision", type=float, help="learning rate of the vision tower (default --lr)")
+    g.add_argument("--lr-adapter", type=float, help="learning rate of the adapter (default --lr)")
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    warmup = g.add_mutually_exclusive_group()
+    warmup.add_argument("--lr-warmup-fraction", type=float)
+    warmup.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.99)
+    g.add_argument("--adam-eps", type=float, default=1e-5)
+    g.add_argument("--trainable-modules", nargs="+",
+                   choices=("vision_model", "adapter", "language_model"),
+                   default=["vision_model", "adapter", "language_model"])
+    g.add_argument("--max-consecutive-skips", type=int, default=10,
+                   help="stop after this many steps in a row skipped for a NaN/inf grad norm")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", required=True,
+                   help="a converted dir (with .nv-meta) or an energon metadataset yaml")
+    g.add_argument("--tokenizer-path", required=True)
+    g.add_argument("--num-workers", type=int, default=2)
+    g.add_argument("--packing", action="store_true", help="pack several samples per sequence")
+    g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
+    g.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
+    g.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+                   help="samples longer than --seq-length: drop them (counted) or truncate")
+    g.add_argument("--shuffle-buffer-size", type=int, default=100)
+
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--load", help="a run dir (reads latest_checkpointed_iteration.txt) or one iter_* dir")
+    g.add_argument("--save", help="run dir for iter_XXXXXXX checkpoints")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
+    g.add_argument("--exit-duration-in-mins", type=float)
+    g.add_argument("--exit-interval", type=int)
+    return p
+
+
+class ArgumentError(SystemExit):
+    """An invalid setting; the message says what to change."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, model_config=None) -> argparse.Namespace:
+    """Checks and completes `args` in place (derived: data_parallel_size, global batch, warmup)."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise ArgumentError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
+                            "choose TP and PP whose product divides the number of processes")
+    args.data_parallel_size = world_size // (tp * pp)
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"global batch {args.global_batch_size} is not divisible by micro batch x data parallel "
+            f"= {args.micro_batch_size} x {args.data_parallel_size}; use a multiple of {per_step}")
+    args.num_microbatches = args.global_batch_size // per_step
+    if model_config is not None:
+        _check_model_divisibility(model_config, tp, pp)
+    if args.lr_warmup_fraction is not None:
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
+    args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    _check_paths(args)
+    if args.save and args.tensorboard_dir is None:
+        args.tensorboard_dir = os.path.join(args.save, "tensorboard")
+    if args.save and args.dataloader_save is None:
+        args.dataloader_save = os.path.join(args.save, "dataloader")
+    if args.use_distributed_optimizer and not _cuda():
+        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's distributed "
+                            "optimizer requires CUDA tensors); drop the flag on CPU")
+    return args
+
+
+def _check_model_divisibility(config, tp: int, pp: int) -> None:
+    checks = [
+        ("attention heads", config.num_attention_heads, tp, "TP"),
+        ("query groups (KV heads)", config.num_query_groups, tp, "TP"),
+        ("vision attention heads", getattr(config, "vision_num_attention_heads", tp), tp, "TP"),
+        ("language layers", config.num_layers, pp, "PP"),
+    ]
+    for what, count, parts, name in checks:
+        if count % parts:
+            raise ArgumentError(f"{what} ({count}) are not divisible by {name}={parts}; "
+                                f"choose {name} among the divisors of {count}")
+
+
+def _check_paths(args) -> None:
+    data = args.data_path
+    if not os.path.exists(data):
+        raise ArgumentError(f"--data-path {data} does not exist")
+    if os.path.isdir(data) and not os.path.isdir(os.path.join(data, ".nv-meta")):
+        raise ArgumentError(f"--data-path {data} has no .nv-meta index; convert it with "
+                            "tools/stage2_sftdata2webdataset.py first")
+    if not os.path.exists(args.tokenizer_path):
+        raise ArgumentError(f"--tokenizer-path {args.tokenizer_path} does not exist")
+    if args.load and not os.path.exists(args.load):
+        raise ArgumentError(f"--load {args.load} does not exist")
+    if args.save_interval and not args.save:
+        raise ArgumentError("--save-interval needs --save")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def args_to_json(args: argparse.Namespace) -> str:
+    return json.dumps(vars(args), indent=1, sort_keys=True, default=str)
