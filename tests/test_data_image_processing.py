@@ -31,4 +31,4 @@ def test_sizes_respect_the_pixel_budget_and_token_count():
         assert geometry.min_pixels <= h * w <= geometry.max_pixels
         assert image_token_count(height, width, geometry) == (h // 28) * (w // 28)
     patches, grid = image_to_patches(Image.new("RGB", (56, 84)), geometry)
-    assert grid == (1, 3, 2) and patches.shape == (6, 3 * 14 * 14)
+    assert grid == (1, 6, 4) and patches.shape == (24, 3 * 14 * 14)  # 84x56 px: 6x4 patches, 3x2 tokens
