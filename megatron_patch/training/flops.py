@@ -1,0 +1,84 @@
+"""Model FLOPs for MFU/HFU, counting the vision tower, the adapter and the language model.
+
+Per token, a dense matmul of [in x out] costs 2*in*out FLOPs forward; training costs 3x forward
+(backward is twice forward). Attention scores add 2*2*ctx*width per token (QK^T and AV), with
+ctx the tokens attended to: causal text attends to (n+1)/2 tokens on average in a sequence
+(segment) of n; each image's patches attend to the whole image (+ its class token).
+MFU counts 3x forward; HFU adds the recomputed forward (4x with full recompute), i.e. what the
+hardware actually executes. Peak numbers are dense bf16 tensor-core figures (no sparsity).
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+PEAK_BF16_TFLOPS = {  # by a substring of torch.cuda.get_device_name()
+    "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+    "H20": 148.0, "GH200": 989.0, "B200": 2250.0, "B100": 1750.0, "A100": 312.0, "A800": 312.0,
+    "L40S": 362.0, "A10G": 70.0, "L4": 121.0,
+}
+
+
+@dataclass(frozen=True)
+class LanguageShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    vocab_size: int
+    gated_mlp: bool = True
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    patch_dim: int            # 3 * temporal * patch * patch
+    merge_size: int = 2
+    out_hidden_size: int = 0  # adapter output width (the language hidden size)
+    class_token: bool = True
+
+
+def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int]) -> float:
+    tokens = sum(segment_lengths)
+    q_width = shape.num_attention_heads * shape.head_dim
+    kv_width = shape.num_query_groups * shape.head_dim
+    per_token_linear = 2 * shape.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * shape.hidden_size
+    per_token_linear += (3 if shape.gated_mlp else 2) * 2 * shape.hidden_size * shape.ffn_hidden_size
+    attention = sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
+    logits = 2 * tokens * shape.hidden_size * shape.vocab_size
+    return shape.num_layers * (tokens * per_token_linear + attention) + logits
+
+
+def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    h = shape.hidden_size
+    total = 0.0
+    for patches in image_patch_counts:
+        n = patches + (1 if shape.class_token else 0)
+        linear = n * (2 * h * 3 * h + 2 * h * h + 2 * 2 * h * shape.ffn_hidden_size)
+        total += shape.num_layers * (linear + 4 * n * n * h) + 2 * patches * shape.patch_dim * h
+        merged = patches // (shape.merge_size ** 2)
+        wide = h * shape.merge_size ** 2
+        total += 2 * merged * (wide * wide + wide * shape.out_hidden_size)
+    return total
+
+
+def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
+                   vision: Optional[VisionShape] = None, image_patch_counts: Sequence[int] = (),
+                   recompute_full: bool = False) -> tuple:
+    """(model FLOPs, hardware FLOPs) of one training step over these sequences and images."""
+    forward = language_forward_flops(language, segment_lengths)
+    if vision is not None and image_patch_counts:
+        forward += vision_forward_flops(vision, image_patch_counts)
+    return 3 * forward, (4 if recompute_full else 3) * forward
+
+
+def peak_flops_per_device(device_name: Optional[str]) -> Optional[float]:
+    """Dense bf16 peak in FLOP/s for a CUDA device name, None when unknown (or CPU)."""
+    if not device_name:
+        return None
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "H100 PCIe" before "H100"
+        if key in device_name:
+            return PEAK_BF16_TFLOPS[key] * 1e12
+    return None

@@ -1,0 +1,40 @@
+"""The FLOPs formula against a count done by hand, and the peak table lookups."""
+import pytest
+
+from megatron_patch.training.flops import (LanguageShape, VisionShape, language_forward_flops,
+                                           peak_flops_per_device, training_flops,
+                                           vision_forward_flops)
+
+
+def test_language_flops_match_a_hand_count():
+    shape = LanguageShape(num_layers=2, hidden_size=8, ffn_hidden_size=16, num_attention_heads=2,
+                          num_query_groups=1, head_dim=4, vocab_size=10)
+    # per token per layer: q 2*8*8, k and v 2*8*4 each, out 2*8*8, SwiGLU 3 * 2*8*16
+    linear = 128 + 64 + 64 + 128 + 768
+    # a 3-token causal segment: query i attends to i+1 keys -> 1+2+3 = 6 pairs, 4*width FLOPs each
+    attention = 6 * 4 * 8
+    expected = 2 * (3 * linear + attention) + 2 * 3 * 8 * 10
+    assert language_forward_flops(shape, [3]) == expected
+
+
+def test_vision_flops_count_the_class_token_and_the_adapter():
+    shape = VisionShape(num_layers=1, hidden_size=4, ffn_hidden_size=8, patch_dim=6,
+                        merge_size=2, out_hidden_size=5)
+    n = 4 + 1
+    per_layer = n * (2 * 4 * 12 + 2 * 16 + 2 * 2 * 4 * 8) + 4 * n * n * 4
+    adapter = 2 * 1 * (16 * 16 + 16 * 5)
+    assert vision_forward_flops(shape, [4]) == per_layer + 2 * 4 * 6 * 4 + adapter
+
+
+def test_training_counts_three_forwards_and_recompute_four():
+    shape = LanguageShape(2, 8, 16, 2, 1, 4, 10)
+    model, hardware = training_flops(shape, [5, 7], recompute_full=True)
+    forward = language_forward_flops(shape, [5, 7])
+    assert model == 3 * forward and hardware == 4 * forward
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H200", 989e12),
+                                       ("cpu", None), (None, None)])
+def test_peak_table(name, peak):
+    assert peak_flops_per_device(name) == peak
