@@ -1,0 +1,117 @@
+"""The launcher's arithmetic: data-parallel size, global batch, steps, warmup, save interval.
+
+Kept in Python (not bash) so it is tested table-driven; `train/sft_bench_TEMPLATE.sh` runs
+`python -m megatron_patch.training.run_plan ...` and reads its KEY=VALUE lines.
+
+Units: SAMPLES counts converted samples (one conversation each) in the train split. With
+--packing several samples share one sequence, but GBS still counts samples per optimizer step
+only when packing is off; with packing GBS counts packed sequences, so NSTEP is an upper bound
+(the loader repeats data if the run outlasts an epoch).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import yaml
+
+
+@dataclass
+class RunPlan:
+    world_size: int
+    data_parallel_size: int
+    global_batch_size: int
+    gradient_accumulation_steps: int
+    samples: int
+    train_iters: int
+    warmup_iters: int
+    save_interval: int
+    notes: List[str] = field(default_factory=list)
+
+
+def plan_run(samples: int, world_size: int, tp: int = 1, pp: int = 1, micro_batch: int = 1,
+             global_batch: Optional[int] = None, gbs_per_dp: int = 4, epochs: float = 1.0,
+             margin: float = 0.05, warmup_fraction: float = 0.002, saves_per_run: int = 10,
+             save_interval: Optional[int] = None) -> RunPlan:
+    if world_size % (tp * pp):
+        raise ValueError(f"TP x PP = {tp} x {pp} does not divide the {world_size} GPUs; choose TP "
+                         f"and PP whose product divides {world_size}")
+    dp = world_size // (tp * pp)
+    unit = micro_batch * dp
+    notes = []
+    requested = global_batch if global_batch else gbs_per_dp * dp
+    gbs = max(unit, round(requested / unit) * unit)
+    if gbs != requested:
+        notes.append(f"GBS {requested} rounded to {gbs}, a multiple of MBS x DP = {micro_batch} x {dp}")
+    if samples <= 0:
+        raise ValueError("the train split has no samples")
+    steps = math.ceil(samples * epochs / gbs)
+    train_iters = math.ceil(steps * (1 + margin))
+    warmup = max(1, round(train_iters * warmup_fraction)) if warmup_fraction > 0 else 0
+    interval = save_interval or max(1, math.ceil(train_iters / saves_per_run))
+    return RunPlan(world_size, dp, gbs, gbs // unit, samples, train_iters, warmup, interval, notes)
+
+
+def count_train_samples(data_path: str) -> int:
+    """Train samples of a converted dir (our manifest, else energon's own index) or a blend yaml."""
+    if os.path.isfile(data_path) and data_path.endswith((".yaml", ".yml")):
+        with open(data_path) as handle:
+            blend = yaml.safe_load(handle)
+        entries = blend["splits"]["train"].get("blend") or [blend["splits"]["train"]]
+        base = os.path.dirname(os.path.abspath(data_path))
+        return sum(count_train_samples(os.path.join(base, e["path"])) for e in entries)
+    meta = os.path.join(data_path, ".nv-meta")
+    manifest = os.path.join(meta, "llava_manifest.json")
+    if os.path.isfile(manifest):
+        with open(manifest) as handle:
+            return int(json.load(handle)["samples"]["train"])
+    info, split = os.path.join(meta, ".info.json"), os.path.join(meta, "split.yaml")
+    if not (os.path.isfile(info) and os.path.isfile(split)):
+        raise FileNotFoundError(f"{data_path} has no .nv-meta index (convert it with "
+                                "tools/stage2_sftdata2webdataset.py)")
+    from braceexpand import braceexpand
+    with open(info) as handle:
+        counts = json.load(handle)["shard_counts"]
+    with open(split) as handle:
+        parts = yaml.safe_load(handle)["split_parts"]["train"]
+    return sum(counts[name] for pattern in parts for name in braceexpand(pattern))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Print the launch plan as KEY=VALUE lines")
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--mbs", type=int, default=1)
+    p.add_argument("--gbs", type=int, default=0, help="0: GBS_PER_DP x DP")
+    p.add_argument("--gbs-per-dp", type=int, default=4)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--margin", type=float, default=0.05)
+    p.add_argument("--warmup-fraction", type=float, default=0.002)
+    p.add_argument("--save-interval", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        samples = count_train_samples(args.data_path)
+        plan = plan_run(samples, args.world_size, args.tp, args.pp, args.mbs, args.gbs or None,
+                        args.gbs_per_dp, args.epochs, args.margin, args.warmup_fraction,
+                        save_interval=args.save_interval or None)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        print(f"PLAN_ERROR={json.dumps(str(error))}")
+        return 1
+    values = asdict(plan)
+    for note in values.pop("notes"):
+        print(f"PLAN_NOTE={json.dumps(note)}")
+    names = {"world_size": "WORLD_SIZE_PLAN", "data_parallel_size": "DP", "global_batch_size": "GBS",
+             "gradient_accumulation_steps": "GRAD_ACC", "samples": "SAMPLES",
+             "train_iters": "NSTEP", "warmup_iters": "WARMUP", "save_interval": "SAVE_INTERVAL"}
+    for key, value in values.items():
+        print(f"{names[key]}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
