@@ -20,4 +20,4 @@ if [ ! -f "$STAMP" ]; then
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi
-echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, megatron.core, megatron.energon as e; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| energon", e.__version__)')"
+echo "[setup] ready: $("$VENV/bin/python" -W ignore -c 'import torch, megatron.core, megatron.energon as e; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| energon", e.__version__)')"
