@@ -1,0 +1,92 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for megatron-core specs.
+
+Why our own: megatron's local ``DotProductAttention`` takes its scratch buffer from the global
+memory buffer on the CUDA device and has no packed-sequence (``thd``) support, and Transformer
+Engine is GPU-only. This module is the ``core_attention`` of the local layer spec and handles the
+three cases the model needs:
+
+* causal attention over ``[s, b, h, d]`` (language model, one sample per row);
+* packed sequences (``PackedSeqParams`` with ``qkv_format='thd'``, ``q`` is ``[t, h, d]``):
+  attention stays inside each ``cu_seqlens`` segment, i.e. a block-diagonal (and, for the LLM,
+  causal within the block) mask -- computed segment by segment so no ``t x t`` mask is built;
+* non-causal attention within each image for the vision tower (``attn_mask_type=no_mask`` with
+  the images packed as ``thd`` segments).
+
+Grouped-query attention is handled by repeating K/V heads. RoPE has already been applied by
+megatron's ``Attention`` before this module is called, so no position logic lives here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` submodule (same constructor/forward contract as megatron's)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None, **kwargs):
+        super().__init__(config=config)
+        if getattr(config, "context_parallel_size", 1) > 1:
+            raise NotImplementedError("SDPACoreAttention does not implement context parallelism")
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels or config.hidden_size // config.num_attention_heads
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+
+    def _sdpa(self, q, k, v, causal: bool, mask: Optional[torch.Tensor] = None):
+        """q/k/v: [b, h, s, d]; mask: bool, True = attend (torch convention)."""
+        if k.shape[1] != q.shape[1]:  # GQA: repeat each KV head for its query group
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is not None and causal:
+            sq, sk = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+            causal = False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None, **kwargs):
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by SDPACoreAttention")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        causal = mask_type in _CAUSAL
+
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_packed(query, key, value, packed_seq_params, causal)
+
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        mask = None
+        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+            # megatron convention: True = masked out; torch SDPA: True = attend
+            mask = ~attention_mask.to(torch.bool)
+        out = self._sdpa(q, k, v, causal, mask)
+        s, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _forward_packed(self, query, key, value, params, causal: bool):
+        """q/k/v: [t, h, d] holding several sequences back to back (``cu_seqlens``)."""
+        cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+        out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
+        for i in range(len(bounds_q) - 1):
+            q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+            if q1 == q0:
+                continue
+            q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in
+                       (query[q0:q1], key[k0:k1], value[k0:k1]))
+            out[q0:q1] = self._sdpa(q, k, v, causal).squeeze(0).transpose(0, 1)
+        # rows past cu[-1] are padding; they stay zero and carry no loss
+        return out.reshape(out.shape[0], -1)

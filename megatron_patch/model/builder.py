@@ -1,0 +1,77 @@
+"""Build the model for the current parallel state (what the trainer calls).
+
+``build_model(cfg, ...)`` returns one :class:`LlavaOVModel` for this rank's pipeline stage and
+tensor-parallel shard; ``make_model_provider(cfg, ...)`` returns the
+``model_provider(pre_process, post_process, vp_stage=None)`` callable megatron-style training
+loops expect. ``megatron.core.parallel_state.initialize_model_parallel`` must have run first
+(also for TP=PP=1: megatron's layers query the groups).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_patch.compat import apply_cpu_redirects
+from megatron_patch.model.configs import LlavaOVConfig
+from megatron_patch.model.layer_specs import language_layer_spec, resolve_backend, vision_layer_spec
+from megatron_patch.model.llava_ov import LlavaOVModel
+from megatron_patch.model.transformer_configs import (language_transformer_config,
+                                                      vision_transformer_config)
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None, attention_backend: str = "auto",
+                params_dtype: torch.dtype = torch.float32, vp_stage: Optional[int] = None,
+                use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
+                **transformer_config_extra: Any) -> LlavaOVModel:
+    """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
+    rank is the first/last pipeline stage. Extra keyword arguments go to both megatron
+    ``TransformerConfig``s (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
+    apply_cpu_redirects()  # no-op with CUDA
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if vp_stage is not None else parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) \
+            if vp_stage is not None else parallel_state.is_pipeline_last_stage()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    backend = resolve_backend(attention_backend)
+    common = dict(tensor_model_parallel_size=tp, params_dtype=params_dtype,
+                  use_cpu_initialization=use_cpu_initialization,
+                  perform_initialization=perform_initialization, **transformer_config_extra)
+    vision_config = vision_transformer_config(cfg, **common)
+    language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp, **common)
+    model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
+                         language_layer_spec(backend), pre_process=pre_process,
+                         post_process=post_process, vp_stage=vp_stage)
+    if params_dtype != torch.float32:
+        model.to(params_dtype)  # plain nn modules (patch embed, norms, class token) follow megatron's
+    return model
+
+
+def make_model_provider(cfg: LlavaOVConfig, **build_kwargs: Any) -> Callable[..., LlavaOVModel]:
+    """``model_provider(pre_process=True, post_process=True, vp_stage=None)`` for megatron loops."""
+
+    def model_provider(pre_process: bool = True, post_process: bool = True,
+                       vp_stage: Optional[int] = None, **_: Any) -> LlavaOVModel:
+        return build_model(cfg, pre_process=pre_process, post_process=post_process,
+                           vp_stage=vp_stage, **build_kwargs)
+
+    return model_provider
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """Parameter counts by tower on this rank (works on meta-device models)."""
+    counts = {"vision": 0, "adapter": 0, "language": 0}
+    for name, p in model.named_parameters():
+        key = name.split(".", 1)[0]
+        key = {"vision_model": "vision", "adapter": "adapter", "language_model": "language"}[key]
+        counts[key] += p.numel()
+    counts["total"] = sum(counts.values())
+    return counts

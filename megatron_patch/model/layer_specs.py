@@ -1,0 +1,105 @@
+"""Layer specs for the language model and the vision tower, two families chosen at run time.
+
+* ``te``: Transformer Engine modules (fused LayerNorm+Linear, TE DotProductAttention which uses
+  flash / cuDNN fused attention, packed ``thd`` sequences natively). Needs CUDA and the
+  ``transformer_engine`` package (extra ``[gpu]``).
+* ``local``: megatron-core's own modules (tensor-parallel linears, torch norms) with
+  :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention. Runs anywhere,
+  including CPU/gloo.
+
+``resolve_backend("auto")`` picks ``te`` when both are available and otherwise falls back to
+``local``, logging the reason once per process. ``--attention-backend te|local`` forces one
+(forcing ``te`` without TE is an error, not a silent fallback).
+
+Both families give the same parameter *roles*; their names differ only where TE fuses the
+pre-norm into the next linear (``input_layernorm.weight`` vs
+``self_attention.linear_qkv.layer_norm_weight``). megatron's ``sharded_state_dict_keys_map`` on
+the local spec maps the local names to the TE names, so distributed checkpoints are
+interchangeable between the two.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron_patch.model.attention import SDPACoreAttention
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "te", "local")
+_LOGGED = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        logger.warning(msg)
+
+
+def te_available() -> Optional[str]:
+    """None when the TE spec can run here, else the reason it cannot."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # broken install (ABI mismatch, missing libs)
+        return f"transformer_engine failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    """Return ``"te"`` or ``"local"``; ``auto`` falls back to ``local`` with one log line."""
+    if requested not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "local":
+        return "local"
+    reason = te_available()
+    if requested == "te":
+        if reason:
+            raise RuntimeError(f"--attention-backend te requested but {reason}")
+        return "te"
+    if reason:
+        _log_once(f"Transformer Engine spec unavailable ({reason}); "
+                  "using local megatron-core modules with torch SDPA attention")
+        return "local"
+    _log_once("Using Transformer Engine layer spec (flash/fused attention)")
+    return "te"
+
+
+def _with_mask_type(spec: ModuleSpec, mask_type: AttnMaskType) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention
+    attn.params = dict(attn.params or {}, attn_mask_type=mask_type)
+    return spec
+
+
+def language_layer_spec(backend: str) -> ModuleSpec:
+    """Qwen3 decoder layer: RMSNorm pre-norms, q/k RMSNorm, GQA, causal, SwiGLU MLP."""
+    from megatron.core.models.gpt import gpt_layer_specs as gls
+
+    if backend == "te":
+        return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    spec = gls.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def vision_layer_spec(backend: str) -> ModuleSpec:
+    """RICE-ViT block: LayerNorm pre-norms, fused qkv with bias, bidirectional attention inside
+    each image (images are packed as ``thd`` segments), GELU MLP with biases."""
+    from megatron.core.models.gpt import gpt_layer_specs as gls
+
+    if backend == "te":
+        spec = gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    else:
+        spec = gls.get_gpt_layer_local_spec(qk_layernorm=False, normalization="LayerNorm")
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return _with_mask_type(spec, AttnMaskType.no_mask)

@@ -1,0 +1,103 @@
+"""LLaVA-OneVision-1.5 on megatron-core: vision tower + adapter + Qwen3 decoder.
+
+Pipeline layout: the vision tower and the adapter live on the *first* pipeline stage together
+with the token embedding, where the image features replace the ``<|image_pad|>`` embeddings. The
+language decoder layers are split over the stages by megatron (even split, or uneven first/last
+stage counts from ``num_layers_in_{first,last}_pipeline_stage`` -- giving the first stage fewer
+LLM layers balances the vision work); the last stage holds the final norm and output layer.
+Only the ``[s, b, hidden]`` activations cross stage boundaries.
+
+Forward inputs (per micro-batch), matching the HF model and the data encoder:
+
+* ``input_ids`` ``[b, s]``; ``position_ids`` ``[b, s]`` (reset to 0 at every packed sample);
+  both are needed on *every* stage (RoPE is computed from ``position_ids`` on each stage).
+* ``pixel_values`` ``[n_patches, 3*14*14]``: all images of the micro-batch, in the order their
+  ``<|image_pad|>`` runs appear in ``input_ids`` (row-major over ``[b, s]``);
+  ``image_grid_thw`` ``[n_images, 3]``. ``None`` for text-only micro-batches. First stage only.
+* ``labels`` ``[b, s]`` (already shifted: label of position i is token i+1) -> per-token loss
+  ``[b, s]`` (megatron convention; masking/averaging with ``loss_mask`` is the trainer's job).
+  Without labels the last stage returns full-vocab logits ``[b, s, vocab]``.
+* ``packed_seq_params``: ``PackedSeqParams(qkv_format='thd', cu_seqlens_q/kv=...)`` for packed
+  samples (``b == 1``); attention stays inside each segment. ``cu_seqlens[-1]`` must equal ``s``
+  (put trailing padding in a segment of its own).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.model.adapter import VisionAdapter
+from megatron_patch.model.configs import LlavaOVConfig
+from megatron_patch.model.language import build_language_model, rope_position_ids
+from megatron_patch.model.vision import RiceVisionModel
+
+
+class LlavaOVModel(MegatronModule):
+    def __init__(self, cfg: LlavaOVConfig, vision_config: TransformerConfig,
+                 language_config: TransformerConfig, vision_spec: ModuleSpec,
+                 language_spec: ModuleSpec, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None):
+        super().__init__(config=language_config)
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id = cfg.image_token_id
+        if pre_process:
+            self.vision_model = RiceVisionModel(vision_config, cfg.vision, vision_spec)
+            self.adapter = VisionAdapter(vision_config, cfg.vision.hidden_size,
+                                         cfg.language.hidden_size, cfg.vision.spatial_merge_size,
+                                         cfg.vision.layernorm_eps)
+        else:
+            self.vision_model = self.adapter = None
+        self.language_model = build_language_model(cfg.language, language_config, language_spec,
+                                                   pre_process, post_process, vp_stage=vp_stage)
+        # megatron's schedules/DDP look these up on the wrapped model
+        self.share_embeddings_and_output_weights = False
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive the previous stage's hidden states here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """``[n_image_tokens, hidden]`` in token order (4 patches -> 1 token)."""
+        return self.adapter(self.vision_model(pixel_values, image_grid_thw))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token embeddings with image features at the ``<|image_pad|>`` positions: ``[s, b, h]``."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} <|image_pad|> tokens but no pixel_values")
+            return emb
+        feats = self.image_features(pixel_values, image_grid_thw)
+        if feats.shape[0] != n_slots:
+            raise ValueError(f"image features ({feats.shape[0]}) != <|image_pad|> tokens ({n_slots})")
+        emb = emb.transpose(0, 1).clone()  # [b, s, h]: row-major order == HF masked_scatter order
+        emb[is_image] = feats.to(emb.dtype)
+        return emb.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None,
+                image_grid_thw: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(
+            input_ids=input_ids,
+            position_ids=rope_position_ids(position_ids),
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            loss_mask=loss_mask,
+            packed_seq_params=packed_seq_params,
+            runtime_gather_output=True if labels is None else None,
+        )

@@ -1,0 +1,115 @@
+"""Map a :class:`LlavaOVConfig` to megatron-core ``TransformerConfig`` objects.
+
+Two configs, because the towers differ in every architectural switch (norm type, biases, MLP,
+activation, heads) and because the vision tower is never pipeline-split: its config always says
+``pipeline_model_parallel_size=1`` so megatron builds all its layers, numbered from 0, on the
+first pipeline stage. Tensor parallelism is shared by both towers.
+
+Choices that hold for both and why:
+
+* ``apply_rope_fusion=False``: the fused ``thd`` RoPE kernel assumes positions restart at 0 in
+  every packed segment; we pass explicit per-token rotary angles (2D for the vision tower,
+  ``position_ids`` for the LLM), which megatron's unfused path applies exactly.
+* dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
+* ``sequence_parallel=False``: image embeddings are scattered into the token embeddings on the
+  first stage; sequence parallelism would need that merge before the scatter (future work).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.model.configs import LlavaOVConfig
+
+
+def _common(tp: int, params_dtype: torch.dtype, use_cpu_initialization: Optional[bool],
+            perform_initialization: bool) -> dict:
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not torch.cuda.is_available()
+    return dict(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size: int = 1,
+                              params_dtype: torch.dtype = torch.float32,
+                              use_cpu_initialization: Optional[bool] = None,
+                              perform_initialization: bool = True, **extra: Any) -> TransformerConfig:
+    vi = cfg.vision
+    return TransformerConfig(
+        num_layers=vi.num_layers,
+        hidden_size=vi.hidden_size,
+        ffn_hidden_size=vi.ffn_hidden_size,
+        num_attention_heads=vi.num_attention_heads,
+        num_query_groups=vi.num_attention_heads,
+        kv_channels=vi.head_dim,
+        normalization="LayerNorm",
+        layernorm_epsilon=vi.layernorm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=F.gelu,  # exact (erf) GELU, as HF ACT2FN["gelu"]
+        qk_layernorm=False,
+        pipeline_model_parallel_size=1,
+        pipeline_dtype=params_dtype,
+        **_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
+                  perform_initialization),
+        **extra,
+    )
+
+
+def language_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size: int = 1,
+                                pipeline_model_parallel_size: int = 1,
+                                params_dtype: torch.dtype = torch.float32,
+                                use_cpu_initialization: Optional[bool] = None,
+                                perform_initialization: bool = True, **extra: Any) -> TransformerConfig:
+    lm = cfg.language
+    pp = pipeline_model_parallel_size
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        kv_channels=lm.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,  # SwiGLU: linear_fc1 = [gate; up]
+        activation_func=F.silu,
+        qk_layernorm=True,
+        # 1D RoPE from position_ids: megatron only reads position_ids for RoPE in its mrope mode;
+        # with the whole rotary half in the first section it is exactly 1D RoPE (see language.py)
+        mrope_section=[lm.head_dim // 2, 0, 0],
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=params_dtype,
+        num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage if pp > 1 else None,
+        num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage if pp > 1 else None,
+        **_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
+                  perform_initialization),
+        **extra,
+    )
+
+
+def transformer_configs(cfg: LlavaOVConfig, **kwargs: Any) -> Tuple[TransformerConfig, TransformerConfig]:
+    """(vision, language) configs; ``pipeline_model_parallel_size`` only affects the language one."""
+    pp = kwargs.pop("pipeline_model_parallel_size", 1)
+    return (vision_transformer_config(cfg, **kwargs),
+            language_transformer_config(cfg, pipeline_model_parallel_size=pp, **kwargs))
