@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -56,6 +57,7 @@ class LlavaOVModel(MegatronModule):
         self.language_model = build_language_model(cfg.language, language_config, language_spec,
                                                    pre_process, post_process, vp_stage=vp_stage)
         # megatron's schedules/DDP look these up on the wrapped model
+        self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False
 
     def set_input_tensor(self, input_tensor) -> None:

@@ -1,0 +1,131 @@
+"""Same weights, same batch: TP=2, PP=2 (even and uneven), and TP=2 x PP=2 give the loss and the
+gradient norm of TP=1, through megatron's own pipeline schedules over gloo on CPU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from megatron_patch.model import build_model, get_config
+from test_model_reference import free_port, image_batch, init_parallel
+
+SEQ, MBS, N_MICRO = 32, 2, 2
+
+
+def _micro_batches(cfg):
+    """Two micro-batches: (row 0 two images of different sizes, row 1 text only), then
+    (row 0 text only, row 1 one image)."""
+    out = []
+    for seed, grids, rows in ((0, [(1, 4, 4), (1, 2, 6)], [0, 0]), (1, [(1, 6, 2)], [1])):
+        ids, pix, grid = image_batch(cfg, grids, SEQ, rows, seed=seed)
+        if ids.shape[0] < MBS:
+            ids = torch.cat([torch.randint(16, cfg.language.vocab_size, (MBS - ids.shape[0], SEQ),
+                                           generator=torch.Generator().manual_seed(seed)), ids])
+        out.append(dict(input_ids=ids, position_ids=torch.arange(SEQ).expand(MBS, -1),
+                        pixel_values=pix, image_grid_thw=grid,
+                        labels=torch.roll(ids, -1, dims=1),
+                        loss_mask=(ids != cfg.image_token_id).float()))
+    return out
+
+
+def run_step(full_sd, first_stage_layers=None):
+    """One forward/backward over N_MICRO micro-batches on the current parallel state.
+    Returns (mean loss, global grad norm), identical on every rank."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_patch.model.sharding import load_full_state_dict
+
+    cfg = get_config("tiny", {"decoder_first_pipeline_num_layers": first_stage_layers})
+    model = build_model(cfg, attention_backend="local")
+    load_full_state_dict(model, full_sd)
+    losses = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        mask = batch.pop("loss_mask")
+        out = model(**batch)
+
+        def loss_func(per_token):
+            loss = (per_token * mask).sum() / mask.sum()
+            losses.append(loss.item())  # the schedule divides the returned tensor in place
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(_micro_batches(cfg)), model=[model],
+        num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    sq = torch.zeros(1, dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            sq += p.grad.double().pow(2).sum()
+    loss = torch.tensor([sum(losses) / N_MICRO if losses else 0.0], dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and tp_rank != 0:
+        loss.zero_()  # count the last stage's loss once
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+        dist.all_reduce(loss)
+    return loss.item(), math.sqrt(sq.item())
+
+
+def _worker(rank, world, port, sd_path, layouts, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    full_sd = torch.load(sd_path)
+    results = []
+    for tp, pp, first in layouts:
+        init_parallel(tp, pp)
+        results.append(run_step(full_sd, first))
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """TP=1, PP=1 weights (saved for the workers) and their loss / grad norm."""
+    init_parallel(1, 1, seed=7)
+    cfg = get_config("tiny")
+    model = build_model(cfg, attention_backend="local")
+    full_sd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    path = tmp_path_factory.mktemp("par") / "full.pt"
+    torch.save(full_sd, path)
+    loss, gnorm = run_step(full_sd)
+    assert math.isfinite(loss) and gnorm > 0
+    return path, loss, gnorm
+
+
+def _spawn(world, layouts, sd_path, tmp_path):
+    out = tmp_path / "results.json"
+    mp.start_processes(_worker, args=(world, free_port(), str(sd_path), layouts, str(out)),
+                       nprocs=world, join=True, start_method="spawn")
+    return json.loads(out.read_text())
+
+
+def _check(results, layouts, loss, gnorm):
+    for (tp, pp, first), (l, g) in zip(layouts, results):
+        assert l == pytest.approx(loss, rel=1e-5), (tp, pp, first)
+        assert g == pytest.approx(gnorm, rel=1e-5), (tp, pp, first)
+
+
+def test_tp2_and_pp2_match_tp1(reference, tmp_path):
+    sd_path, loss, gnorm = reference
+    layouts = [(2, 1, None), (1, 2, None), (1, 2, 1)]  # TP=2; PP=2 even; PP=2 with 1+3 layers
+    _check(_spawn(2, layouts, sd_path, tmp_path), layouts, loss, gnorm)
+
+
+@pytest.mark.slow
+def test_tp2_x_pp2_matches_tp1(reference, tmp_path):
+    sd_path, loss, gnorm = reference
+    layouts = [(2, 2, None)]
+    _check(_spawn(4, layouts, sd_path, tmp_path), layouts, loss, gnorm)
