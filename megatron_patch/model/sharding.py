@@ -7,7 +7,8 @@ converter's simplest path: HF -> :func:`hf_mapping.hf_to_mcore` -> this). Rules:
   ``partition_dim``) take this TP rank's contiguous chunk -- right for vocab rows, column- and
   row-parallel linears, and for ``linear_qkv`` because megatron groups its rows per query group;
 * SwiGLU ``linear_fc1`` holds ``[gate; up]``: each rank takes its chunk of gate *and* of up;
-* pipeline stages: module-local decoder layer ``i`` is global layer ``layer_number - 1``.
+* pipeline stages: module-local decoder layer ``i`` is global layer ``layer_number - 1``;
+* TE-spec models read the local-spec names of their fused pre-norms.
 """
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ import torch
 from megatron.core import parallel_state
 
 _LAYER = re.compile(r"^(language_model\.decoder\.layers\.)(\d+)(\..*)$")
+# TE fuses the pre-norms into the next linear; the full state dict uses local-spec names
+_TE_TO_LOCAL = (("self_attention.linear_qkv.layer_norm_", "input_layernorm."),
+                ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."))
+
+
+def _local_name(name: str) -> str:
+    for te, local in _TE_TO_LOCAL:
+        if te in name:
+            return name.replace(te, local)
+    return name
 
 
 def _global_name(model: torch.nn.Module, name: str) -> str:
@@ -45,7 +56,7 @@ def load_full_state_dict(model: torch.nn.Module, full: Dict[str, torch.Tensor], 
     size = parallel_state.get_tensor_model_parallel_world_size()
     missing = []
     for name, param in model.named_parameters():
-        gname = _global_name(model, name)
+        gname = _local_name(_global_name(model, name))
         if gname not in full:
             missing.append(gname)
             continue

@@ -1,0 +1,93 @@
+"""GPU checks (``gpu`` marker; skipped without CUDA): the model on CUDA in bf16 matches fp32 and
+the independent references; the Transformer Engine + flash spec matches the SDPA spec to bf16
+tolerance on one layer and one step (skipped where TE is not installed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from megatron_patch.model import build_model, get_config  # noqa: E402
+from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402
+from megatron_patch.model.layer_specs import te_available  # noqa: E402
+from megatron_patch.model.sharding import load_full_state_dict  # noqa: E402
+from test_model_reference import RefRiceVisual, hf_qwen3, image_batch, init_parallel  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def _setup(overrides=None):
+    init_parallel(1, 1)
+    cfg = get_config("tiny", overrides)
+    torch.manual_seed(0)
+    ref_visual, hf_lm = RefRiceVisual(cfg).eval(), hf_qwen3(cfg)
+    full = hf_to_mcore({**{"visual." + k: v for k, v in ref_visual.state_dict().items()},
+                        **hf_lm.state_dict()}, cfg)
+    ids, pix, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 48, [0, 1])
+    batch = dict(input_ids=ids, position_ids=torch.arange(48).expand(2, -1), pixel_values=pix,
+                 image_grid_thw=grid, labels=torch.roll(ids, -1, dims=1))
+    return cfg, ref_visual, hf_lm, full, {k: v.to(DEV) for k, v in batch.items()}
+
+
+def _model(cfg, full, backend, dtype):
+    model = build_model(cfg, attention_backend=backend, params_dtype=dtype)
+    load_full_state_dict(model, full)
+    return model
+
+
+def test_local_spec_on_cuda_fp32_matches_references_and_bf16_is_close():
+    cfg, ref_visual, hf_lm, full, batch = _setup()
+    ref_visual, hf_lm = ref_visual.to(DEV), hf_lm.to(DEV)
+    fp32 = _model(cfg, full, "local", torch.float32).eval()
+    logits_in = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours = fp32(**logits_in)
+        emb = hf_lm.get_input_embeddings()(batch["input_ids"])
+        mask = (batch["input_ids"] == cfg.image_token_id)[..., None].expand_as(emb)
+        emb = emb.masked_scatter(mask, ref_visual(batch["pixel_values"], batch["image_grid_thw"]))
+        want = hf_lm(inputs_embeds=emb).logits
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    bf16 = _model(cfg, full, "local", torch.bfloat16).eval()
+    with torch.no_grad():
+        loss32 = fp32(**batch).mean()
+        loss16 = bf16(**batch).float().mean()
+    assert loss16.item() == pytest.approx(loss32.item(), rel=2e-2)
+
+
+@pytest.mark.skipif(te_available() is not None, reason=f"TE spec unavailable: {te_available()}")
+def test_te_flash_spec_matches_sdpa_spec_bf16_one_layer_one_step():
+    cfg, _, _, full, batch = _setup({"num_layers": 1, "vision_num_layers": 1})
+    full = {k: v for k, v in full.items()
+            if ".layers." not in k or ".layers.0." in k}
+    results = {}
+    for backend in ("te", "local"):
+        model = _model(cfg, full, backend, torch.bfloat16).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-1)
+        loss = model(**batch).float().mean()
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        opt.step()
+        with torch.no_grad():
+            after = model(**batch).float().mean()
+        results[backend] = (loss.item(), grads, after.item())
+    (l_te, g_te, a_te), (l_sd, g_sd, a_sd) = results["te"], results["local"]
+    assert l_te == pytest.approx(l_sd, rel=1e-2)
+    assert a_te == pytest.approx(a_sd, rel=1e-2)
+    assert a_te < l_te  # the step trained
+    local_names = {n.replace("self_attention.linear_qkv.layer_norm_", "input_layernorm.")
+                   .replace("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm."): n for n in g_te}
+    for local_name, te_name in local_names.items():
+        a, b = g_te[te_name], g_sd[local_name]
+        cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        assert cos > 0.98, (te_name, cos.item())

@@ -1,0 +1,92 @@
+"""Full-size configs build on the meta device with the published parameter counts; config
+presets/overrides; layer-spec backend choice."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from megatron_patch.model import build_model, count_parameters, get_config
+from megatron_patch.model import layer_specs
+from test_model_reference import init_parallel
+
+
+def _expected(cfg):
+    """Parameter counts from the architecture, written out independently of the modules."""
+    v, l = cfg.vision, cfg.language
+    D, F = v.hidden_size, v.ffn_hidden_size
+    vision = (3 * v.patch_size ** 2 * D + D + v.head_dim // 2 + 2 * D
+              + v.num_layers * (2 * D + (3 * D * D + 3 * D) + (D * D + D) + 2 * D
+                                + (D * F + F) + (F * D + D)))
+    M = 4 * D
+    adapter = 2 * D + (M * M + M) + (M * l.hidden_size + l.hidden_size)
+    h, d, q, g = l.hidden_size, l.head_dim, l.num_attention_heads, l.num_query_groups
+    layer = (h + h * (q + 2 * g) * d + 2 * d + q * d * h + h + 3 * h * l.ffn_hidden_size)
+    language = 2 * l.vocab_size * h + l.num_layers * layer + h
+    return vision, adapter, language
+
+
+@pytest.mark.parametrize("name, vision_b, language_b", [
+    ("llava-ov-1.5-4b", 0.30, 4.41),   # model card: ViT ~0.3B, Qwen3-4B LLM + untied head ~4.4B
+    ("llava-ov-1.5-8b", 0.30, 8.19),
+])
+def test_full_size_builds_on_meta_with_right_counts(name, vision_b, language_b):
+    init_parallel(1, 1)
+    cfg = get_config(name)
+    with torch.device("meta"):
+        model = build_model(cfg, attention_backend="local", use_cpu_initialization=True,
+                            perform_initialization=False)
+    assert {p.device.type for p in model.parameters()} == {"meta"}  # no memory used
+    counts = count_parameters(model)
+    vision, adapter, language = _expected(cfg)
+    assert (counts["vision"], counts["adapter"], counts["language"]) == (vision, adapter, language)
+    assert counts["vision"] / 1e9 == pytest.approx(vision_b, abs=0.01)
+    assert counts["language"] / 1e9 == pytest.approx(language_b, abs=0.01)
+    lm = model.language_model
+    assert len(lm.decoder.layers) == 36 and len(model.vision_model.decoder.layers) == 24
+    assert lm.rotary_pos_emb.inv_freq[1].item() == pytest.approx(cfg.language.rope_theta ** (-2 / 128))
+
+
+def test_public_config_values():
+    c4, c8 = get_config("llava-ov-1.5-4b"), get_config("llava-ov-1.5-8b")
+    assert (c4.language.hidden_size, c4.language.num_layers, c4.language.num_attention_heads,
+            c4.language.num_query_groups, c4.language.head_dim, c4.language.ffn_hidden_size,
+            c4.language.vocab_size) == (2560, 36, 32, 8, 128, 9728, 151936)
+    assert c4.language.rope_theta == 5e6 and c8.language.rope_theta == 1e6
+    assert (c8.language.hidden_size, c8.language.ffn_hidden_size) == (4096, 12288)
+    for c in (c4, c8):
+        assert (c.vision.num_layers, c.vision.hidden_size, c.vision.num_attention_heads,
+                c.vision.ffn_hidden_size, c.vision.patch_size, c.vision.spatial_merge_size) == \
+            (24, 1024, 16, 4096, 14, 2)
+        assert (c.image_token_id, c.video_token_id) == (151655, 151656)
+
+
+def test_overrides():
+    cfg = get_config("tiny", {"num_layers": 6, "hidden_size": 96, "vision_num_layers": 3,
+                              "language.rope_theta": 1e4, "image_token_id": 7,
+                              "num_attention_heads": None})
+    assert (cfg.language.num_layers, cfg.language.hidden_size, cfg.vision.num_layers) == (6, 96, 3)
+    assert cfg.language.rope_theta == 1e4 and cfg.image_token_id == 7
+    assert cfg.language.num_attention_heads == 4  # None = keep preset
+    with pytest.raises(ValueError):
+        get_config("tiny", {"no_such_field": 1})
+    with pytest.raises(ValueError):
+        get_config("nope")
+    with pytest.raises(ValueError):
+        get_config("tiny", {"num_query_groups": 3})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_backend_falls_back_to_local_once_and_te_can_be_forced(caplog):
+    layer_specs._LOGGED.clear()
+    with caplog.at_level(logging.WARNING, logger=layer_specs.__name__):
+        assert layer_specs.resolve_backend("auto") == "local"
+        assert layer_specs.resolve_backend("auto") == "local"
+    lines = [r for r in caplog.records if "using local megatron-core modules" in r.getMessage()]
+    assert len(lines) == 1 and "CUDA is not available" in lines[0].getMessage()
+    assert layer_specs.resolve_backend("local") == "local"
+    with pytest.raises(RuntimeError, match="te requested"):
+        layer_specs.resolve_backend("te")
+    with pytest.raises(ValueError):
+        layer_specs.resolve_backend("flash")
