@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from megatron_patch.model import build_model, count_parameters, get_config
+from megatron_patch.model import build_model, count_parameters, get_config, make_model_provider
 from megatron_patch.model import layer_specs
 from test_model_reference import init_parallel
 
@@ -90,3 +90,14 @@ def test_backend_falls_back_to_local_once_and_te_can_be_forced(caplog):
         layer_specs.resolve_backend("te")
     with pytest.raises(ValueError):
         layer_specs.resolve_backend("flash")
+
+
+def test_model_provider_builds_the_requested_stage():
+    init_parallel(1, 1)
+    provider = make_model_provider(get_config("tiny"), attention_backend="local")
+    middle = provider(pre_process=False, post_process=False)
+    assert middle.vision_model is None and middle.adapter is None
+    assert not hasattr(middle.language_model, "embedding") and not hasattr(middle.language_model, "output_layer")
+    first = provider(pre_process=True, post_process=False)
+    assert first.vision_model is not None and hasattr(first.language_model, "embedding")
+    assert set(count_parameters(first)) == {"vision", "adapter", "language", "total"}

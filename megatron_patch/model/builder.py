@@ -8,7 +8,6 @@ loops expect. ``megatron.core.parallel_state.initialize_model_parallel`` must ha
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,8 +20,6 @@ from megatron_patch.model.llava_ov import LlavaOVModel
 from megatron_patch.model.transformer_configs import (language_transformer_config,
                                                       vision_transformer_config)
 
-logger = logging.getLogger(__name__)
-
 
 def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None, attention_backend: str = "auto",
@@ -34,11 +31,11 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     ``TransformerConfig``s (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage) \
-            if vp_stage is not None else parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage) \
-            if vp_stage is not None else parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None,
+                                                             vp_stage=vp_stage)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     backend = resolve_backend(attention_backend)

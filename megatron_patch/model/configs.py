@@ -91,8 +91,9 @@ def _tiny() -> LlavaOVConfig:
                                 num_attention_heads=4, num_query_groups=2, head_dim=16,
                                 vocab_size=512, rope_theta=1_000_000.0,
                                 max_position_embeddings=8192),
-        # the project's tiny tokenizer puts the special tokens first; the trainer overrides this
-        # with the tokenizer's real <|image_pad|> id.
+        # ids of <|image_pad|>/<|video_pad|> in the project's tiny tokenizer (special tokens come
+        # first, megatron_patch.data.tokenizer.SPECIAL_TOKENS); trainers should still pass the
+        # tokenizer's own id as the image_token_id override.
         image_token_id=5,
         video_token_id=6,
     )
