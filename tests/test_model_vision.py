@@ -97,3 +97,20 @@ def test_text_only_batch_and_token_count_check():
         assert "image_pad" in str(exc)
     else:
         raise AssertionError("mismatched image tokens must raise")
+
+
+def test_bf16_params_close_to_fp32():
+    """params_dtype=bf16 casts every tower (incl. the plain-torch patch embed/norms/class token)
+    and stays within bf16 tolerance of the fp32 model; 2D RoPE angles are computed in fp32."""
+    from megatron_patch.model.sharding import full_state_dict
+
+    cfg, _, _, model = _models()
+    m16 = build_model(cfg, attention_backend="local", params_dtype=torch.bfloat16).eval()
+    load_full_state_dict(m16, full_state_dict(model))
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    ids, pix, grid = image_batch(cfg, GRIDS, 40, [0, 0, 1])
+    pos = torch.arange(40).expand(2, -1)
+    with torch.no_grad():
+        a = model(ids, pos, pixel_values=pix, image_grid_thw=grid)
+        b = m16(ids, pos, pixel_values=pix, image_grid_thw=grid).float()
+    torch.testing.assert_close(b, a, rtol=0.05, atol=0.02)

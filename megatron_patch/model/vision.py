@@ -82,16 +82,16 @@ class RiceVisionModel(MegatronModule):
         self.pre_layernorm = nn.LayerNorm(vcfg.hidden_size, eps=vcfg.layernorm_eps)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=True,
                                         post_process=False, post_layer_norm=False)
-        rot = head_dim // 2  # angles per axis pair: rows use rot/2 frequencies, cols rot/2
-        inv_freq = 1.0 / (vcfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def set_input_tensor(self, input_tensor) -> None:
         """The vision tower always starts from pixels on the first pipeline stage."""
 
     def _rotary_angles(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
+        # computed here in fp32 rather than kept as a buffer: model.to(bf16) would round a buffer
+        rot = self.vcfg.head_dim // 2  # rows use rot/2 frequencies, columns the other rot/2
+        inv = 1.0 / (self.vcfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32,
+                                                           device=device) / rot))
         pos = patch_positions(grid_thw, self.vcfg.spatial_merge_size).to(device)
-        inv = self.inv_freq.to(device=device, dtype=torch.float32)
         return torch.cat([pos[:, :1] * inv, pos[:, 1:] * inv], dim=-1)  # [n_patches, head_dim/2]
 
     def _with_class_tokens(self, x, angles, lengths: List[int]) -> Tuple[torch.Tensor, ...]:
