@@ -1,0 +1,33 @@
+"""Shared fixtures: a small demo dataset, converted once per session with the real converter."""
+import shutil
+
+import pytest
+
+DEMO_SAMPLES = 120
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """`DEMO_SAMPLES` synthetic VQA records (demo.json + images/), seed 0."""
+    from megatron_patch.data.demo_dataset import DemoOptions, generate
+    out = tmp_path_factory.mktemp("demo")
+    generate(DemoOptions(str(out), num_samples=DEMO_SAMPLES, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def converted_demo(demo_data, tmp_path_factory):
+    """The demo converted to shards (90/10 split). Read-only: corrupt `converted_copy` instead."""
+    from megatron_patch.data.convert_cli import main as convert_main
+    out = tmp_path_factory.mktemp("converted") / "ds"
+    rc = convert_main([str(demo_data / "demo.json"), "--image-root", str(demo_data),
+                       "--output-dir", str(out), "--split", "90,10", "--workers", "1",
+                       "--no-progress"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture
+def converted_copy(converted_demo, tmp_path):
+    """A private copy of the converted demo, for tests that damage it."""
+    return shutil.copytree(converted_demo, tmp_path / "ds")

@@ -1,0 +1,121 @@
+"""The synthetic demo dataset: deterministic, well-formed, and its answers match its pixels."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from megatron_patch.data.demo_dataset import (COLOURS, NUMBER_WORDS, QUESTION_TYPES, DemoOptions,
+                                              generate, main)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree_hash(root) -> str:
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def images_of(record) -> list:
+    image = record.get("image")
+    return [] if image is None else image if isinstance(image, list) else [image]
+
+
+def colours_in(path) -> set:
+    """Names of the shape colours whose exact RGB occurs in the image (drawing is not
+    anti-aliased, PNG is lossless, backgrounds are not shape colours)."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+    present = {tuple(p) for p in np.unique(pixels, axis=0)}
+    return {name for name, rgb in COLOURS.items() if rgb in present}
+
+
+def test_same_seed_gives_identical_files_other_seed_differs(tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        generate(DemoOptions(str(tmp_path / name), num_samples=60, seed=seed))
+    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
+    assert tree_hash(tmp_path / "a") != tree_hash(tmp_path / "c")
+
+
+def test_records_are_well_formed_llava(demo_data):
+    records = json.loads((demo_data / "demo.json").read_text())
+    assert len(records) == 120
+    assert len({r["id"] for r in records}) == 120
+    kinds = Counter(len(images_of(r)) for r in records)
+    assert set(kinds) == {0, 1, 2} and kinds[1] > kinds[2] and kinds[1] > kinds[0]
+    seen_types = Counter()
+    for record in records:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        tags = sum(t["value"].count("<image>") for t in turns)
+        assert tags == len(images_of(record))
+        assert all("<image>" not in t["value"] for t in turns[1::2])   # tags in human turns
+        assert len(record["question_types"]) == len(turns) // 2
+        seen_types.update(record["question_types"])
+        for answer in turns[1::2]:
+            assert answer["value"] and " " not in answer["value"]      # one-word answers
+        for image in images_of(record):
+            with Image.open(demo_data / image) as opened:
+                assert (opened.format, opened.size) == ("PNG", (56, 56))
+    assert set(seen_types) == set(QUESTION_TYPES)
+
+
+def test_answers_match_the_pixels(demo_data):
+    records = json.loads((demo_data / "demo.json").read_text())
+    checked = Counter()
+    for record in records:
+        turns, types, images = record["conversations"], record["question_types"], images_of(record)
+        for number, qtype in enumerate(types):
+            answer = turns[2 * number + 1]["value"]
+            if qtype == "colour":
+                assert answer in colours_in(demo_data / images[0])
+            elif qtype == "count":
+                assert NUMBER_WORDS.index(answer) == len(colours_in(demo_data / images[0]))
+            elif qtype == "multi_image" and number == 0:
+                colour = turns[0]["value"].split("has a ")[1].split(" ")[0]
+                has = [colour in colours_in(demo_data / image) for image in images]
+                assert has == ([True, False] if answer == "first" else [False, True])
+            else:
+                continue
+            checked[qtype] += 1
+    assert checked["colour"] > 5 and checked["count"] > 5 and checked["multi_image"] > 5
+
+
+def test_two_thousand_samples_in_seconds(tmp_path):
+    started = time.perf_counter()
+    records = generate(DemoOptions(str(tmp_path / "big"), num_samples=2000, seed=0))
+    seconds = time.perf_counter() - started
+    assert len(records) == 2000
+    assert seconds < 15, f"demo generation took {seconds:.1f} s"
+
+
+def test_cli_and_tool_script(tmp_path, capsys):
+    assert main(["--output-dir", str(tmp_path / "m"), "--num-samples", "7", "--seed", "1"]) == 0
+    assert "wrote 7 samples" in capsys.readouterr().out
+    assert main(["--output-dir", str(tmp_path / "bad"), "--image-size", "50"]) == 2
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_dataset.py"),
+                           "--output-dir", str(tmp_path / "t"), "--num-samples", "7", "--seed",
+                           "1"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert tree_hash(tmp_path / "m") == tree_hash(tmp_path / "t")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_converter_takes_every_demo_record(converted_demo, split):
+    manifest = json.loads((converted_demo / ".nv-meta" / "llava_manifest.json").read_text())
+    assert manifest["samples"] == {"train": 108, "val": 12, "test": 0}
+    report = json.loads((converted_demo / "conversion_report.json").read_text())
+    assert report["skipped"] == 0
+    assert report["samples"][split] == manifest["samples"][split]
