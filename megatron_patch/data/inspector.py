@@ -121,8 +121,8 @@ def _energon_cross_check(dataset_dir: str, chosen: dict, cooked: dict,
 
         count = 0
         try:
-            # energon prints one line per failed sample on stdout; keep stdout for our report
-            with contextlib.redirect_stdout(sys.stderr):
+            # energon prints each failure on stdout; `collect` already has it, keep stdout clean
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
                 for _ in iter_split_samples(dataset_dir, split, on_error=collect):
                     count += 1
         except Exception as error:

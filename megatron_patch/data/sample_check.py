@@ -57,10 +57,17 @@ def check_sample(raw: ShardSample, full_decode: bool) -> CheckedSample:
 
 
 def image_info(data: bytes, full_decode: bool) -> ImageInfo:
+    """Size and format from the header; with `full_decode` also `verify()` (checks PNG chunk
+    CRCs: a PNG with rotten pixel bytes often still `load()`s) and a full `load()` (catches
+    truncated JPEGs, which `verify()` passes)."""
     with Image.open(io.BytesIO(data)) as image:
+        info = ImageInfo(image.width, image.height, image.format or "?")
         if full_decode:
+            image.verify()
+    if full_decode:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
-        return ImageInfo(image.width, image.height, image.format or "?")
+    return info
 
 
 def _without_key(message: str, key: str) -> str:

@@ -1,0 +1,204 @@
+"""The dataset inspector: statistics equal what was written, every fault named, show/html/json."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import pytest
+
+from megatron_patch.data.energon_reader import decode_images, iter_split_samples
+from megatron_patch.data.image_processing import ImageGeometry
+from megatron_patch.data.inspect_cli import main
+from megatron_patch.data.sft_sample import encode_sample
+from megatron_patch.data.tokenizer import SFTTokenizer, build_tiny_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN, VAL = "subtaskdata-00000.tar", "subtaskdata-00001.tar"
+
+
+def inspect(capsys, *args):
+    """(exit code, stats dict) of `inspect --json`."""
+    rc = main([*map(str, args), "--json", "--no-progress"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def problems_text(stats) -> str:
+    return "\n".join(f"{p['shard']}:{p['key']}: {p['message']}" for p in stats["problem_list"])
+
+
+def demo_records(demo_data):
+    return json.loads((demo_data / "demo.json").read_text())
+
+
+def n_images(record) -> int:
+    image = record.get("image")
+    return 0 if image is None else len(image) if isinstance(image, list) else 1
+
+
+def keys_with_parts(tar_path, parts: int) -> list:
+    """Sample keys of a tar having exactly `parts` members, in order."""
+    with tarfile.open(tar_path) as tar:
+        counts = Counter(m.name.split(".")[0] for m in tar.getmembers())
+    return [key for key, count in counts.items() if count == parts]
+
+
+def overwrite_member(tar_path, member_name, transform):
+    """Same-length in-place damage: tar size and energon's index stay valid."""
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember(member_name)
+        data = tar.extractfile(member).read()
+    new = transform(data)
+    assert len(new) == len(data)
+    with open(tar_path, "r+b") as handle:
+        handle.seek(member.offset_data)
+        handle.write(new)
+
+
+def test_statistics_equal_what_was_written(converted_demo, demo_data, capsys):
+    records = demo_records(demo_data)
+    rc, stats = inspect(capsys, converted_demo)
+    assert rc == 0 and stats["problems"] == 0 and stats["problem_list"] == []
+    assert stats["samples"] == 120
+    for split, name, samples in (("train", TRAIN, 108), ("val", VAL, 12)):
+        assert stats["splits"][split] == {
+            "shards": 1, "samples": samples, "samples_expected": samples,
+            "bytes": os.path.getsize(converted_demo / name)}
+    images = Counter(n_images(r) for r in records)
+    assert stats["images_per_sample"] == {str(k): v for k, v in sorted(images.items())}
+    total_images = sum(n_images(r) for r in records)
+    assert stats["images"] == total_images
+    assert stats["image_sizes"] == {"56x56": total_images}
+    assert stats["image_formats"] == {"PNG": total_images}
+    parts = {"json": images[0], "img0.png,json": images[1], "img0.png,img1.png,json": images[2]}
+    assert stats["parts_per_sample"] == {k: v for k, v in parts.items() if v}
+    assert stats["part_counts"] == {"img0.png": images[1] + images[2], "img1.png": images[2],
+                                    "json": 120}
+    turns = Counter(len(r["conversations"]) for r in records)
+    assert stats["turns_per_sample"] == {str(k): v for k, v in sorted(turns.items())}
+    chars = [sum(len(t["value"]) for t in r["conversations"]) for r in records]
+    assert (stats["text_chars"]["min"], stats["text_chars"]["max"]) == (min(chars), max(chars))
+    assert stats["text_chars"]["mean"] == round(sum(chars) / len(chars), 2)
+
+
+def test_split_choice(converted_demo, capsys):
+    rc, stats = inspect(capsys, converted_demo, "--split", "val")
+    assert rc == 0 and list(stats["splits"]) == ["val"] and stats["samples"] == 12
+    assert main([str(converted_demo), "--split", "nope", "--no-progress"]) == 2
+    assert "not in the dataset" in capsys.readouterr().err
+
+
+def test_token_lengths_are_what_the_trainer_encodes(converted_demo, demo_data, tmp_path, capsys):
+    texts = [t["value"] for r in demo_records(demo_data) for t in r["conversations"]]
+    tokenizer_dir = build_tiny_tokenizer(str(tmp_path / "tok"), texts, vocab_size=400)
+    tokenizer = SFTTokenizer(tokenizer_dir)
+    lengths = sorted(
+        encode_sample(tokenizer, s.conversations, decode_images(s), ImageGeometry(),
+                      seq_length=1 << 20).length
+        for s in iter_split_samples(converted_demo, "val"))
+    limit = lengths[len(lengths) // 2]
+    rc, stats = inspect(capsys, converted_demo, "--split", "val", "--tokenizer", tokenizer_dir,
+                        "--seq-length", limit)
+    tokens = stats["tokens"]
+    assert rc == 0
+    assert (tokens["total"]["min"], tokens["total"]["max"]) == (lengths[0], lengths[-1])
+    assert tokens["total"]["count"] == 12
+    assert tokens["over_seq_length"] == sum(n > limit for n in lengths) > 0
+    assert len(tokens["over_seq_length_examples"]) == tokens["over_seq_length"]
+    assert tokens["image"]["max"] in (4, 8)          # a 56x56 image is 2x2 = 4 image tokens
+    # a smaller pixel budget shrinks each 56x56 image to 28x28: one token
+    rc, small = inspect(capsys, converted_demo, "--split", "val", "--tokenizer", tokenizer_dir,
+                        "--max-pixels", 28 * 28)
+    assert small["tokens"]["image"]["max"] == tokens["image"]["max"] // 4
+    assert main([str(converted_demo), "--seq-length", "10", "--no-progress"]) == 2
+
+
+def test_validate_passes_a_clean_dataset(converted_demo, capsys):
+    rc = main([str(converted_demo), "--validate", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "no problems found" in out and "train" in out and "108 samples" in out
+
+
+def test_validate_names_every_bad_sample_and_shard(converted_copy, capsys):
+    train = converted_copy / TRAIN
+    rotten_image, broken_json, wrong_tags = keys_with_parts(train, 2)[2:5]
+    # bit rot inside a PNG: the header still parses, the chunk checksum does not
+    overwrite_member(train, f"{rotten_image}.img0.png",
+                     lambda d: d[:60] + bytes(16) + d[76:])
+    overwrite_member(train, f"{broken_json}.json", lambda d: b"X" + d[1:])
+    overwrite_member(train, f"{wrong_tags}.json", lambda d: d.replace(b"<image>", b"<imagX>"))
+    val = converted_copy / VAL
+    os.truncate(val, os.path.getsize(val) // 2)
+
+    rc, quick = inspect(capsys, converted_copy)
+    assert rc == 1
+    text = problems_text(quick)
+    assert f"{TRAIN}:{broken_json}: 'json' part is not valid JSON" in text
+    assert f"{TRAIN}:{wrong_tags}: 0 <image> tag(s) but 1 image(s)" in text
+    assert f"{VAL}:: unreadable tar" in text and f"{VAL}:: size" in text
+    assert rotten_image not in text                  # headers only without --validate
+
+    rc, full = inspect(capsys, converted_copy, "--validate")
+    assert rc == 1
+    text = problems_text(full)
+    assert f"{TRAIN}:{rotten_image}: image img0.png does not decode" in text
+    for fragment in (broken_json, wrong_tags, f"{VAL}:: unreadable tar", f"{VAL}:: size"):
+        assert fragment in text
+    assert text.count(broken_json) == 1              # energon's pass does not repeat it
+    # the readable summary names them too
+    assert main([str(converted_copy), "--validate", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEMS" in out and rotten_image in out and VAL in out
+
+
+def test_manifest_and_index_faults(converted_copy, capsys):
+    os.remove(str(converted_copy / VAL) + ".idx")
+    with open(converted_copy / TRAIN, "ab") as handle:
+        handle.write(bytes(10240))                   # a tar grown after conversion
+    rc, stats = inspect(capsys, converted_copy, "--split", "train")
+    text = problems_text(stats)
+    assert rc == 1
+    assert f"{VAL}:: missing {VAL}.idx" in text      # the index is checked for every split
+    assert f"{TRAIN}:: size {os.path.getsize(converted_copy / TRAIN)} bytes, manifest says" in text
+    os.remove(converted_copy / VAL)
+    os.remove(converted_copy / ".nv-meta" / "llava_manifest.json")
+    rc, stats = inspect(capsys, converted_copy, "--split", "train")
+    text = problems_text(stats)
+    assert f"{VAL}:: missing tar (listed in split 'val')" in text
+    assert "no .nv-meta/llava_manifest.json" in text
+
+
+def test_show_and_html(converted_demo, tmp_path, capsys):
+    page = tmp_path / "page.html"
+    rc = main([str(converted_demo), "--show", "3", "--html", str(page), "--no-progress"])
+    out = capsys.readouterr().out
+    first = []
+    for sample in iter_split_samples(converted_demo, "train"):
+        first.append(sample)
+        if len(first) == 3:
+            break
+    assert rc == 0
+    assert out.count(f"--- {TRAIN}:") == 3
+    for sample in first:
+        assert f"{TRAIN}:{sample.__key__}" in out
+        assert f"ASSISTANT: {sample.conversations[1]['value']}" in out
+    html = page.read_text()
+    assert html.count("<img ") == sum(len(s.images) for s in first)
+    assert html.count("data:image/png;base64,") == html.count("<img ")
+    assert html.count("<section>") == 3
+
+
+def test_tool_script_prints_json(converted_demo):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "tools", "inspect_webdataset.py"),
+                           str(converted_demo), "--json", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["samples"] == 120
+
+
+@pytest.mark.parametrize("missing", ["dir"])
+def test_not_a_directory(tmp_path, missing, capsys):
+    assert main([str(tmp_path / missing), "--no-progress"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
