@@ -202,3 +202,19 @@ def test_tool_script_prints_json(converted_demo):
 def test_not_a_directory(tmp_path, missing, capsys):
     assert main([str(tmp_path / missing), "--no-progress"]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+def test_many_shards_brace_collapsed_in_split_yaml(demo_data, tmp_path, capsys):
+    from megatron_patch.data.convert_cli import main as convert_main
+    out = tmp_path / "ds"
+    assert convert_main([str(demo_data / "demo.json"), "--image-root", str(demo_data),
+                         "--output-dir", str(out), "--split", "90,10", "--workers", "1",
+                         "--max-samples-per-shard", "25", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert "{" in (out / ".nv-meta" / "split.yaml").read_text()   # energon collapsed the names
+    rc, stats = inspect(capsys, out, "--validate")
+    assert rc == 0, problems_text(stats)
+    assert {s: (v["shards"], v["samples"]) for s, v in stats["splits"].items()} == \
+        {"train": (5, 108), "val": (1, 12)}
+    ids = [s.id for s in iter_split_samples(out, "train")]
+    assert len(set(ids)) == 108 and ids == sorted(ids)       # across shards, in order

@@ -12,6 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
+import braceexpand
 import yaml
 from megatron.energon.flavors.webdataset.config import split_name_re
 
@@ -44,14 +45,20 @@ class ShardSample:
 
 
 def read_split_layout(dataset_dir: str) -> Dict[str, List[str]]:
-    """{split: [shard names]} from `.nv-meta/split.yaml`; without one, every tar as `unindexed`."""
+    """{split: [shard names]} from `.nv-meta/split.yaml`, read as energon reads it (prepare
+    brace-collapses runs of names, e.g. `subtaskdata-{00000..00005}.tar`, and `exclude` drops
+    shards); without a split.yaml, every tar as the pseudo split `unindexed`."""
     path = os.path.join(dataset_dir, META_DIR, SPLIT_YAML)
     if not os.path.isfile(path):
         tars = sorted(n for n in os.listdir(dataset_dir) if n.endswith(".tar"))
         return {UNINDEXED: tars}
     with open(path) as handle:
-        parts = (yaml.safe_load(handle) or {}).get("split_parts") or {}
-    return {split: list(names or []) for split, names in parts.items()}
+        config = yaml.safe_load(handle) or {}
+    excluded = {name for pattern in config.get("exclude") or ()
+                for name in braceexpand.braceexpand(pattern)}
+    return {split: [name for pattern in patterns or () for name in braceexpand.braceexpand(pattern)
+                    if name not in excluded]
+            for split, patterns in (config.get("split_parts") or {}).items()}
 
 
 def load_manifest(dataset_dir: str) -> Optional[dict]:
