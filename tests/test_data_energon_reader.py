@@ -95,6 +95,7 @@ def test_bad_sample_raises_by_default_and_is_reported_to_a_handler(converted_cop
     assert len(failures) == 1 and key in str(failures[0][0])
 
 
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
 def test_task_encoder_serves_the_train_loader(converted_demo):
     worker_config = WorkerConfig(rank=0, world_size=1, num_workers=0)
     dataset = get_train_dataset(

@@ -29,9 +29,6 @@ from megatron_patch.data.shard_format import (IMAGE_TAG, JSON_PART, ROLE_ASSISTA
 
 ROLES = (ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT)
 
-# torch warns on every CPU-only loader start; harmless here (nothing to pin without a GPU)
-warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true but no accelerator")
-
 # (exception, sample or crude dict, source infos) -> None; raise to stop, return to skip
 ErrorHandler = Callable[[Exception, Any, Optional[list]], None]
 
@@ -131,7 +128,12 @@ def iter_split_samples(path: str, split: str = "train", on_error: ErrorHandler =
     dataset = get_val_dataset(
         str(path), split_part=split, worker_config=worker_config, batch_size=None,
         task_encoder=task_encoder or LlavaSftTaskEncoder())
-    yield from get_loader(dataset, watchdog_timeout_seconds=None)
+    loader = get_loader(dataset, watchdog_timeout_seconds=None)
+    with warnings.catch_warnings():
+        # energon's loader asks torch to pin memory; without a GPU torch warns on every start
+        warnings.filterwarnings("ignore", message="'pin_memory' argument is set as true")
+        samples = iter(loader)
+    yield from samples
 
 
 __all__ = ["LlavaSftSample", "LlavaSftTaskEncoder", "SampleFormatError", "SkipSample",
