@@ -218,3 +218,12 @@ def test_many_shards_brace_collapsed_in_split_yaml(demo_data, tmp_path, capsys):
         {"train": (5, 108), "val": (1, 12)}
     ids = [s.id for s in iter_split_samples(out, "train")]
     assert len(set(ids)) == 108 and ids == sorted(ids)       # across shards, in order
+
+
+def test_tars_without_an_index_are_still_counted(converted_copy, capsys):
+    import shutil
+    shutil.rmtree(converted_copy / ".nv-meta")
+    rc, stats = inspect(capsys, converted_copy)
+    assert rc == 1
+    assert stats["splits"]["unindexed"]["samples"] == 120
+    assert "no .nv-meta/split.yaml: not an energon dataset" in problems_text(stats)

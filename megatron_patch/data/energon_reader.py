@@ -7,7 +7,7 @@ encoder here sets `decoder = None`, so the cooked sample keeps the *encoded* ima
 - decoding happens in our code (`decode_images`), where a failure names the sample and the part,
   and where the trainer decides the colour mode and when to pay for it (e.g. only after a length
   filter);
-- the inspector and the trainer see exactly the same sample objects.
+- the inspector runs this same cooker on the tars, so it accepts exactly what the trainer does.
 
 Energon's default error policy logs a failed sample and skips it (100 in a row are fatal). A
 reader that must see every sample (counting, validation, evaluation) passes `on_error`; the
@@ -18,7 +18,7 @@ import warnings
 from dataclasses import field
 from typing import Any, Callable, Iterator, List, Optional
 
-from megatron.energon import (Cooker, Sample, SkipSample, TaskEncoder, WorkerConfig,
+from megatron.energon import (Cooker, Sample, TaskEncoder, WorkerConfig,
                               basic_sample_keys, edataclass, get_loader, get_val_dataset,
                               stateless)
 from megatron.energon.errors import reraise_exception
@@ -136,5 +136,5 @@ def iter_split_samples(path: str, split: str = "train", on_error: ErrorHandler =
     yield from samples
 
 
-__all__ = ["LlavaSftSample", "LlavaSftTaskEncoder", "SampleFormatError", "SkipSample",
-           "cook_llava_sample", "decode_images", "iter_split_samples", "split_worker_config"]
+__all__ = ["LlavaSftSample", "LlavaSftTaskEncoder", "SampleFormatError", "cook_llava_sample",
+           "decode_images", "iter_split_samples", "split_worker_config"]

@@ -98,35 +98,36 @@ def check_shard_files(dataset_dir: str, layout: Dict[str, List[str]],
     listed = {name: split for split, names in layout.items() for name in names}
     recorded = (manifest or {}).get("shards", {})
     for name, split in listed.items():
-        path = os.path.join(dataset_dir, name)
-        if not os.path.isfile(path):
-            problems.append(Problem(name, "", f"missing tar (listed in split '{split}')"))
-            continue
-        offsets = _idx_offsets(path)
-        if offsets is None:
-            problems.append(Problem(name, "", f"missing {name}{IDX_SUFFIX}: energon cannot load "
-                                              "this shard; re-run the conversion"))
-        elif offsets and offsets[-1] > os.path.getsize(path):
-            problems.append(Problem(name, "", f"tar is shorter ({os.path.getsize(path)} bytes) "
-                                              f"than its index says ({offsets[-1]} bytes)"))
-        entry = recorded.get(name)
-        if manifest is not None and entry is None:
-            problems.append(Problem(name, "", "tar is not in the manifest (added after conversion?)"))
-        elif entry is not None:
-            size = os.path.getsize(path)
-            if size != entry.get("bytes"):
-                problems.append(Problem(name, "", f"size {size} bytes, manifest says "
-                                                  f"{entry.get('bytes')}: tar changed after conversion"))
-            count = None if offsets is None else max(0, len(offsets) - 1)
-            if count is not None and count != entry.get("samples"):
-                problems.append(Problem(name, "", f"index has {count} samples, manifest says "
-                                                  f"{entry.get('samples')}"))
-            if entry.get("split") not in (None, split):
-                problems.append(Problem(name, "", f"in split '{split}', manifest says "
-                                                  f"'{entry.get('split')}'"))
+        problems += [Problem(name, "", message) for message in
+                     _shard_file_faults(os.path.join(dataset_dir, name), split,
+                                        recorded.get(name), manifest is not None)]
     for name in sorted(set(recorded) - set(listed)):
         problems.append(Problem(name, "", "in the manifest but in no split of split.yaml"))
     return problems
+
+
+def _shard_file_faults(path: str, split: str, entry: Optional[dict], have_manifest: bool):
+    """Messages about one listed shard: presence, index, and agreement with the manifest."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        yield f"missing tar (listed in split '{split}')"
+        return
+    size, offsets = os.path.getsize(path), _idx_offsets(path)
+    if offsets is None:
+        yield f"missing {name}{IDX_SUFFIX}: energon cannot load this shard; re-run the conversion"
+    elif offsets and offsets[-1] > size:
+        yield f"tar is shorter ({size} bytes) than its index says ({offsets[-1]} bytes)"
+    if entry is None:
+        if have_manifest:
+            yield "tar is not in the manifest (added after conversion?)"
+        return
+    if size != entry.get("bytes"):
+        yield f"size {size} bytes, manifest says {entry.get('bytes')}: tar changed after conversion"
+    indexed = None if offsets is None else max(0, len(offsets) - 1)
+    if indexed is not None and indexed != entry.get("samples"):
+        yield f"index has {indexed} samples, manifest says {entry.get('samples')}"
+    if entry.get("split") not in (None, split):
+        yield f"in split '{split}', manifest says '{entry.get('split')}'"
 
 
 def iter_shard(path: str, problems: List[Problem]) -> Iterator[ShardSample]:
