@@ -207,6 +207,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: Shape, box: Tuple[int, int, in
         draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=fill)
 
 
+def image_paths(record: dict) -> List[str]:
+    """The record's image paths (relative to the output dir), whatever the `image` shape."""
+    image = record.get("image")
+    return [] if image is None else list(image) if isinstance(image, list) else [image]
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -231,8 +237,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    images = sum(len(r["image"]) if isinstance(r.get("image"), list) else "image" in r
-                 for r in records)
+    images = sum(len(image_paths(r)) for r in records)
     print(f"wrote {len(records)} samples with {images} images to "
           f"{os.path.join(args.output_dir, JSON_NAME)} in {time.perf_counter() - started:.1f} s")
     return 0
