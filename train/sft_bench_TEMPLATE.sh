@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# LLaVA-OneVision-1.5 stage-2 SFT launcher.
+#   cp train/sft_bench_TEMPLATE.sh train/train_my_dataset.sh
+#   edit the [EDIT] block below, then:  bash train/train_my_dataset.sh
+# Every variable can also come from the environment (VAR=value bash train/...), for sweeps.
+# DRY_RUN=1 prints the plan and the exact torchrun command without running anything.
+set -euo pipefail
+
+# ============================== [EDIT] ==============================
+EXP_DIR="${EXP_DIR:-$PWD/runs}"                 # parent folder of all runs
+DATA_NAME="${DATA_NAME:-my_dataset}"            # short name, used in the run folder's name
+SAVE_CKPT_PATH="${SAVE_CKPT_PATH:-$EXP_DIR/stage2_sft_${DATA_NAME}_$(date +%m%d)}"  # checkpoints, logs, tensorboard
+DATA_PATH="${DATA_PATH:-/data/${DATA_NAME}_wds}"  # output of tools/stage2_sftdata2webdataset.py, or a blend .yaml
+CHECKPOINT_PATH="${CHECKPOINT_PATH:-}"          # base model from tools/convert_hf_to_mcore.py; empty = random init
+TOKENIZER_PATH="${TOKENIZER_PATH:-/models/LLaVA-OneVision-1.5-4B-Instruct}"  # dir with tokenizer.json
+MODEL="${MODEL:-llava-ov-1.5-4b}"               # tiny | llava-ov-1.5-4b | llava-ov-1.5-8b
+TP="${TP:-1}"                                   # tensor parallel: 1 for 4B on 80 GB GPUs, 2 for 8B at long seq
+PP="${PP:-1}"                                   # pipeline parallel: raise only when TP alone does not fit
+SEQ_LEN="${SEQ_LEN:-8192}"                      # tokens per sequence (text + image tokens); 8192 is common
+MBS="${MBS:-1}"                                 # micro batch per GPU; with packing keep 1
+GBS="${GBS:-0}"                                 # global batch (samples per step); 0 = GBS_PER_DP x data-parallel size
+GBS_PER_DP="${GBS_PER_DP:-4}"                   # used when GBS=0
+EPOCHS="${EPOCHS:-1}"                           # passes over the train split
+GPUS_PER_NODE="${GPUS_PER_NODE:-auto}"          # auto = every GPU nvidia-smi lists; no GPU = CPU processes
+LR="${LR:-1e-5}"                                # peak learning rate (anchor recipe: 1e-5, cosine to MIN_LR)
+MIN_LR="${MIN_LR:-1e-6}"
+SAVE_INTERVAL="${SAVE_INTERVAL:-0}"             # steps between checkpoints; 0 = about 10 per run
+NUM_WORKERS="${NUM_WORKERS:-4}"                 # data loader processes per GPU
+EXTRA_ARGS="${EXTRA_ARGS:-}"                    # anything else for the trainer, e.g. "--packing --bf16"
+# ====================================================================
+
+STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs / GBS) x (1 + margin)
+CPU_PROCESSES_DP="${CPU_PROCESSES_DP:-1}"       # without a GPU: processes = TP x PP x this
+RESUME="${RESUME:-auto}"                        # auto: resume from SAVE_CKPT_PATH when it has a checkpoint; 0: refuse to reuse it
+MASTER_PORT="${MASTER_PORT:-29500}"
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-$( [ -x "$REPO_DIR/.venv/bin/python" ] && echo "$REPO_DIR/.venv/bin/python" || echo python3)}"
+
+fail() { echo "PREFLIGHT FAILED: $*" >&2; exit 1; }
+
+# ---- nodes: explicit NNODES/NODE_RANK, else SLURM, else a job whose WORLD_SIZE/RANK count nodes
+if [ -z "${NNODES:-}" ] && [ -n "${SLURM_NNODES:-}" ]; then
+  NNODES="$SLURM_NNODES"; NODE_RANK="${SLURM_NODEID:-0}"
+  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n1)}"
+elif [ -z "${NNODES:-}" ] && [ -n "${WORLD_SIZE:-}" ] && [ -n "${RANK:-}" ]; then
+  NNODES="$WORLD_SIZE"; NODE_RANK="$RANK"    # Kubeflow PyTorchJob: one pod per node
+fi
+NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"; MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+
+# ---- devices: GPUs when present, otherwise CPU processes with gloo
+if [ "$GPUS_PER_NODE" = "auto" ]; then
+  GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c "^GPU" || true)
+fi
+if [ "${GPUS_PER_NODE:-0}" -gt 0 ]; then
+  DEVICE="cuda"; PROCS_PER_NODE="$GPUS_PER_NODE"
+else
+  DEVICE="cpu"; PROCS_PER_NODE=$((TP * PP * CPU_PROCESSES_DP))
+fi
+WORLD=$((PROCS_PER_NODE * NNODES))
+
+# ---- preflight: every failure is one line with the fix
+[ -e "$DATA_PATH" ] || fail "DATA_PATH $DATA_PATH does not exist (convert with tools/stage2_sftdata2webdataset.py)"
+if [ -d "$DATA_PATH" ]; then
+  [ -d "$DATA_PATH/.nv-meta" ] || fail "DATA_PATH $DATA_PATH has no .nv-meta index (convert it first, or run energon prepare)"
+  ls "$DATA_PATH"/*.tar >/dev/null 2>&1 || fail "DATA_PATH $DATA_PATH has an index but no .tar shards beside it"
+fi
+[ -e "$TOKENIZER_PATH" ] || fail "TOKENIZER_PATH $TOKENIZER_PATH does not exist (a dir with tokenizer.json)"
+[ -z "$CHECKPOINT_PATH" ] || [ -e "$CHECKPOINT_PATH" ] || fail "CHECKPOINT_PATH $CHECKPOINT_PATH does not exist (empty it to start from random weights)"
+[ $((WORLD % (TP * PP))) -eq 0 ] || fail "TP x PP = $((TP * PP)) does not divide the $WORLD processes; pick TP and PP whose product divides $WORLD"
+"$PYTHON" -W ignore -m megatron_patch.training.preflight --model "$MODEL" --tp "$TP" --pp "$PP" \
+    --save "$SAVE_CKPT_PATH" || fail "see the line above"
+
+# ---- plan: GBS, NSTEP, warmup, save interval (python does the arithmetic, tested)
+PLAN="$("$PYTHON" -W ignore -m megatron_patch.training.run_plan --data-path "$DATA_PATH" \
+    --world-size "$WORLD" --tp "$TP" --pp "$PP" --mbs "$MBS" --gbs "$GBS" --gbs-per-dp "$GBS_PER_DP" \
+    --epochs "$EPOCHS" --margin "$STEP_MARGIN" --save-interval "$SAVE_INTERVAL")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
+plan_value() { echo "$PLAN" | sed -n "s/^$1=//p" | head -n1; }
+DP=$(plan_value DP); GBS=$(plan_value GBS); NSTEP=$(plan_value NSTEP); SAMPLES=$(plan_value SAMPLES)
+WARMUP=$(plan_value WARMUP); SAVE_INTERVAL=$(plan_value SAVE_INTERVAL); GRAD_ACC=$(plan_value GRAD_ACC)
+
+# ---- resume or fresh start
+LOAD_ARGS=()
+if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
+  [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
+  START="resuming from $SAVE_CKPT_PATH (iteration $(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"))"
+  LOAD_ARGS=(--load "$SAVE_CKPT_PATH")
+elif [ -n "$CHECKPOINT_PATH" ]; then
+  START="fresh run from base model $CHECKPOINT_PATH"; LOAD_ARGS=(--load "$CHECKPOINT_PATH")
+else
+  START="fresh run from random weights"
+fi
+
+LOG="$SAVE_CKPT_PATH/run_$(date +%Y%m%d_%H%M%S)_tp${TP}_pp${PP}_gbs${GBS}_${NSTEP}steps.log"
+CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$PROCS_PER_NODE"
+     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+     "$REPO_DIR/train/pretrain_llava_ov.py"
+     --model "$MODEL" --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+     --seq-length "$SEQ_LEN" --micro-batch-size "$MBS" --global-batch-size "$GBS"
+     --train-iters "$NSTEP" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
+     --lr-warmup-iters "$WARMUP" --data-path "$DATA_PATH" --tokenizer-path "$TOKENIZER_PATH"
+     --num-workers "$NUM_WORKERS" --save "$SAVE_CKPT_PATH" --save-interval "$SAVE_INTERVAL"
+     "${LOAD_ARGS[@]}")
+# shellcheck disable=SC2206
+CMD+=($EXTRA_ARGS)
+
+echo "== plan ($DEVICE, $NNODES node(s) x $PROCS_PER_NODE process(es))"
+echo "$PLAN" | sed -n 's/^PLAN_NOTE=/note: /p'
+cat <<PLAN_EOF
+WORLD_SIZE=$WORLD
+TP=$TP
+PP=$PP
+DP=$DP
+MBS=$MBS
+GBS=$GBS
+GRAD_ACC=$GRAD_ACC
+SAMPLES=$SAMPLES
+NSTEP=$NSTEP
+WARMUP=$WARMUP
+SAVE_INTERVAL=$SAVE_INTERVAL
+(SAMPLES counts converted conversations in the train split; NSTEP = ceil(SAMPLES x $EPOCHS / GBS) x (1 + $STEP_MARGIN))
+START: $START
+LOG=$LOG
+TENSORBOARD: tensorboard --logdir $SAVE_CKPT_PATH/tensorboard
+PLAN_EOF
+echo "COMMAND: ${CMD[*]}"
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  echo "DRY_RUN=1: nothing launched"; exit 0
+fi
+
+mkdir -p "$SAVE_CKPT_PATH"
+export PATH="$(dirname "$PYTHON"):$PATH"
+[ "$DEVICE" = "cpu" ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+set +e
+"${CMD[@]}" 2>&1 | tee -a "$LOG"
+STATUS=${PIPESTATUS[0]}
+set -e
+if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
+  printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt")"
+fi
+echo "log: $LOG"
+exit "$STATUS"
