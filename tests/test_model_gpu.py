@@ -43,7 +43,7 @@ def _setup(overrides=None):
 def _model(cfg, full, backend, dtype):
     model = build_model(cfg, attention_backend=backend, params_dtype=dtype)
     load_full_state_dict(model, full)
-    return model
+    return model.to(DEV)  # megatron may initialise on CPU (use_cpu_initialization); run on the GPU
 
 
 def test_local_spec_on_cuda_fp32_matches_references_and_bf16_is_close():

@@ -88,7 +88,8 @@ class RefRiceVisual(nn.Module):
         inv = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
         rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
         order = lambda g: g.reshape(h // m, m, w // m, m).transpose(1, 2).reshape(-1)  # noqa: E731
-        return torch.cat([order(rr)[:, None] * inv, order(cc)[:, None] * inv], dim=-1)
+        angles = torch.cat([order(rr)[:, None] * inv, order(cc)[:, None] * inv], dim=-1)
+        return angles.to(self.class_pos_emb.device)
 
     def _block(self, blk, x, cos, sin):
         n = x.shape[0]
