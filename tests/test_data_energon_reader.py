@@ -9,19 +9,7 @@ from megatron.energon import WorkerConfig, get_loader, get_train_dataset
 from megatron_patch.data.energon_reader import (LlavaSftTaskEncoder, SampleFormatError,
                                                 cook_llava_sample, decode_images,
                                                 iter_split_samples)
-
-
-def overwrite_member(tar_path, member_name, transform):
-    """Changes a member's bytes in place (same length), as bit rot would: sizes and energon's
-    index stay valid, only the content is wrong."""
-    with tarfile.open(tar_path) as tar:
-        member = tar.getmember(member_name)
-        data = tar.extractfile(member).read()
-    new = transform(data)
-    assert len(new) == len(data)
-    with open(tar_path, "r+b") as handle:
-        handle.seek(member.offset_data)
-        handle.write(new)
+from tar_damage import overwrite_member
 
 
 def test_every_sample_once_in_order_with_its_content(converted_demo, demo_data):

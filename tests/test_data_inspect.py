@@ -13,6 +13,7 @@ from megatron_patch.data.image_processing import ImageGeometry
 from megatron_patch.data.inspect_cli import main
 from megatron_patch.data.sft_sample import encode_sample
 from megatron_patch.data.tokenizer import SFTTokenizer, build_tiny_tokenizer
+from tar_damage import overwrite_member
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN, VAL = "subtaskdata-00000.tar", "subtaskdata-00001.tar"
@@ -42,18 +43,6 @@ def keys_with_parts(tar_path, parts: int) -> list:
     with tarfile.open(tar_path) as tar:
         counts = Counter(m.name.split(".")[0] for m in tar.getmembers())
     return [key for key, count in counts.items() if count == parts]
-
-
-def overwrite_member(tar_path, member_name, transform):
-    """Same-length in-place damage: tar size and energon's index stay valid."""
-    with tarfile.open(tar_path) as tar:
-        member = tar.getmember(member_name)
-        data = tar.extractfile(member).read()
-    new = transform(data)
-    assert len(new) == len(data)
-    with open(tar_path, "r+b") as handle:
-        handle.seek(member.offset_data)
-        handle.write(new)
 
 
 def test_statistics_equal_what_was_written(converted_demo, demo_data, capsys):

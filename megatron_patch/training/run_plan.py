@@ -72,12 +72,10 @@ def count_train_samples(data_path: str) -> int:
     if not (os.path.isfile(info) and os.path.isfile(split)):
         raise FileNotFoundError(f"{data_path} has no .nv-meta index (convert it with "
                                 "tools/stage2_sftdata2webdataset.py)")
-    from braceexpand import braceexpand
+    from megatron_patch.data.shard_scan import read_split_layout
     with open(info) as handle:
         counts = json.load(handle)["shard_counts"]
-    with open(split) as handle:
-        parts = yaml.safe_load(handle)["split_parts"]["train"]
-    return sum(counts[name] for pattern in parts for name in braceexpand(pattern))
+    return sum(counts[name] for name in read_split_layout(data_path).get("train", []))
 
 
 def main(argv=None) -> int:
