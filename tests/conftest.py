@@ -31,3 +31,16 @@ def converted_demo(demo_data, tmp_path_factory):
 def converted_copy(converted_demo, tmp_path):
     """A private copy of the converted demo, for tests that damage it."""
     return shutil.copytree(converted_demo, tmp_path / "ds")
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_data, tmp_path_factory):
+    """A 512-token BPE (the tiny model's vocab) trained on the demo's own texts."""
+    import json
+
+    from megatron_patch.data.chat_template import DEFAULT_SYSTEM_PROMPT
+    from megatron_patch.data.tokenizer import build_tiny_tokenizer
+    records = json.loads((demo_data / "demo.json").read_text())
+    texts = [turn["value"] for record in records for turn in record["conversations"]]
+    return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")),
+                                texts + [DEFAULT_SYSTEM_PROMPT], vocab_size=512)

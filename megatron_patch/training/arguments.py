@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     g.add_argument("--exit-duration-in-mins", type=float)
     g.add_argument("--exit-interval", type=int)
+    # fault injection for tests and drills: the loss of this iteration becomes NaN
+    g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -116,6 +118,12 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None) 
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     if args.save and args.dataloader_save is None:
         args.dataloader_save = os.path.join(args.save, "dataloader")
+    if args.packing and args.micro_batch_size != 1:
+        raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
+                            "use --micro-batch-size 1 (raise --seq-length to fit more samples)")
+    if args.bf16 and not _cuda():
+        raise ArgumentError("--bf16 needs CUDA (megatron-core's mixed-precision optimizer keeps "
+                            "its master weights on the GPU); drop the flag on CPU")
     if args.use_distributed_optimizer and not _cuda():
         raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's distributed "
                             "optimizer requires CUDA tensors); drop the flag on CPU")
@@ -123,12 +131,16 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None) 
 
 
 def _check_model_divisibility(config, tp: int, pp: int) -> None:
+    """`config` is a model.configs.LlavaOVConfig."""
+    language, vision = config.language, config.vision
     checks = [
-        ("attention heads", config.num_attention_heads, tp, "TP"),
-        ("query groups (KV heads)", config.num_query_groups, tp, "TP"),
-        ("vision attention heads", getattr(config, "vision_num_attention_heads", tp), tp, "TP"),
-        ("language layers", config.num_layers, pp, "PP"),
+        ("attention heads", language.num_attention_heads, tp, "TP"),
+        ("query groups (KV heads)", language.num_query_groups, tp, "TP"),
+        ("vision attention heads", vision.num_attention_heads, tp, "TP"),
     ]
+    if config.num_layers_in_first_pipeline_stage is None and \
+            config.num_layers_in_last_pipeline_stage is None:
+        checks.append(("language layers", language.num_layers, pp, "PP"))
     for what, count, parts, name in checks:
         if count % parts:
             raise ArgumentError(f"{what} ({count}) are not divisible by {name}={parts}; "

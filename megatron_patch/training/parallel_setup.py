@@ -1,0 +1,82 @@
+"""Process group, megatron parallel state and seeds: the first thing a training process does.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain `python train/...` run (no torchrun)
+becomes a one-process group so the same code path runs everywhere. NCCL with CUDA, gloo without.
+"""
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_patch.compat import apply_cpu_redirects
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    dp_size: int
+    is_first_stage: bool
+    is_last_stage: bool
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last rank holds the loss (last pipeline stage); rank 0 is where users look.
+        We log from global rank 0 after reducing metrics to it."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(tp: int, pp: int, seed: int) -> Ranks:
+    apply_cpu_redirects()  # no-op with CUDA
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain python: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_everything(seed)
+    return current_ranks()
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank: with CPU initialisation megatron builds the full weight and
+    slices it, so the initial model is identical for every TP/PP layout."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def current_ranks() -> Ranks:
+    return Ranks(
+        rank=dist.get_rank(), world_size=dist.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        is_first_stage=ps.is_pipeline_first_stage(), is_last_stage=ps.is_pipeline_last_stage())
+
+
+def shutdown() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
