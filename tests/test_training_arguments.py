@@ -1,0 +1,57 @@
+"""Invalid settings fail in argument validation, before any process group or model, with one
+message that says what to change."""
+import pytest
+
+from megatron_patch.model import get_config
+from megatron_patch.training import arguments
+
+
+@pytest.fixture
+def paths(tmp_path):
+    data = tmp_path / "data"
+    (data / ".nv-meta").mkdir(parents=True)
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    return ["--data-path", str(data), "--tokenizer-path", str(tokenizer), "--train-iters", "10"]
+
+
+def validate(argv, world_size=1, model=None):
+    return arguments.validate_args(arguments.parse_args(argv), world_size, model)
+
+
+def test_derived_values(paths):
+    args = validate(paths + ["--micro-batch-size", "2", "--global-batch-size", "16",
+                             "--lr-warmup-fraction", "0.2", "--save", "/tmp/run"], world_size=4)
+    assert (args.data_parallel_size, args.num_microbatches, args.lr_warmup_iters) == (4, 2, 2)
+    assert args.tensorboard_dir == "/tmp/run/tensorboard"
+    assert args.dataloader_save == "/tmp/run/dataloader"
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "use a multiple of 4"),
+    (["--tensor-model-parallel-size", "3"], 4, "not divisible by TP x PP"),
+    (["--packing", "--micro-batch-size", "2"], 1, "use --micro-batch-size 1"),
+    (["--bf16"], 1, "--bf16 needs CUDA"),
+    (["--use-distributed-optimizer"], 1, "needs CUDA"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+])
+def test_invalid_combinations(paths, extra, world, message):
+    with pytest.raises(arguments.ArgumentError, match=message.replace("+", r"\+")):
+        validate(paths + extra, world)
+
+
+def test_model_divisibility(paths):
+    tiny = get_config("tiny")  # 4 heads, 2 KV heads, 4 layers
+    with pytest.raises(arguments.ArgumentError, match=r"query groups \(KV heads\) \(2\) are not "
+                                                      "divisible by TP=4"):
+        validate(paths + ["--tensor-model-parallel-size", "4"], 4, tiny)
+    with pytest.raises(arguments.ArgumentError, match=r"language layers \(4\) are not divisible by PP=3"):
+        validate(paths + ["--pipeline-model-parallel-size", "3"], 3, tiny)
+    validate(paths + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4, tiny)
+
+
+def test_missing_paths(tmp_path, paths):
+    with pytest.raises(arguments.ArgumentError, match="has no .nv-meta index"):
+        validate(["--data-path", str(tmp_path), *paths[2:]])
+    with pytest.raises(arguments.ArgumentError, match="--tokenizer-path .* does not exist"):
+        validate([*paths[:2], "--tokenizer-path", str(tmp_path / "nope"), *paths[4:]])
