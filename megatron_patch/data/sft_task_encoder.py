@@ -1,0 +1,192 @@
+"""The trainer's energon task encoder: cooked conversation -> model inputs -> packed micro-batch.
+
+Energon calls, per data worker: `encode_sample` on each cooked `LlavaSftSample` (decode images,
+render the chat template, apply the over-long policy), optionally `select_samples_to_pack` on a
+buffer of encoded samples and `pack_selected_samples` on each chosen group, then `batch` on
+`micro_batch_size` (packed) samples. Those methods are `@stateless` (energon re-runs them on
+restore to rebuild its buffers, which is what makes resume exact).
+
+Over-long samples under `--overlong drop` (and samples that truncation cannot keep) are skipped
+with energon's `SkipSample`, which energon drops without logging, so we count them: each worker's
+encoder counts its drops and the next micro-batch it emits carries the count in
+`dropped_overlong` (the drops since that worker's previous batch). Energon saves loader state only
+at batch boundaries, where the count is zero, so resumed runs report the same counts. A run whose
+samples are all too long would otherwise spin forever on an infinite loader: after
+`max_consecutive_drops` drops in a row the worker stops with `AllSamplesOverlong`.
+
+Encoded samples are energon `Sample`s (`SFTEncodedSample`): energon keys its packing buffer and
+batches on each sample's `__restore_key__`, which a plain dataclass would silently lack.
+"""
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+from megatron.energon import Batch, Sample, SkipSample, edataclass, stateless
+from megatron.energon.errors import FatalSampleError
+
+from megatron_patch.data.energon_reader import LlavaSftSample, LlavaSftTaskEncoder, decode_images
+from megatron_patch.data.image_processing import ImageGeometry
+from megatron_patch.data.packing import plan_packs
+from megatron_patch.data.sft_sample import (EncodedSample, OverlongSample, SFTBatch, collate,
+                                            encode_sample, pack_samples)
+from megatron_patch.data.tokenizer import SFTTokenizer
+
+OVERLONG_POLICIES = ("drop", "truncate")
+
+
+class AllSamplesOverlong(FatalSampleError):
+    """Too many samples in a row exceed --seq-length: the run would never get a batch."""
+
+
+@dataclass
+class EncoderSettings:
+    seq_length: int
+    min_pixels: int = ImageGeometry.min_pixels
+    max_pixels: int = ImageGeometry.max_pixels
+    overlong: str = "drop"               # 'drop' | 'truncate'
+    packing: bool = False
+    max_images_per_pack: int = 16
+    packing_buffer_size: int = 64        # samples energon buffers to choose packs from
+    pad_to_seq_length: bool = False      # pad every micro-batch to seq_length (PP > 1, packing)
+    max_consecutive_drops: int = 1000    # then AllSamplesOverlong instead of spinning forever
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, not {self.overlong!r}")
+        if self.seq_length < 1:
+            raise ValueError(f"seq_length must be positive, not {self.seq_length}")
+        if self.packing and (self.max_images_per_pack < 1 or self.packing_buffer_size < 1):
+            raise ValueError("packing needs max_images_per_pack >= 1 and packing_buffer_size >= 1")
+
+    @property
+    def pads_to_seq_length(self) -> bool:
+        return self.packing or self.pad_to_seq_length
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        return ImageGeometry(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+
+@edataclass
+class SFTEncodedSample(Sample):
+    """One encoded sequence (a single sample, or a pack) with the keys and ids it holds."""
+    encoded: EncodedSample
+    keys: List[str]
+    ids: List[Any]
+    truncated: int = 0       # samples in this sequence that were truncated
+
+
+@edataclass
+class SFTMicroBatch(Batch):
+    """A micro-batch: `SFTBatch`'s fields plus data statistics for the trainer's logs.
+
+    `__key__` lists the keys of every sample in it (packed ones included), in row order, and
+    `ids` their record ids.
+    """
+    tokens: torch.Tensor          # [b, s]
+    labels: torch.Tensor          # [b, s]
+    loss_mask: torch.Tensor       # [b, s]
+    position_ids: torch.Tensor    # [b, s]
+    pixel_values: torch.Tensor    # [patches, patch_dim]
+    image_grid_thw: torch.Tensor  # [images, 3]
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
+    real_tokens: int = 0
+    num_samples: int = 0
+    ids: List[Any] = field(default_factory=list)
+    dropped_overlong: int = 0     # samples this worker dropped since its previous micro-batch
+    truncated: int = 0            # truncated samples in this micro-batch
+    num_images: int = 0
+    capacity: int = 0             # b * padded length: the token slots the model computes
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.real_tokens / self.capacity if self.capacity else 0.0
+
+    @property
+    def images_per_sequence(self) -> float:
+        rows = int(self.tokens.shape[0])
+        return self.num_images / rows if rows else 0.0
+
+    def to_sft_batch(self) -> SFTBatch:
+        return SFTBatch(self.tokens, self.labels, self.loss_mask, self.position_ids,
+                        self.pixel_values, self.image_grid_thw, self.cu_seqlens, self.max_seqlen,
+                        self.real_tokens, self.num_samples)
+
+
+class SFTTaskEncoder(LlavaSftTaskEncoder):
+    """Picklable (energon sends it to its workers): a tokenizer, settings and two counters."""
+
+    def __init__(self, tokenizer: SFTTokenizer, settings: EncoderSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.geometry = settings.geometry
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        self._dropped_since_batch = 0
+        self._consecutive_drops = 0
+
+    # ------------------------------------------------------------------ per sample
+    @stateless
+    def encode_sample(self, sample: LlavaSftSample) -> SFTEncodedSample:
+        settings = self.settings
+        try:
+            encoded = encode_sample(self.tokenizer, sample.conversations, decode_images(sample),
+                                    self.geometry, settings.seq_length, settings.overlong)
+        except OverlongSample as error:
+            self._dropped_since_batch += 1
+            self._consecutive_drops += 1
+            if self._consecutive_drops >= settings.max_consecutive_drops:
+                raise AllSamplesOverlong(
+                    f"{self._consecutive_drops} samples in a row are longer than --seq-length "
+                    f"{settings.seq_length} (last: {sample.__key__}: {error}); raise "
+                    "--seq-length, lower --max-pixels or use --overlong truncate") from error
+            raise SkipSample() from error
+        self._consecutive_drops = 0
+        return SFTEncodedSample.derive_from(
+            sample, encoded=encoded, keys=[sample.__key__], ids=[sample.id],
+            truncated=int(encoded.truncated))
+
+    # ------------------------------------------------------------------ packing
+    def select_samples_to_pack(self, samples: List[SFTEncodedSample]
+                               ) -> List[List[SFTEncodedSample]]:
+        """Best-fit-decreasing groups under seq_length tokens and max_images_per_pack images."""
+        groups = plan_packs([s.encoded.length for s in samples],
+                            [s.encoded.num_images for s in samples],
+                            self.settings.seq_length, self.settings.max_images_per_pack)
+        return [[samples[i] for i in group] for group in groups]
+
+    @stateless
+    def pack_selected_samples(self, samples: List[SFTEncodedSample]) -> SFTEncodedSample:
+        keys = [key for s in samples for key in s.keys]
+        sources = tuple(src for s in samples for src in (s.__sources__ or ()))
+        return SFTEncodedSample.derive_from(
+            samples[0], __key__="+".join(keys), __sources__=sources or None,
+            encoded=pack_samples([s.encoded for s in samples]), keys=keys,
+            ids=[i for s in samples for i in s.ids], truncated=sum(s.truncated for s in samples))
+
+    # ------------------------------------------------------------------ per micro-batch
+    @stateless
+    def batch(self, samples: List[SFTEncodedSample]) -> SFTMicroBatch:
+        settings = self.settings
+        pad_to = settings.seq_length if settings.pads_to_seq_length else None
+        collated = collate([s.encoded for s in samples], self.tokenizer.pad_id, pad_to=pad_to,
+                           packed=settings.packing)
+        dropped, self._dropped_since_batch = self._dropped_since_batch, 0
+        sources = tuple(src for s in samples for src in (s.__sources__ or ()))
+        return SFTMicroBatch(
+            __key__=[key for s in samples for key in s.keys], __restore_key__=(),
+            __sources__=sources or None,
+            tokens=collated.tokens, labels=collated.labels, loss_mask=collated.loss_mask,
+            position_ids=collated.position_ids, pixel_values=collated.pixel_values,
+            image_grid_thw=collated.image_grid_thw, cu_seqlens=collated.cu_seqlens,
+            max_seqlen=collated.max_seqlen, real_tokens=collated.real_tokens,
+            num_samples=collated.num_samples, ids=[i for s in samples for i in s.ids],
+            dropped_overlong=dropped, truncated=sum(s.truncated for s in samples),
+            num_images=int(collated.image_grid_thw.shape[0]),
+            capacity=int(collated.tokens.numel()))
+
+
+__all__ = ["AllSamplesOverlong", "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch",
+           "SFTTaskEncoder"]
