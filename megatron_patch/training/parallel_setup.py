@@ -44,10 +44,9 @@ def _free_port() -> int:
 def initialize(tp: int, pp: int, seed: int) -> Ranks:
     apply_cpu_redirects()  # no-op with CUDA
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain python: a world of one
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "RANK" not in os.environ:  # plain python: a world of one, on a port of its own
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

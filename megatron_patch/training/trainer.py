@@ -1,0 +1,348 @@
+"""The SFT training loop: setup, train, evaluate, checkpoint, log.
+
+Reads top-down: `main` validates arguments (cheap, before any process group or model), sets up
+parallelism, builds tokenizer -> model -> optimizer -> checkpoint -> data, then `Trainer.train`
+runs iterations until --train-iters, a signal, --exit-interval or --exit-duration-in-mins.
+"""
+import json
+import logging
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+
+from megatron_patch.data.sft_loader import (build_train_loader, build_val_loader, check_manifest,
+                                            close_loader, restore_loader_state,
+                                            save_loader_state)
+from megatron_patch.data.sft_task_encoder import EncoderSettings, SFTTaskEncoder
+from megatron_patch.data.tokenizer import SFTTokenizer
+from megatron_patch.model import build_model, get_config
+from megatron_patch.training import arguments
+from megatron_patch.training.checkpointing import RunState, load_checkpoint, save_checkpoint
+from megatron_patch.training.flops import peak_flops_per_device
+from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
+                                                    model_shapes)
+from megatron_patch.training.metrics import MetricsLogger, StepTimer
+from megatron_patch.training.optimizer import (build_optimizer, build_scheduler, freeze_modules,
+                                               learning_rates_by_module)
+from megatron_patch.training.parallel_setup import Ranks, initialize, shutdown
+from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest
+from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
+
+logger = logging.getLogger("megatron_patch.train")
+
+
+class TooManySkippedSteps(RuntimeError):
+    """Training diverged: the gradient norm stayed NaN/inf for too many steps in a row."""
+
+
+def setup_logging(save: Optional[str], rank: int) -> None:
+    """INFO on rank 0 (console and $SAVE/run_<time>.log), warnings and errors on every rank."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if save and rank == 0:
+        os.makedirs(save, exist_ok=True)
+        log_file = logging.FileHandler(os.path.join(save, time.strftime("run_%Y%m%d-%H%M%S.log")))
+        log_file.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(log_file)
+
+
+def model_config(args, tokenizer: SFTTokenizer):
+    overrides = {key: getattr(args, key.replace("-", "_")) for key in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "vision_num_layers", "vision_hidden_size")}
+    overrides["image_token_id"] = tokenizer.image_pad_id
+    cfg = get_config(args.model, overrides)
+    if tokenizer.vocab_size > cfg.language.vocab_size:
+        raise arguments.ArgumentError(
+            f"tokenizer {args.tokenizer_path} has {tokenizer.vocab_size} tokens but model "
+            f"{args.model} only {cfg.language.vocab_size} embeddings; use the model's own tokenizer")
+    return cfg
+
+
+def wrap_model(args, cfg, device: torch.device):
+    """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
+    extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True)
+    if args.recompute_granularity:
+        extra.update(recompute_granularity=args.recompute_granularity)
+        if args.recompute_granularity == "full":
+            extra.update(recompute_method=args.recompute_method,
+                         recompute_num_layers=args.recompute_num_layers)
+    model = build_model(cfg, attention_backend={"sdpa": "local"}.get(args.attention_backend,
+                                                                      args.attention_backend),
+                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, **extra)
+    trainable = freeze_modules(model, args.trainable_modules)
+    model.to(device)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    return ddp, trainable
+
+
+def encoder_settings(args) -> EncoderSettings:
+    return EncoderSettings(
+        seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
+        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
+
+
+class Trainer:
+    def __init__(self, args, ranks: Ranks):
+        self.args, self.ranks = args, ranks
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = SFTTokenizer(args.tokenizer_path)
+        self.cfg = model_config(args, self.tokenizer)
+        arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
+        self.echo_config()
+
+        self.model, trainable = wrap_model(args, self.cfg, self.device)
+        logger.info("trainable parameters on rank 0 by module: %s", trainable)
+        self.model_chunks = [self.model]
+        self.optimizer = build_optimizer(args, self.model_chunks)
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.state, loader_state = RunState(), None
+        if args.load:
+            loaded = load_checkpoint(args.load, self.model_chunks, self.optimizer, self.scheduler,
+                                     ranks, weights_only=args.no_load_optim)
+            for note in loaded.notes:
+                logger.info("checkpoint: %s", note)
+            self.state, loader_state = loaded.state, loaded.loader_state
+
+        check_manifest(args.data_path)
+        self.encoder = SFTTaskEncoder(self.tokenizer, encoder_settings(args))
+        self.train_loader = build_train_loader(
+            args.data_path, self.encoder, args.micro_batch_size, ranks.dp_rank, ranks.dp_size,
+            args.num_workers, args.seed, args.shuffle_buffer_size)
+        if loader_state is not None:
+            restore_loader_state(self.train_loader, loader_state, args.num_workers)
+        self.train_batches = iter(self.train_loader)
+
+        self.metrics = MetricsLogger(args.tensorboard_dir, enabled=ranks.rank == 0,
+                                     run_config=vars(args))
+        self.language_shape, self.vision_shape = model_shapes(self.cfg)
+        self.peak_flops = peak_flops_per_device(
+            torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        self.stop_request = StopRequest()
+        self.started = time.time()
+
+    # ------------------------------------------------------------------ setup helpers
+    def echo_config(self) -> None:
+        if self.ranks.rank != 0:
+            return
+        record = {"args": vars(self.args), "model": self.cfg.to_dict(),
+                  "world": {"world_size": self.ranks.world_size, "data_parallel": self.ranks.dp_size}}
+        text = json.dumps(record, indent=1, sort_keys=True, default=str)
+        logger.info("configuration:\n%s", text)
+        if self.args.save:
+            with open(os.path.join(self.args.save, "run_config.json"), "w") as handle:
+                handle.write(text + "\n")
+
+    @property
+    def counts_data(self) -> bool:
+        """This rank counts data statistics for its replica (see interval_stats)."""
+        return self.ranks.tp_rank == 0 and self.ranks.pp_rank == 0
+
+    @property
+    def counts_loss(self) -> bool:
+        return self.ranks.tp_rank == 0 and self.ranks.is_last_stage
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        args, state = self.args, self.state
+        stats, timer = IntervalStats(), StepTimer()
+        interval_start, consecutive_skips = time.time(), 0
+        logger.info("training from iteration %d to %d", state.iteration, args.train_iters)
+        while state.iteration < args.train_iters:
+            outcome = self.train_step(stats, timer)
+            state.iteration += 1
+            state.consumed_samples += args.global_batch_size
+            if outcome.stepped:
+                self.scheduler.step(increment=args.global_batch_size)
+                consecutive_skips = 0
+            else:
+                state.skipped_steps += 1
+                stats.skipped += 1
+                consecutive_skips += 1
+                logger.warning("iteration %d: gradient norm %s, step skipped (%d in a row)",
+                               state.iteration, outcome.grad_norm, consecutive_skips)
+                if consecutive_skips >= args.max_consecutive_skips:
+                    raise TooManySkippedSteps(
+                        f"{consecutive_skips} steps in a row had a NaN/inf gradient norm (last at "
+                        f"iteration {state.iteration}); lower --lr (or --lr-vision when the vision "
+                        "tower is unfrozen), check the data, or resume from an earlier checkpoint")
+            stats.iterations += 1
+            stats.last_grad_norm = outcome.grad_norm
+
+            if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+                self.log_interval(stats, timer, time.time() - interval_start)
+                stats, interval_start = IntervalStats(), time.time()
+            if args.eval_interval and state.iteration % args.eval_interval == 0:
+                self.evaluate()
+            stop_reason = self.stop_reason()
+            if self.should_save(stop_reason):
+                self.save()
+            if stop_reason:
+                logger.info("stopping at iteration %d: %s", state.iteration, stop_reason)
+                return EXIT_SIGNALLED if self.stop_request.requested else 0
+        if args.eval_interval and state.iteration % args.eval_interval:
+            self.evaluate()
+        logger.info("done: %d iterations, %d skipped steps", state.iteration, state.skipped_steps)
+        return 0
+
+    def train_step(self, stats: IntervalStats, timer: StepTimer):
+        args = self.args
+        timer.start("data_wait")
+        micro_batches = [next(self.train_batches) for _ in range(args.num_microbatches)]
+        timer.start("forward_backward")
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        poison = args.debug_nan_at_iteration == self.state.iteration + 1
+        loss_pair = run_micro_batches(self.model_chunks, micro_batches, args.seq_length,
+                                      args.micro_batch_size, self.device, forward_only=False,
+                                      poison=poison)
+        timer.start("optimizer")
+        outcome = guarded_optimizer_step(self.optimizer, args.clip_grad)
+        timer.stop()
+        if self.counts_loss:
+            stats.add_loss(loss_pair)
+        if self.counts_data:
+            recompute_full = args.recompute_granularity == "full"
+            for batch in micro_batches:
+                flops = batch_flops(batch, self.language_shape, self.vision_shape, recompute_full)
+                stats.add_batch(batch, flops)
+        return outcome
+
+    def log_interval(self, stats: IntervalStats, timer: StepTimer, seconds: float) -> None:
+        totals = stats.reduce()  # collective: every rank takes part
+        self.state.dropped_overlong += int(totals["dropped_overlong"])
+        if self.ranks.rank != 0:
+            return
+        phases = {name: spent / stats.iterations for name, spent in timer.reset().items()}
+        values = interval_metrics(totals, seconds, self.ranks.world_size, self.peak_flops, phases)
+        for module, lr in learning_rates_by_module(self.optimizer, self.args).items():
+            values[f"lr/{module}"] = lr
+        values["train/grad_norm"] = stats.last_grad_norm
+        values["train/skipped_steps"] = self.state.skipped_steps
+        values["train/loss_scale"] = float(self.optimizer.get_loss_scale())
+        values["data/dropped_overlong"] = self.state.dropped_overlong
+        values["data/truncated"] = totals["truncated"]
+        values["time/iteration_sec"] = seconds / stats.iterations
+        values["train/consumed_samples"] = self.state.consumed_samples
+        self.metrics.scalars(self.state.iteration, values)
+        self.metrics.console(self.state.iteration, self.args.train_iters, values,
+                             seconds / stats.iterations)
+        self.append_metrics_record(values)
+
+    def append_metrics_record(self, values: dict) -> None:
+        """Full-precision copy of the logged values, one JSON line per log step ($SAVE)."""
+        if not self.args.save:
+            return
+        with open(os.path.join(self.args.save, "metrics.jsonl"), "a") as handle:
+            handle.write(json.dumps({"iteration": self.state.iteration, **values}) + "\n")
+
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over up to --eval-iters global batches of the val split (from its start)."""
+        args = self.args
+        loader = build_val_loader(args.data_path, self.encoder, args.micro_batch_size,
+                                  self.ranks.dp_rank, self.ranks.dp_size, args.num_workers)
+        if loader is None:
+            return None
+        batches = iter(loader)
+        total = torch.zeros(2, dtype=torch.float64)
+        self.model.eval()
+        with torch.no_grad():
+            for _ in range(args.eval_iters):
+                micro = []
+                for _ in range(args.num_microbatches):
+                    batch = next(batches, None)
+                    if batch is not None:
+                        micro.append(batch)
+                if not self.all_ranks_have(len(micro) == args.num_microbatches):
+                    break
+                pair = run_micro_batches(self.model_chunks, micro, args.seq_length,
+                                         args.micro_batch_size, self.device, forward_only=True)
+                if self.counts_loss:
+                    total += pair
+        self.model.train()
+        close_loader(loader)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        if total[1] == 0:
+            logger.info("evaluation: the val split gave no full batch at this batch size")
+            return None
+        loss = float(total[0] / total[1])
+        logger.info("evaluation at iteration %d: loss %.4f over %d tokens",
+                    self.state.iteration, loss, int(total[1]))
+        self.metrics.scalars(self.state.iteration, {"eval/loss": loss})
+        return loss
+
+    # ------------------------------------------------------------------ stopping and saving
+    def all_ranks_have(self, flag: bool) -> bool:
+        value = torch.tensor([0 if flag else 1], dtype=torch.int32)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(value)
+        return int(value) == 0
+
+    def stop_reason(self) -> Optional[str]:
+        args, state = self.args, self.state
+        local = None
+        if self.stop_request.requested:
+            local = f"received {self.stop_request.received}"
+        elif args.exit_interval and state.iteration % args.exit_interval == 0:
+            local = f"--exit-interval {args.exit_interval}"
+        elif args.exit_duration_in_mins and time.time() - self.started > 60 * args.exit_duration_in_mins:
+            local = f"--exit-duration-in-mins {args.exit_duration_in_mins}"
+        # any rank's reason stops all of them (a signal may reach only some ranks)
+        if self.all_ranks_have(local is None):
+            return None
+        return local or "another rank asked to stop"
+
+    def should_save(self, stop_reason: Optional[str]) -> bool:
+        args, iteration = self.args, self.state.iteration
+        if not args.save:
+            return False
+        return bool(stop_reason or iteration == args.train_iters
+                    or (args.save_interval and iteration % args.save_interval == 0))
+
+    def save(self) -> None:
+        started = time.time()
+        path = save_checkpoint(
+            self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
+            save_loader_state(self.train_loader), self.ranks, vars(self.args),
+            dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last)
+        logger.info("saved %s in %.1f s", path, time.time() - started)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = arguments.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    arguments.validate_args(args, world_size)  # fails before any heavy work
+    ranks = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    setup_logging(args.save, ranks.rank)
+    try:
+        trainer = Trainer(args, ranks)
+        code = trainer.train()
+        trainer.metrics.close()
+        return code
+    except arguments.ArgumentError:
+        raise
+    except BaseException as error:
+        logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
+        raise
+    finally:
+        shutdown()

@@ -1,0 +1,191 @@
+"""The trainer end to end on the demo data (tiny model, CPU, gloo): loss goes down, per-module
+learning rates reach TensorBoard, frozen weights stay put, a NaN step is skipped, resume is
+exact to the last bit, and TP=2 / PP=2 runs continue a TP=1 checkpoint with the same losses.
+
+Each run is a subprocess (`python train/pretrain_llava_ov.py` or torchrun), as users launch it.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_model_reference import init_parallel
+
+REPO = Path(__file__).resolve().parents[1]
+ENTRY = REPO / "train" / "pretrain_llava_ov.py"
+
+
+def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True):
+    args = ["--model", "tiny", "--data-path", str(data), "--tokenizer-path", str(tokenizer),
+            "--save", str(save), "--seq-length", "256", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",
+            "--lr-warmup-iters", "2", "--num-workers", "0", "--log-interval", "1",
+            "--shuffle-buffer-size", "16", *map(str, extra)]
+    if nproc == 1:
+        command = [sys.executable, str(ENTRY), *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={nproc}", str(ENTRY), *args]
+    env = {key: value for key, value in os.environ.items()  # not this process's group
+           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-4000:]}")
+    return result
+
+
+def metrics(save) -> dict:
+    """iteration -> the last logged record for it (a resumed run appends)."""
+    records = {}
+    for line in (Path(save) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["iteration"]] = record
+    return records
+
+
+def model_tensors(checkpoint_dir) -> dict:
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+    init_parallel(1, 1)  # reading a dist-checkpoint needs a (one-process) group
+    return {key: value for key, value in load_plain_tensors(str(checkpoint_dir)).items()
+            if isinstance(value, torch.Tensor) and not key.startswith("optimizer.")}
+
+
+def tensorboard_scalars(directory) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+# ------------------------------------------------------------------ training behaviour
+@pytest.fixture(scope="module")
+def adapter_run(converted_demo, demo_tokenizer, tmp_path_factory):
+    """24 iterations, vision tower frozen, adapter at 5x the LR, a NaN injected at iteration 6."""
+    save = tmp_path_factory.mktemp("adapter_run") / "run"
+    result = run_trainer(converted_demo, demo_tokenizer, save, "--train-iters", 24,
+                         "--trainable-modules", "adapter", "language_model", "--lr-adapter", "5e-3",
+                         "--save-interval", 12, "--eval-interval", 12, "--eval-iters", 2,
+                         "--debug-nan-at-iteration", 6)
+    return save, result
+
+
+def test_loss_decreases(adapter_run):
+    save, _ = adapter_run
+    losses = [metrics(save)[i]["train/loss"] for i in range(1, 25) if i != 6]
+    assert all(math.isfinite(loss) for loss in losses)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first - 1.0, (first, last)  # measured: 6.11 -> 4.79
+
+
+def test_nan_step_is_skipped_and_counted(adapter_run):
+    save, result = adapter_run
+    records = metrics(save)
+    assert [records[i]["train/skipped_steps"] for i in (5, 6, 7, 24)] == [0, 1, 1, 1]
+    assert math.isnan(records[6]["train/loss"]) and math.isfinite(records[7]["train/loss"])
+    assert "iteration 6: gradient norm nan, step skipped" in result.stdout + result.stderr
+
+
+def test_per_module_learning_rates_in_tensorboard(adapter_run):
+    save, _ = adapter_run
+    scalars = tensorboard_scalars(save / "tensorboard")
+    adapter, language = scalars["lr/adapter"], scalars["lr/language_model"]
+    assert "lr/vision_model" not in scalars  # frozen: no param group
+    assert set(adapter) == set(range(1, 25))
+    for step in adapter:
+        assert adapter[step] == pytest.approx(5 * language[step], rel=1e-6)
+    assert language[2] == pytest.approx(1e-3, rel=1e-6)  # end of warmup: the peak lr
+    assert language[24] < language[12] < language[2]      # cosine decay
+    for tag in ("train/loss", "train/grad_norm", "throughput/tokens_per_sec",
+                "throughput/samples_per_sec_per_device", "data/packing_efficiency",
+                "memory/peak_gib", "time/data_wait_sec", "time/forward_backward_sec",
+                "time/optimizer_sec", "eval/loss"):
+        assert tag in scalars, tag
+    assert set(scalars["eval/loss"]) == {12, 24}
+
+
+def test_frozen_modules_do_not_change(adapter_run):
+    save, _ = adapter_run
+    middle, end = model_tensors(save / "iter_0000012"), model_tensors(save / "iter_0000024")
+    vision = [key for key in end if key.startswith("vision_model.")]
+    adapter = [key for key in end if key.startswith("adapter.")]
+    assert vision and adapter
+    assert all(torch.equal(middle[key], end[key]) for key in vision)
+    assert not all(torch.equal(middle[key], end[key]) for key in adapter)
+
+
+def test_console_line_and_run_files(adapter_run):
+    save, result = adapter_run
+    assert "iter 24/24 | loss" in result.stdout and "ETA" in result.stdout
+    logs = list(save.glob("run_*.log"))
+    assert logs and "iter 24/24 | loss" in logs[0].read_text()
+    config = json.loads((save / "run_config.json").read_text())
+    assert config["args"]["lr_adapter"] == 5e-3 and config["model"]["name"] == "tiny"
+
+
+def test_consecutive_nan_steps_stop_the_run(converted_demo, demo_tokenizer, tmp_path):
+    result = run_trainer(converted_demo, demo_tokenizer, tmp_path / "run", "--train-iters", 3,
+                         "--debug-nan-at-iteration", 2, "--max-consecutive-skips", 1, check=False)
+    assert result.returncode != 0
+    assert "rank 0 failed: TooManySkippedSteps" in result.stdout + result.stderr
+    assert "1 steps in a row had a NaN/inf gradient norm" in result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------ resume and resharding
+RESUME_ARGS = ("--train-iters", 8, "--packing", "--micro-batch-size", 1, "--seq-length", 384)
+
+
+@pytest.fixture(scope="module")
+def reference_run(converted_demo, demo_tokenizer, tmp_path_factory):
+    """8 uninterrupted packed iterations, saving at 4 and 8."""
+    save = tmp_path_factory.mktemp("reference") / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 4)
+    return save
+
+
+def test_resume_is_exact(reference_run, converted_demo, demo_tokenizer, tmp_path):
+    save = tmp_path / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--exit-interval", 4,
+                "--keep-last", 1)
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (save / "iter_0000004" / "dataloader" / "dp_rank_0000.pt").is_file()
+    assert (save / "dataloader" / "train_dataloader_dprank000.pt").is_file()
+    assert 5 not in metrics(save)
+
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--load", save,
+                "--keep-last", 1)
+    resumed, reference = metrics(save), metrics(reference_run)
+    for iteration in range(1, 9):
+        for key in ("train/loss", "train/grad_norm", "lr/language_model",
+                    "data/packing_efficiency"):
+            assert resumed[iteration][key] == reference[iteration][key], (iteration, key)
+    final, expected = model_tensors(save / "iter_0000008"), model_tensors(reference_run / "iter_0000008")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[key], expected[key]) for key in final)
+    assert not (save / "iter_0000004").exists()  # --keep-last 1 removed it after iter 8 was safe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", 2),
+                                    ("--pipeline-model-parallel-size", 2)])
+def test_parallel_run_continues_a_single_process_checkpoint(layout, reference_run, converted_demo,
+                                                            demo_tokenizer, tmp_path):
+    """A TP=2 or PP=2 run loads the TP=1 iteration-4 checkpoint (dist-checkpoint reshards model
+    and optimizer) and trains iterations 5-8 with the reference's losses."""
+    save = tmp_path / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, *layout,
+                "--load", reference_run / "iter_0000004", nproc=2)
+    resumed, reference = metrics(save), metrics(reference_run)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for iteration in range(5, 9):
+        assert resumed[iteration]["train/loss"] == pytest.approx(
+            reference[iteration]["train/loss"], rel=1e-5, abs=1e-6), iteration
+        assert resumed[iteration]["train/grad_norm"] == pytest.approx(
+            reference[iteration]["train/grad_norm"], rel=1e-4), iteration

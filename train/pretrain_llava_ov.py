@@ -1,0 +1,18 @@
+"""LLaVA-OneVision-1.5 SFT on megatron-core: the script torchrun launches.
+
+    torchrun --nproc-per-node 8 train/pretrain_llava_ov.py --model llava-ov-1.5-4b \
+        --data-path /data/sft --tokenizer-path /ckpt/tokenizer --load /ckpt/base \
+        --save /runs/sft --train-iters 3000 --global-batch-size 224 ...
+
+Arguments use Megatron-LM's names (`--help`); train/sft_bench_TEMPLATE.sh computes them for you.
+The logic lives in megatron_patch/training/trainer.py.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.training.trainer import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
