@@ -34,6 +34,7 @@ def test_derived_values(paths):
     (["--bf16"], 1, "--bf16 needs CUDA"),
     (["--use-distributed-optimizer"], 1, "needs CUDA"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
 ])
 def test_invalid_combinations(paths, extra, world, message):
     with pytest.raises(arguments.ArgumentError, match=message.replace("+", r"\+")):

@@ -189,3 +189,22 @@ def test_parallel_run_continues_a_single_process_checkpoint(layout, reference_ru
             reference[iteration]["train/loss"], rel=1e-5, abs=1e-6), iteration
         assert resumed[iteration]["train/grad_norm"] == pytest.approx(
             reference[iteration]["train/grad_norm"], rel=1e-4), iteration
+
+
+def test_base_model_checkpoint_loads_weights_and_starts_fresh(reference_run, converted_demo,
+                                                              demo_tokenizer, tmp_path):
+    """A checkpoint without run state (what the HF converter writes) gives weights only: the run
+    starts at iteration 0 with a fresh optimizer and data order, from the trained weights."""
+    import shutil
+    base = tmp_path / "base"
+    shutil.copytree(reference_run / "iter_0000004", base / "iter_0000004")
+    (base / "iter_0000004" / "run_state.json").unlink()
+    save = tmp_path / "run"
+    result = run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS[2:], "--train-iters", 1,
+                         "--lr-warmup-iters", 0, "--load", base)
+    assert "a base model; starting at iteration 0" in result.stdout
+    fresh, reference = metrics(save), metrics(reference_run)
+    assert sorted(fresh) == [1]
+    # the same first batch as the reference's iteration 1, seen by weights trained 4 steps
+    assert fresh[1]["data/packing_efficiency"] == reference[1]["data/packing_efficiency"]
+    assert fresh[1]["train/loss"] < reference[1]["train/loss"] - 0.1

@@ -113,6 +113,10 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None) 
     if args.lr_warmup_fraction is not None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        raise ArgumentError(f"warmup ({args.lr_warmup_iters} iterations) must be shorter than the "
+                            f"decay ({args.lr_decay_iters} iterations, --lr-decay-iters or "
+                            "--train-iters); lower --lr-warmup-iters/--lr-warmup-fraction")
     _check_paths(args)
     if args.save and args.tensorboard_dir is None:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
