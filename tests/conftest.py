@@ -38,9 +38,6 @@ def demo_tokenizer(demo_data, tmp_path_factory):
     """A 512-token BPE (the tiny model's vocab) trained on the demo's own texts."""
     import json
 
-    from megatron_patch.data.chat_template import DEFAULT_SYSTEM_PROMPT
-    from megatron_patch.data.tokenizer import build_tiny_tokenizer
+    from megatron_patch.data.demo_dataset import build_demo_tokenizer
     records = json.loads((demo_data / "demo.json").read_text())
-    texts = [turn["value"] for record in records for turn in record["conversations"]]
-    return build_tiny_tokenizer(str(tmp_path_factory.mktemp("tokenizer")),
-                                texts + [DEFAULT_SYSTEM_PROMPT], vocab_size=512)
+    return build_demo_tokenizer(records, str(tmp_path_factory.mktemp("tokenizer")))

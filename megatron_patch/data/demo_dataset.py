@@ -213,6 +213,15 @@ def image_paths(record: dict) -> List[str]:
     return [] if image is None else list(image) if isinstance(image, list) else [image]
 
 
+def build_demo_tokenizer(records: Sequence[dict], out_dir: str, vocab_size: int = 512) -> str:
+    """A BPE tokenizer (tokenizer.json, Qwen special tokens) trained on the records' texts and the
+    default system prompt: the tiny model's 512-entry vocabulary, built offline in a second."""
+    from megatron_patch.data.chat_template import DEFAULT_SYSTEM_PROMPT
+    from megatron_patch.data.tokenizer import build_tiny_tokenizer
+    texts = [turn["value"] for record in records for turn in record["conversations"]]
+    return build_tiny_tokenizer(out_dir, texts + [DEFAULT_SYSTEM_PROMPT], vocab_size)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -225,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56,
                    help="image side in pixels, a multiple of 28 (default 56: 4 image tokens)")
+    p.add_argument("--tokenizer-dir", help="also train a 512-token tokenizer on the texts here")
     return p
 
 
@@ -240,6 +250,9 @@ def main(argv=None) -> int:
     images = sum(len(image_paths(r)) for r in records)
     print(f"wrote {len(records)} samples with {images} images to "
           f"{os.path.join(args.output_dir, JSON_NAME)} in {time.perf_counter() - started:.1f} s")
+    if args.tokenizer_dir:
+        build_demo_tokenizer(records, args.tokenizer_dir)
+        print(f"wrote a 512-token tokenizer to {args.tokenizer_dir}")
     return 0
 
 

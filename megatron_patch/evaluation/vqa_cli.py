@@ -1,0 +1,65 @@
+"""`tools/evaluate_vqa.py`: load a checkpoint, answer the val split greedily, print accuracy per
+question type (and write it as JSON with --json)."""
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+import torch
+
+from megatron_patch.data.image_processing import ImageGeometry
+from megatron_patch.data.tokenizer import SFTTokenizer
+from megatron_patch.evaluation.vqa import GreedyAnswerer, evaluate
+from megatron_patch.model import build_model
+from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.parallel_setup import initialize, shutdown
+from megatron_patch.training.trainer import model_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    p.add_argument("--load", required=True, help="a run dir (newest checkpoint) or one iter_* dir")
+    p.add_argument("--data-path", required=True, help="converted dataset dir")
+    p.add_argument("--tokenizer-path", required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--split", default="val")
+    p.add_argument("--limit", type=int, help="stop after this many questions")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
+    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
+    p.add_argument("--attention-backend", choices=("auto", "te", "local"), default="auto")
+    p.add_argument("--json", help="also write the accuracies here")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ranks = initialize(1, 1, seed=0)
+    try:
+        tokenizer = SFTTokenizer(args.tokenizer_path)
+        cfg = model_config(args, tokenizer)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        model = build_model(cfg, attention_backend=args.attention_backend,
+                            use_cpu_initialization=True, perform_initialization=False)
+        loaded = load_checkpoint(args.load, [model], None, None, ranks, weights_only=True)
+        if loaded.path is None:
+            print(f"error: no complete checkpoint under {args.load}", file=sys.stderr)
+            return 1
+        model.to(device).eval()
+        answerer = GreedyAnswerer(model, tokenizer, ImageGeometry(min_pixels=args.min_pixels,
+                                                                  max_pixels=args.max_pixels),
+                                  device, args.max_new_tokens)
+        scores = evaluate(answerer, args.data_path, args.split, args.limit)
+    finally:
+        shutdown()
+    print(f"checkpoint {loaded.path}, split {args.split}")
+    print(scores.table())
+    for key, kind, reference, got in scores.examples[:5]:
+        print(f"  wrong: {key} [{kind}] expected {reference!r}, got {got!r}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"checkpoint": loaded.path, "accuracy": scores.accuracy(),
+                       "total": dict(scores.total)}, handle, indent=1)
+    return 0
