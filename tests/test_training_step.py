@@ -66,3 +66,32 @@ def test_packed_sample_equals_the_sample_alone(tiny_model):
     packed = _per_token_loss(tiny_model, [_text_sample(first.tolist()), _text_sample(second.tolist())], True)
     alone = _per_token_loss(tiny_model, [_text_sample(second.tolist())], True)
     torch.testing.assert_close(packed[9:23], alone[:14], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_optimizer_groups_follow_modules_and_freezing(optimizer, tmp_path):
+    """Per-module peak LRs land in megatron's param groups; frozen params are in none."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_patch.training import arguments
+    from megatron_patch.training.optimizer import (build_optimizer, build_scheduler, freeze_modules,
+                                                   learning_rates_by_module)
+    (tmp_path / "d" / ".nv-meta").mkdir(parents=True)
+    args = arguments.validate_args(arguments.parse_args([
+        "--data-path", str(tmp_path / "d"), "--tokenizer-path", str(tmp_path), "--train-iters", "10",
+        "--optimizer", optimizer, "--lr", "1e-3", "--lr-adapter", "4e-3",
+        "--trainable-modules", "adapter", "language_model"]), 1)
+    init_parallel(1, 1, seed=5)
+    model = build_model(get_config("tiny"), attention_backend="local")
+    counts = freeze_modules(model, args.trainable_modules)
+    assert counts["vision_model"] == 0 and counts["adapter"] > 0
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    opt = build_optimizer(args, [ddp])
+    scheduler = build_scheduler(args, opt)
+    grouped = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert not any(id(p) in grouped for p in model.vision_model.parameters())
+    assert all(id(p) in grouped for p in model.adapter.parameters())
+    scheduler.step(increment=args.global_batch_size)
+    rates = learning_rates_by_module(opt, args)
+    assert set(rates) == {"adapter", "language_model"}
+    assert rates["adapter"] == pytest.approx(4 * rates["language_model"])

@@ -232,6 +232,7 @@ class Trainer:
     def log_interval(self, stats: IntervalStats, timer: StepTimer, seconds: float) -> None:
         totals = stats.reduce()  # collective: every rank takes part
         self.state.dropped_overlong += int(totals["dropped_overlong"])
+        self.state.floating_point_operations += totals["model_flops"]
         if self.ranks.rank != 0:
             return
         phases = {name: spent / stats.iterations for name, spent in timer.reset().items()}
