@@ -7,10 +7,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh dev
 PY=.venv/bin/python
 DEMO_DIR="$(mkdir -p "${DEMO_DIR:-demo_out}" && cd "${DEMO_DIR:-demo_out}" && pwd)"
-DEMO_EPOCHS="${DEMO_EPOCHS:-24}"   # passes over the 1800 training conversations
+DEMO_SAMPLES="${DEMO_SAMPLES:-20000}"  # enough distinct images that the model must generalise, not memorise
+DEMO_EPOCHS="${DEMO_EPOCHS:-4.5}"   # passes over the training conversations
 
 echo "== 1/5 demo dataset (LLaVA JSON + PNGs) and a 512-token tokenizer -> $DEMO_DIR/raw"
-$PY tools/make_demo_dataset.py --output-dir "$DEMO_DIR/raw" --tokenizer-dir "$DEMO_DIR/tokenizer"
+$PY tools/make_demo_dataset.py --output-dir "$DEMO_DIR/raw" --num-samples "$DEMO_SAMPLES" \
+    --tokenizer-dir "$DEMO_DIR/tokenizer"
 
 echo "== 2/5 convert to WebDataset shards + energon index -> $DEMO_DIR/webdataset"
 $PY tools/stage2_sftdata2webdataset.py "$DEMO_DIR/raw/demo.json" --image-root "$DEMO_DIR/raw" \
@@ -33,7 +35,7 @@ EXTRA_ARGS="--packing --max-images-per-pack 32 --log-interval 50 --eval-interval
 
 echo "== 5/5 evaluate: greedy answers on the val split, exact match per question type"
 $PY tools/evaluate_vqa.py --load "$DEMO_DIR/run" --data-path "$DEMO_DIR/webdataset" \
-    --tokenizer-path "$DEMO_DIR/tokenizer" --model tiny --json "$DEMO_DIR/accuracy.json"
+    --tokenizer-path "$DEMO_DIR/tokenizer" --model tiny --limit 600 --json "$DEMO_DIR/accuracy.json"
 
 echo
 echo "Demo done. Checkpoints: $DEMO_DIR/run/iter_*  (latest: $(cat "$DEMO_DIR/run/latest_checkpointed_iteration.txt"))"

@@ -106,6 +106,7 @@ class Trainer:
         self.args, self.ranks = args, ranks
         self.device = torch.device("cuda", torch.cuda.current_device()) \
             if torch.cuda.is_available() else torch.device("cpu")
+        check_manifest(args.data_path)  # tars changed since conversion: fail before heavy work
         self.tokenizer = SFTTokenizer(args.tokenizer_path)
         self.cfg = model_config(args, self.tokenizer)
         arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
@@ -125,7 +126,6 @@ class Trainer:
                 logger.info("checkpoint: %s", note)
             self.state, loader_state = loaded.state, loaded.loader_state
 
-        check_manifest(args.data_path)
         self.encoder = SFTTaskEncoder(self.tokenizer, encoder_settings(args))
         self.train_loader = build_train_loader(
             args.data_path, self.encoder, args.micro_batch_size, ranks.dp_rank, ranks.dp_size,
