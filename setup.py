@@ -35,6 +35,9 @@ setup(
             "llava-sft-convert=megatron_patch.data.convert_cli:main",
             "llava-sft-inspect=megatron_patch.data.inspect_cli:main",
             "llava-sft-demo-data=megatron_patch.data.demo_dataset:main",
+            "llava-hf-to-mcore=megatron_patch.checkpoint_conversion.cli:hf_to_mcore_main",
+            "llava-mcore-to-hf=megatron_patch.checkpoint_conversion.cli:mcore_to_hf_main",
+            "llava-evaluate-vqa=megatron_patch.evaluation.vqa_cli:main",
         ],
     },
 )

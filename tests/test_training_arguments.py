@@ -56,3 +56,14 @@ def test_missing_paths(tmp_path, paths):
         validate(["--data-path", str(tmp_path), *paths[2:]])
     with pytest.raises(arguments.ArgumentError, match="--tokenizer-path .* does not exist"):
         validate([*paths[:2], "--tokenizer-path", str(tmp_path / "nope"), *paths[4:]])
+
+
+def test_model_config_takes_overrides_and_the_tokenizers_image_token(paths, demo_tokenizer):
+    from megatron_patch.data.tokenizer import SFTTokenizer
+    from megatron_patch.training.trainer import model_config
+    tokenizer = SFTTokenizer(demo_tokenizer)
+    args = arguments.parse_args(paths + ["--model", "tiny", "--rotary-base", "5e6",
+                                         "--num-layers", "2"])
+    cfg = model_config(args, tokenizer)
+    assert cfg.language.rope_theta == 5e6 and cfg.language.num_layers == 2
+    assert cfg.image_token_id == tokenizer.image_pad_id

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True, help="converted dataset dir")
     p.add_argument("--tokenizer-path", required=True)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--rotary-base", type=float, help="as given to the trainer, if it was")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, help="stop after this many questions")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
                  "num-query-groups", "vision-num-layers", "vision-hidden-size"):
         g.add_argument(f"--{name}", type=int, help="override the config's value")
+    g.add_argument("--rotary-base", type=float,
+                   help="RoPE base of the language model (default: the config's; pass the "
+                        "checkpoint's rope_theta when it differs)")
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")

@@ -62,7 +62,7 @@ def model_config(args, tokenizer: SFTTokenizer):
     the override attributes works: the evaluator passes its own)."""
     overrides = {key: getattr(args, key, None) for key in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-        "vision_num_layers", "vision_hidden_size")}
+        "vision_num_layers", "vision_hidden_size", "rotary_base")}
     overrides["image_token_id"] = tokenizer.image_pad_id
     cfg = get_config(args.model, overrides)
     if tokenizer.vocab_size > cfg.language.vocab_size:
