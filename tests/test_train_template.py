@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from megatron_patch.data.tokenizer import build_tiny_tokenizer
+from test_model_reference import free_port
+from test_training_trainer import subprocess_env
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "train", "sft_bench_TEMPLATE.sh")
 
@@ -61,9 +63,8 @@ def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
     env = {"DRY_RUN": "0", "MODEL": "tiny", "DATA_PATH": str(converted_demo),
            "TOKENIZER_PATH": demo_tokenizer, "SAVE_CKPT_PATH": str(save), "SEQ_LEN": "256",
            "MBS": "2", "GBS": "4", "LR": "1e-3", "MIN_LR": "1e-4", "NUM_WORKERS": "0",
-           "EPOCHS": "0.2", "SAVE_INTERVAL": "3", "MASTER_PORT": str(_free_port())}
-    env = {key: value for key, value in env.items()}
-    first = subprocess.run(["bash", TEMPLATE], env={**_clean_env(), "PYTHON": sys.executable,
+           "EPOCHS": "0.2", "SAVE_INTERVAL": "3", "MASTER_PORT": str(free_port())}
+    first = subprocess.run(["bash", TEMPLATE], env={**subprocess_env(), "PYTHON": sys.executable,
                                                     "GPUS_PER_NODE": "0", **env},
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -79,7 +80,7 @@ def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
     assert f"final checkpoint: {save}/iter_0000007" in first.stdout
 
     env["EPOCHS"] = "0.4"  # ceil(108 x 0.4 / 4) = 11 steps, x 1.05 -> 12
-    second = subprocess.run(["bash", TEMPLATE], env={**_clean_env(), "PYTHON": sys.executable,
+    second = subprocess.run(["bash", TEMPLATE], env={**subprocess_env(), "PYTHON": sys.executable,
                                                      "GPUS_PER_NODE": "0", **env},
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -88,14 +89,3 @@ def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
     assert "iter 8/12" in second.stdout and "iter 12/12" in second.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
 
-
-def _clean_env():
-    return {key: value for key, value in os.environ.items()
-            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-
-
-def _free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

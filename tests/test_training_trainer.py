@@ -31,15 +31,20 @@ def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True):
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", str(ENTRY), *args]
-    env = {key: value for key, value in os.environ.items()  # not this process's group
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")
     return result
+
+
+def subprocess_env() -> dict:
+    """This process's environment without its own process-group variables (a child trainer
+    must form its own group)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def metrics(save) -> dict:

@@ -46,14 +46,15 @@ class IntervalStats:
     last_grad_norm: Optional[float] = None
 
     def add_batch(self, batch, flops) -> None:
+        """`batch` is an SFTMicroBatch, which carries its own statistics."""
         c = self.counts
         c["real_tokens"] += batch.real_tokens
-        c["capacity"] += batch.tokens.numel()
+        c["capacity"] += batch.capacity
         c["sequences"] += batch.tokens.shape[0]
         c["samples"] += batch.num_samples
-        c["images"] += batch.image_grid_thw.shape[0]
-        c["dropped_overlong"] += getattr(batch, "dropped_overlong", 0)
-        c["truncated"] += getattr(batch, "truncated", 0)
+        c["images"] += batch.num_images
+        c["dropped_overlong"] += batch.dropped_overlong
+        c["truncated"] += batch.truncated
         c["model_flops"] += flops[0]
         c["hardware_flops"] += flops[1]
 
