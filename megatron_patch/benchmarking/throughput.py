@@ -1,0 +1,427 @@
+"""Training throughput of the megatron trainer and of a plain-PyTorch baseline, in one run.
+
+    python tools/benchmark_throughput.py --model tiny --seq-length 1024 --steps 5 --trainer both
+
+Each trainer runs ``--warmup-steps`` untimed then ``--steps`` timed optimizer steps of
+``--grad-accum`` micro-batches (or ``--global-batch-size / --micro-batch-size``) on the same
+batches: synthetic packed micro-batches (:mod:`megatron_patch.benchmarking.synthetic`, the task
+encoder's format, long-tailed lengths, ``--images-per-sample`` images each) or, with
+``--data-path``, a converted dataset through the trainer's own loader (``SFTTaskEncoder`` with
+packing; each trainer gets a fresh loader with the same seed, hence the same batches).
+
+Figures (timed steps only; a step is data fetch + forward/backward + optimizer, the device
+synchronised at both ends):
+
+* tokens/s = real (non-padding) tokens / time, per device; samples/s likewise (conversations).
+* step time = mean wall time of a timed step.
+* data wait = time spent fetching the step's micro-batches / step time (0..1).
+* MFU = model FLOPs / time / peak FLOP/s; HFU = hardware FLOPs / time / peak.
+  FLOPs per micro-batch come from :mod:`megatron_patch.training.flops` via
+  ``interval_stats.batch_flops`` -- the trainer's own accounting: 2 FLOPs per multiply-add of
+  every matmul of the vision tower (per image, its class token included, attention over the whole
+  image), the adapter and the language model (attention causal within each packed segment,
+  padding segment included, logits layer included); training = 3 x forward (backward = 2 x
+  forward). Model FLOPs use 3x; hardware FLOPs add the recomputed forward under full recompute
+  (4x; selective recompute is not counted). Peak: ``--peak-tflops``, else the dense bf16 table in
+  flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
+* peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
+  on CPU the process's resident-set high-water mark (VmHWM, reset through
+  ``/proc/self/clear_refs`` before each trainer where the kernel allows it, else ru_maxrss which
+  includes the earlier trainer).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_patch.benchmarking.runners import (MegatronRunner, baseline_runner, load_baseline,
+                                                 trainer_namespace)
+from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec
+from megatron_patch.model import build_model, count_parameters, get_config
+from megatron_patch.training.flops import peak_flops_per_device
+from megatron_patch.training.interval_stats import batch_flops, model_shapes
+
+logger = logging.getLogger("megatron_patch.benchmark")
+
+FORMULA = {
+    "tokens_per_s_per_device": "real (non-padding) tokens of the timed steps / their wall time / devices",
+    "model_flops": "3 x forward FLOPs of vision tower + adapter + language model "
+                   "(megatron_patch/training/flops.py, interval_stats.batch_flops)",
+    "hardware_flops": "model FLOPs + one more forward under full recompute (4x forward)",
+    "mfu": "model_flops / time / devices / peak_flops",
+    "hfu": "hardware_flops / time / devices / peak_flops",
+    "data_wait_fraction": "time fetching the micro-batches of a step / step time",
+}
+TRAINERS = {"megatron": ("megatron",), "baseline": ("baseline",), "both": ("megatron", "baseline")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", help="tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
+    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
+                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
+        g.add_argument(f"--{name}", type=int, help="override the config's value")
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"))
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--bf16", action="store_true", help="megatron: bf16 params + fp32 master "
+                   "weights; baseline: bf16 autocast over fp32 weights (CUDA only)")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g = p.add_argument_group("batch and steps")
+    g.add_argument("--seq-length", type=int, default=2048)
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    accumulate = g.add_mutually_exclusive_group()
+    accumulate.add_argument("--global-batch-size", type=int)
+    accumulate.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    g.add_argument("--warmup-steps", type=int, default=2)
+    g.add_argument("--steps", type=int, default=5)
+    g.add_argument("--lr", type=float, default=1e-5)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--trainer", choices=sorted(TRAINERS), default="megatron")
+    g = p.add_argument_group("data (synthetic unless --data-path)")
+    g.add_argument("--data-path", help="a converted dataset (tools/stage2_sftdata2webdataset.py)")
+    g.add_argument("--tokenizer-path", help="with --data-path: the model's tokenizer dir")
+    g.add_argument("--num-workers", type=int, default=2, help="with --data-path")
+    g.add_argument("--no-packing", dest="packing", action="store_false",
+                   help="with --data-path: one sample per row (synthetic data is always packed)")
+    g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--images-per-sample", type=int, default=1)
+    g.add_argument("--image-size-min", type=int, default=224, help="pixels, multiple of 28")
+    g.add_argument("--image-size-max", type=int, default=672, help="pixels, multiple of 28")
+    g.add_argument("--text-length-median", type=float, default=550.0,
+                   help="lognormal text tokens per sample (median)")
+    g.add_argument("--text-length-sigma", type=float, default=0.9)
+    g = p.add_argument_group("output")
+    g.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) for MFU/HFU")
+    g.add_argument("--json", help="write the results here")
+    g.add_argument("--dry-run", action="store_true", help="parse, build both models on the meta "
+                   "device, count parameters and FLOPs of one synthetic batch, then exit")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grad_accum is not None:
+        args.global_batch_size = args.grad_accum * args.micro_batch_size
+    if args.steps < 1 or args.warmup_steps < 0:
+        parser.error("need --steps >= 1 and --warmup-steps >= 0")
+    if args.data_path is None and args.micro_batch_size != 1:
+        parser.error("synthetic data is packed: use --micro-batch-size 1 (raise --seq-length)")
+    if args.data_path and not args.tokenizer_path:
+        parser.error("--data-path needs --tokenizer-path")
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        parser.error("the benchmark measures one device: run it without torchrun")
+    return args
+
+
+# ---------------------------------------------------------------------- memory
+def reset_peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda_max_memory_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # resets VmHWM (Linux >= 4.0)
+        return "process_peak_rss"
+    except OSError:
+        return "process_max_rss_since_start"
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------- measuring
+def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: torch.device,
+            shapes, recompute_full: bool, peak_flops: Optional[float]) -> tuple:
+    """Runs warmup + timed steps; returns (figures of the timed steps, sample keys per step)."""
+    language, vision = shapes
+    totals = dict.fromkeys(("tokens", "capacity", "samples", "images", "model_flops",
+                            "hardware_flops", "wait", "time"), 0.0)
+    step_times, losses, keys = [], [], []
+    for index in range(warmup + steps):
+        _sync(device)
+        started = time.perf_counter()
+        micro = [next(batches) for _ in range(num_micro)]
+        fetched = time.perf_counter()
+        pair = runner.step(micro)
+        _sync(device)
+        elapsed = time.perf_counter() - started
+        losses.append(float(pair[0] / max(float(pair[1]), 1.0)))
+        keys.append([key for batch in micro for key in batch.__key__])
+        if index < warmup:
+            continue
+        step_times.append(elapsed)
+        totals["wait"] += fetched - started
+        totals["time"] += elapsed
+        for batch in micro:
+            model_flops, hardware_flops = batch_flops(batch, language, vision, recompute_full)
+            totals["model_flops"] += model_flops
+            totals["hardware_flops"] += hardware_flops
+            totals["tokens"] += batch.real_tokens
+            totals["capacity"] += batch.capacity
+            totals["samples"] += batch.num_samples
+            totals["images"] += batch.num_images
+    seconds = max(totals["time"], 1e-9)
+    result = {
+        "tokens_per_s_per_device": totals["tokens"] / seconds,
+        "samples_per_s_per_device": totals["samples"] / seconds,
+        "step_time_s": statistics.mean(step_times),
+        "step_time_s_min": min(step_times), "step_time_s_max": max(step_times),
+        "data_wait_fraction": totals["wait"] / seconds,
+        "model_tflops_per_s_per_device": totals["model_flops"] / seconds / 1e12,
+        "hardware_tflops_per_s_per_device": totals["hardware_flops"] / seconds / 1e12,
+        "mfu": totals["model_flops"] / seconds / peak_flops if peak_flops else None,
+        "hfu": totals["hardware_flops"] / seconds / peak_flops if peak_flops else None,
+        "tokens_per_step": totals["tokens"] / steps,
+        "packing_efficiency": totals["tokens"] / max(totals["capacity"], 1.0),
+        "samples_per_step": totals["samples"] / steps,
+        "images_per_step": totals["images"] / steps,
+        "model_flops_per_step": totals["model_flops"] / steps,
+        "losses": losses,
+        "step_times_s": step_times,
+    }
+    return result, keys
+
+
+class _Synthetic:
+    """The same pre-generated micro-batches, replayed for each trainer."""
+
+    def __init__(self, spec: SyntheticSpec, count: int):
+        started = time.perf_counter()
+        source = SyntheticPackedBatches(spec)
+        self.batches = source.take(count)
+        self.seconds = time.perf_counter() - started
+        self.dropped_overlong = source.dropped_overlong
+
+    def iterator(self):
+        return iter(self.batches)
+
+
+def synthetic_spec(args, cfg) -> SyntheticSpec:
+    vision = cfg.vision
+    return SyntheticSpec(
+        vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
+        seq_length=args.seq_length, patch_dim=vision.patch_dim, merge_size=vision.spatial_merge_size,
+        patch_size=vision.patch_size, images_per_sample=args.images_per_sample,
+        image_side_min=args.image_size_min, image_side_max=args.image_size_max,
+        text_length_median=args.text_length_median, text_length_sigma=args.text_length_sigma,
+        max_images_per_pack=args.max_images_per_pack, seed=args.seed)
+
+
+def _real_data(args, train_args):
+    """(config, factory of fresh loader iterators, closer) for --data-path."""
+    from megatron_patch.data.sft_loader import build_train_loader, check_manifest, close_loader
+    from megatron_patch.data.sft_task_encoder import SFTTaskEncoder
+    from megatron_patch.data.tokenizer import SFTTokenizer
+    from megatron_patch.training.trainer import encoder_settings, model_config
+
+    check_manifest(args.data_path)
+    tokenizer = SFTTokenizer(args.tokenizer_path)
+    cfg = model_config(train_args, tokenizer)
+    encoder = SFTTaskEncoder(tokenizer, encoder_settings(train_args))
+    loaders = []
+
+    def fresh():
+        loader = build_train_loader(args.data_path, encoder, train_args.micro_batch_size,
+                                    0, 1, args.num_workers, args.seed,
+                                    train_args.shuffle_buffer_size)
+        loaders.append(loader)
+        return iter(loader)
+
+    def close():
+        for loader in loaders:
+            close_loader(loader)
+
+    return cfg, fresh, close
+
+
+def machine_info(device: torch.device) -> Dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
+            "device": str(device)}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def dry_run(args, cfg, train_args) -> Dict:
+    """Both models on the meta device (no memory), parameter counts, FLOPs of one batch."""
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+
+    initialize(1, 1, args.seed)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, attention_backend="local", use_cpu_initialization=True,
+                                perform_initialization=False)
+            ours = count_parameters(model)
+            baseline = load_baseline().BaselineLlava(cfg)
+            theirs = load_baseline().count_parameters(baseline)
+    finally:
+        shutdown()
+    batch = SyntheticPackedBatches(synthetic_spec(args, cfg)).take(1)[0]
+    flops = batch_flops(batch, *model_shapes(cfg), args.recompute_granularity == "full")
+    return {"parameters": {"megatron": ours, "baseline": theirs},
+            "one_micro_batch": {"real_tokens": batch.real_tokens, "samples": batch.num_samples,
+                                "images": batch.num_images, "model_flops": flops[0],
+                                "hardware_flops": flops[1]},
+            "num_microbatches": train_args.num_microbatches}
+
+
+def run(args) -> Dict:
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    train_args = trainer_namespace(args)
+    num_micro = train_args.num_microbatches
+    needed = (args.warmup_steps + args.steps) * num_micro
+    report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+              "machine": machine_info(device), "settings": vars(args), "formula": FORMULA}
+    if args.data_path is None:
+        overrides = {key: getattr(args, key) for key in (
+            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "vision_num_layers", "vision_hidden_size", "rotary_base")}
+        cfg = get_config(args.model, overrides)
+    else:
+        cfg, fresh_iterator, close_loaders = _real_data(args, train_args)
+    report["model"] = cfg.to_dict()
+    if args.dry_run:
+        report["dry_run"] = dry_run(args, cfg, train_args)
+        return report
+    if args.data_path is None:
+        synthetic = _Synthetic(synthetic_spec(args, cfg), needed)
+        fresh_iterator, close_loaders = synthetic.iterator, lambda: None
+        report["data"] = {"source": "synthetic", "generation_s": synthetic.seconds,
+                          "micro_batches": needed, "dropped_overlong": synthetic.dropped_overlong}
+    else:
+        report["data"] = {"source": args.data_path, "num_workers": args.num_workers,
+                          "packing": args.packing}
+
+    from megatron_patch.training.parallel_setup import initialize, seed_everything, shutdown
+    initialize(1, 1, args.seed)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_device(
+        torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    report["peak_tflops"] = peak / 1e12 if peak else None
+    shapes = model_shapes(cfg)
+    results, batch_keys = {}, {}
+    try:
+        for name in TRAINERS[args.trainer]:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            memory_kind = reset_peak_memory(device)
+            seed_everything(args.seed)
+            runner = (MegatronRunner(train_args, cfg, device) if name == "megatron"
+                      else baseline_runner(train_args, cfg, device))
+            parameters = runner.parameter_count()
+            logger.info("%s: %d parameters; %d warm-up + %d timed steps of %d micro-batches",
+                        name, parameters, args.warmup_steps, args.steps, num_micro)
+            result, batch_keys[name] = measure(
+                runner, fresh_iterator(), args.warmup_steps, args.steps, num_micro, device,
+                shapes, args.recompute_granularity == "full", peak)
+            result["parameters"] = parameters
+            result["peak_memory_gib"] = peak_memory_gib(device)
+            result["peak_memory_kind"] = memory_kind
+            if name == "megatron":
+                result["skipped_steps"] = runner.skipped_steps
+            results[name] = result
+            runner.close()
+            del runner
+    finally:
+        close_loaders()
+        shutdown()
+    report["results"] = results
+    if len(results) == 2:
+        report["same_batches"] = batch_keys["megatron"] == batch_keys["baseline"]
+        report["ratio_tokens_per_s"] = (results["megatron"]["tokens_per_s_per_device"]
+                                        / results["baseline"]["tokens_per_s_per_device"])
+    return report
+
+
+# ---------------------------------------------------------------------- output
+def _fmt(value, spec: str = ".3g", percent: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if percent else format(value, spec)
+
+
+def format_report(report: Dict) -> str:
+    if "dry_run" in report:
+        return json.dumps(report["dry_run"], indent=1)
+    lines = [f"device: {report['machine'].get('device_name', report['machine']['cpu_model'])} "
+             f"({report['machine']['device']}), peak {_fmt(report['peak_tflops'])} TFLOP/s"]
+    header = ("trainer", "tokens/s/dev", "samples/s", "step s", "TFLOP/s", "MFU", "HFU",
+              "peak GiB", "data wait", "loss first->last")
+    lines.append(" | ".join(header))
+    for name, r in report["results"].items():
+        lines.append(" | ".join([
+            name, _fmt(r["tokens_per_s_per_device"], ",.0f"), _fmt(r["samples_per_s_per_device"], ".2f"),
+            _fmt(r["step_time_s"], ".3f"), _fmt(r["model_tflops_per_s_per_device"], ".3g"),
+            _fmt(r["mfu"], percent=True), _fmt(r["hfu"], percent=True),
+            _fmt(r["peak_memory_gib"], ".2f"), _fmt(r["data_wait_fraction"], percent=True),
+            f"{r['losses'][0]:.3f}->{r['losses'][-1]:.3f}"]))
+    if "ratio_tokens_per_s" in report:
+        lines.append(f"megatron / baseline tokens/s: {report['ratio_tokens_per_s']:.2f}x "
+                     f"(same batches: {report['same_batches']})")
+    first = next(iter(report["results"].values()))
+    lines.append(f"per step: {first['tokens_per_step']:.0f} tokens, {first['samples_per_step']:.1f} "
+                 f"samples, {first['images_per_step']:.1f} images, packing efficiency "
+                 f"{100 * first['packing_efficiency']:.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # per-parameter listings
+    args = parse_args(argv)
+    report = run(args)
+    print(format_report(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1, default=str)
+    return 0
+
+
+__all__ = ["FORMULA", "build_parser", "format_report", "main", "measure", "parse_args", "run"]

@@ -1,0 +1,181 @@
+"""The throughput benchmark (tools/benchmark_throughput.py), its synthetic packed batches and the
+plain-PyTorch baseline trainer (benchmarks/baseline_llava.py)."""
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_patch.benchmarking.runners import load_baseline
+from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec
+from megatron_patch.benchmarking.throughput import main as benchmark_main
+from megatron_patch.model import build_model, count_parameters, get_config
+
+SMALL = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
+         "--image-size-max", "112", "--text-length-median", "40"]
+
+
+def _spec(cfg, **kw):
+    values = dict(vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
+                  seq_length=256, images_per_sample=2, image_side_min=56, image_side_max=168,
+                  text_length_median=40, max_images_per_pack=6, seed=3)
+    values.update(kw)
+    return SyntheticSpec(**values)
+
+
+def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
+    out = tmp_path / "bench.json"
+    assert benchmark_main(SMALL + ["--num-layers", "2", "--warmup-steps", "1", "--steps", "2", "--grad-accum", "2",
+                                   "--trainer", "both", "--peak-tflops", "0.5",
+                                   "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["same_batches"] is True
+    results = report["results"]
+    assert set(results) == {"megatron", "baseline"}
+    for name, r in results.items():
+        assert r["tokens_per_s_per_device"] > 0 and r["samples_per_s_per_device"] > 0, name
+        assert 0.0 <= r["data_wait_fraction"] <= 1.0
+        assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 3
+        assert r["step_time_s"] == pytest.approx(sum(r["step_times_s"]) / 2)
+        assert r["tokens_per_s_per_device"] == pytest.approx(
+            2 * r["tokens_per_step"] / sum(r["step_times_s"]), rel=1e-6)
+        # MFU = model FLOPs / time / peak; no recompute: hardware FLOPs = model FLOPs
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s_per_device"] / 0.5)
+        assert r["hfu"] == pytest.approx(r["mfu"])
+        assert r["peak_memory_gib"] > 0
+        assert all(math.isfinite(loss) for loss in r["losses"])
+    # the same batches: identical work per step, and (same init scale) similar initial losses
+    assert results["megatron"]["model_flops_per_step"] == results["baseline"]["model_flops_per_step"]
+    assert results["megatron"]["parameters"] == results["baseline"]["parameters"]
+    assert report["ratio_tokens_per_s"] == pytest.approx(
+        results["megatron"]["tokens_per_s_per_device"]
+        / results["baseline"]["tokens_per_s_per_device"])
+    assert results["megatron"]["losses"][0] == pytest.approx(math.log(512), abs=0.2)
+    assert "mfu" in report["formula"] and "flops.py" in report["formula"]["model_flops"]
+
+
+def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = SMALL + ["--num-layers", "1", "--vision-num-layers", "1", "--warmup-steps", "0",
+                    "--steps", "1", "--trainer", "megatron", "--recompute-granularity", "full",
+                    "--json", str(out)]
+    assert benchmark_main(argv) == 0
+    r = json.loads(out.read_text())["results"]["megatron"]
+    assert r["mfu"] is None and r["hfu"] is None
+    # full recompute: the hardware runs one more forward (4/3 of the model FLOPs)
+    assert r["hardware_tflops_per_s_per_device"] == pytest.approx(
+        r["model_tflops_per_s_per_device"] * 4 / 3)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_query_groups": 1, "vision_hidden_size": 32,
+                                            "ffn_hidden_size": 96, "num_layers": 3}])
+def test_baseline_has_our_parameter_count_per_tower(overrides):
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+
+    cfg = get_config("tiny", overrides)
+    initialize(1, 1, 0)
+    try:
+        with torch.device("meta"):
+            ours = count_parameters(build_model(cfg, attention_backend="local",
+                                                use_cpu_initialization=True,
+                                                perform_initialization=False))
+    finally:
+        shutdown()
+    baseline = load_baseline()
+    theirs = baseline.count_parameters(baseline.BaselineLlava(cfg))
+    assert theirs == ours
+
+
+def test_baseline_starts_near_uniform_and_learns_a_fixed_batch():
+    baseline = load_baseline()
+    cfg = get_config("tiny")
+    batch = SyntheticPackedBatches(_spec(cfg)).take(1)
+    trainer = baseline.BaselineTrainer(cfg, torch.device("cpu"), lr=3e-3, seed=0)
+    losses = []
+    for _ in range(6):
+        pair = trainer.step(batch)
+        losses.append(float(pair[0] / pair[1]))
+    assert losses[0] == pytest.approx(math.log(cfg.language.vocab_size), abs=0.1)
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_baseline_attention_stays_inside_packed_samples():
+    """Changing one packed sample must not change another sample's per-token losses."""
+    baseline = load_baseline()
+    cfg = get_config("tiny")
+    batch = SyntheticPackedBatches(_spec(cfg, images_per_sample=1)).take(1)[0]
+    cu = batch.cu_seqlens.tolist()
+    assert len(cu) >= 3, "need at least two segments"
+    torch.manual_seed(0)
+    model = baseline.BaselineLlava(cfg).eval()
+    inputs = dict(tokens=batch.tokens, labels=batch.labels, position_ids=batch.position_ids,
+                  pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                  cu_seqlens=batch.cu_seqlens)
+    with torch.no_grad():
+        before = model(**inputs)
+        tokens = batch.tokens.clone()
+        text = (tokens[0, cu[1]:cu[2]] >= 16).nonzero().flatten() + cu[1]
+        tokens[0, text[-1]] = 17 if tokens[0, text[-1]] != 17 else 18
+        after = model(**dict(inputs, tokens=tokens))
+    torch.testing.assert_close(after[0, :cu[1]], before[0, :cu[1]])
+    assert not torch.allclose(after[0, cu[1]:cu[2]], before[0, cu[1]:cu[2]])
+
+
+def test_synthetic_batches_are_valid_packs():
+    cfg = get_config("tiny")
+    spec = _spec(cfg)
+    source = SyntheticPackedBatches(spec)
+    batches = source.take(12)
+    merge = cfg.vision.spatial_merge_size ** 2
+    for b in batches:
+        cu = b.cu_seqlens.tolist()
+        segments = [e - s for s, e in zip(cu[:-1], cu[1:])]
+        assert cu[0] == 0 and cu[-1] == b.tokens.numel() == spec.seq_length
+        assert all(n > 0 for n in segments) and b.max_seqlen == max(segments)
+        # real samples fill the front, the padding tail is one extra segment
+        pad = spec.seq_length - b.real_tokens
+        assert len(segments) == b.num_samples + (1 if pad else 0)
+        assert sum(segments[:b.num_samples]) == b.real_tokens
+        # positions restart at every segment
+        starts = b.position_ids[0, torch.tensor(cu[:-1])]
+        assert starts.tolist() == [0] * len(segments)
+        # image tokens == merged patches, pixel rows == patches
+        patches = int(b.image_grid_thw.prod(dim=1).sum())
+        assert b.pixel_values.shape == (patches, cfg.vision.patch_dim)
+        assert int((b.tokens == cfg.image_token_id).sum()) == patches // merge
+        assert b.num_images == b.image_grid_thw.shape[0] <= spec.max_images_per_pack
+        assert b.num_images == 2 * b.num_samples
+        # loss on answers only, never on image tokens or padding
+        assert b.loss_mask.sum() > 0
+        assert float(b.loss_mask[b.tokens == cfg.image_token_id].sum()) == 0
+        assert float(b.loss_mask[0, b.real_tokens:].sum()) == 0
+        for start, end in zip(cu[:b.num_samples], cu[1:b.num_samples + 1]):
+            # labels: the next token of the same sample; none past its end
+            assert torch.equal(b.labels[0, start:end - 1], b.tokens[0, start + 1:end])
+            assert float(b.loss_mask[0, end - 1]) == 0
+    # deterministic for a seed
+    again = SyntheticPackedBatches(spec).take(12)
+    assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(batches, again))
+
+
+def test_synthetic_lengths_are_long_tailed():
+    cfg = get_config("tiny")
+    source = SyntheticPackedBatches(_spec(cfg, images_per_sample=0, text_length_median=200))
+    lengths = sorted(source.make_sample().length for _ in range(400))
+    median, p95 = lengths[200], lengths[380]
+    assert 150 < median < 250
+    assert p95 > 2.5 * median  # lognormal sigma 0.9: p95 is ~4.4x the median
+
+
+def test_real_data_through_the_trainer_loader(converted_demo, demo_tokenizer, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--model", "tiny", "--num-layers", "1", "--vision-num-layers", "1",
+            "--seq-length", "256", "--data-path", str(converted_demo),
+            "--tokenizer-path", demo_tokenizer, "--num-workers", "0", "--warmup-steps", "0",
+            "--steps", "2", "--trainer", "both", "--json", str(out)]
+    assert benchmark_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["same_batches"] is True  # each trainer's fresh loader replays the same data
+    for r in report["results"].values():
+        assert r["tokens_per_s_per_device"] > 0 and 0.0 <= r["data_wait_fraction"] <= 1.0
+        assert r["samples_per_step"] > 1  # packed: several demo conversations per sequence
