@@ -6,7 +6,9 @@ autocast, ``clip_grad_norm_``, optional per-layer activation checkpointing
 (``gradient_checkpointing``). Kept out of the package: it exists only to be measured against
 (``tools/benchmark_throughput.py --trainer both``).
 
-Architecture, same shapes and parameter count as ``megatron_patch.model`` for a config:
+Architecture, same shapes and parameter count as ``megatron_patch.model`` for a config, with the
+released checkpoints' HF parameter names (``visual.*``, ``model.*``, ``lm_head``;
+:func:`load_hf_state_dict`), so it computes the same function given the same weights:
 
 * vision (RICE-ViT): patch embedding (a bias-free linear over each flattened 3x14x14 patch, the
   same map as the Conv2d), a learned class token per image with learned rotary angles,
@@ -90,17 +92,19 @@ class VisionBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=eps), nn.LayerNorm(dim, eps=eps)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc1, self.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, mlp), nn.Linear(mlp, dim)
 
     def forward(self, x, cos, sin, bounds: List[int]):
         n = x.shape[0]
-        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.heads, -1).unbind(1)  # [n, heads, d]
+        q, k, v = self.attn.qkv(self.norm1(x)).view(n, 3, self.heads, -1).unbind(1)  # [n, heads, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = segment_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), bounds,
                               causal=False)
-        x = x + self.proj(o.transpose(0, 1).reshape(n, -1))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + self.attn.proj(o.transpose(0, 1).reshape(n, -1))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
 
 
 class BaselineVision(nn.Module):
@@ -111,16 +115,18 @@ class BaselineVision(nn.Module):
         v = cfg.vision
         self.v, self.heads = v, v.num_attention_heads
         dim, head_dim = v.hidden_size, v.hidden_size // v.num_attention_heads
-        self.patch_embed = nn.Linear(v.patch_dim, dim, bias=False)
+        self.patch_embed = nn.Module()  # HF: a Conv2d [dim, 3, 14, 14]; here its [dim, 588] view
+        self.patch_embed.proj = nn.Linear(v.patch_dim, dim, bias=False)
         self.class_embedding = nn.Parameter(dim ** -0.5 * torch.randn(dim))
         self.class_pos_emb = nn.Parameter(torch.randn(1, head_dim // 2))
         self.pre_layernorm = nn.LayerNorm(dim, eps=v.layernorm_eps)
         self.blocks = nn.ModuleList(VisionBlock(dim, v.num_attention_heads, v.ffn_hidden_size,
                                                 v.layernorm_eps) for _ in range(v.num_layers))
         merged = dim * v.spatial_merge_size ** 2
-        self.ln_q = nn.LayerNorm(dim, eps=v.layernorm_eps)
-        self.merger = nn.Sequential(nn.Linear(merged, merged), nn.GELU(),
-                                    nn.Linear(merged, cfg.language.hidden_size))
+        self.merger = nn.Module()
+        self.merger.ln_q = nn.LayerNorm(dim, eps=v.layernorm_eps)
+        self.merger.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(),
+                                        nn.Linear(merged, cfg.language.hidden_size))
         self.gradient_checkpointing = False
 
     def _angles(self, grid_thw: torch.Tensor, device) -> torch.Tensor:
@@ -132,7 +138,7 @@ class BaselineVision(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid_thw = grid_thw.cpu()
         lengths = grid_thw.prod(dim=1).tolist()
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        x = self.patch_embed.proj(pixel_values.to(self.patch_embed.proj.weight.dtype))
         angles = self._angles(grid_thw, x.device)
         xs, angs, bounds = [], [], [0]
         for xi, ai in zip(x.split(lengths), angles.split(lengths)):  # class token per image
@@ -150,8 +156,8 @@ class BaselineVision(nn.Module):
                 x = block(x, cos, sin, bounds)
         keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         keep[torch.tensor(bounds[:-1], device=x.device)] = False  # drop class tokens
-        x = self.ln_q(x[keep])
-        return self.merger(x.reshape(-1, x.shape[-1] * self.v.spatial_merge_size ** 2))
+        x = self.merger.ln_q(x[keep])
+        return self.merger.mlp(x.reshape(-1, x.shape[-1] * self.v.spatial_merge_size ** 2))
 
 
 # ---------------------------------------------------------------------- language model
@@ -161,22 +167,25 @@ class DecoderLayer(nn.Module):
         h, d = lm.hidden_size, lm.head_dim
         self.heads, self.kv_heads, self.head_dim = lm.num_attention_heads, lm.num_query_groups, d
         self.input_layernorm = RMSNorm(h, lm.rms_norm_eps)
-        self.q_proj = nn.Linear(h, self.heads * d, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(h, self.kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(self.heads * d, h, bias=False)
-        self.q_norm, self.k_norm = RMSNorm(d, lm.rms_norm_eps), RMSNorm(d, lm.rms_norm_eps)
+        attn = self.self_attn = nn.Module()
+        attn.q_proj = nn.Linear(h, self.heads * d, bias=False)
+        attn.k_proj = nn.Linear(h, self.kv_heads * d, bias=False)
+        attn.v_proj = nn.Linear(h, self.kv_heads * d, bias=False)
+        attn.o_proj = nn.Linear(self.heads * d, h, bias=False)
+        attn.q_norm, attn.k_norm = RMSNorm(d, lm.rms_norm_eps), RMSNorm(d, lm.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, lm.rms_norm_eps)
-        self.gate_proj = nn.Linear(h, lm.ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(h, lm.ffn_hidden_size, bias=False)
-        self.down_proj = nn.Linear(lm.ffn_hidden_size, h, bias=False)
+        mlp = self.mlp = nn.Module()
+        mlp.gate_proj = nn.Linear(h, lm.ffn_hidden_size, bias=False)
+        mlp.up_proj = nn.Linear(h, lm.ffn_hidden_size, bias=False)
+        mlp.down_proj = nn.Linear(lm.ffn_hidden_size, h, bias=False)
 
     def forward(self, x, cos, sin, bounds: Optional[List[int]]):
         b, s, _ = x.shape
+        attn, mlp = self.self_attn, self.mlp
         y = self.input_layernorm(x)
-        q = self.q_norm(self.q_proj(y).view(b, s, self.heads, -1)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(y).view(b, s, self.kv_heads, -1)).transpose(1, 2)
-        v = self.v_proj(y).view(b, s, self.kv_heads, -1).transpose(1, 2)
+        q = attn.q_norm(attn.q_proj(y).view(b, s, self.heads, -1)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(y).view(b, s, self.kv_heads, -1)).transpose(1, 2)
+        v = attn.v_proj(y).view(b, s, self.kv_heads, -1).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         rep = self.heads // self.kv_heads  # HF repeat_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -184,9 +193,9 @@ class DecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # packed: b == 1, causal inside each segment
             o = segment_attention(q[0], k[0], v[0], bounds, causal=True)[None]
-        x = x + self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(b, s, -1))
         y = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(y)) * self.up_proj(y))
+        return x + mlp.down_proj(F.silu(mlp.gate_proj(y)) * mlp.up_proj(y))
 
 
 class BaselineLlava(nn.Module):
@@ -198,9 +207,10 @@ class BaselineLlava(nn.Module):
         lm = cfg.language
         self.cfg, self.image_token_id = cfg, cfg.image_token_id
         self.visual = BaselineVision(cfg)
-        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(lm) for _ in range(lm.num_layers))
-        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(lm) for _ in range(lm.num_layers))
+        self.model.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
         self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
         self.gradient_checkpointing = False
         self._init_weights(init_std)
@@ -226,7 +236,7 @@ class BaselineLlava(nn.Module):
 
     def forward(self, tokens, labels, position_ids, pixel_values=None, image_grid_thw=None,
                 cu_seqlens=None) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
+        x = self.model.embed_tokens(tokens)
         if pixel_values is not None and pixel_values.numel():
             feats = self.visual(pixel_values, image_grid_thw)
             x = x.masked_scatter((tokens == self.image_token_id)[..., None], feats.to(x.dtype))
@@ -236,21 +246,32 @@ class BaselineLlava(nn.Module):
             if tokens.shape[0] != 1:
                 raise ValueError("packed micro-batches must hold one row")
             bounds = [int(b) for b in cu_seqlens.tolist()]
-        for layer in self.layers:
+        for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, bounds, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, bounds)
-        logits = self.lm_head(self.norm(x)).float()  # HF upcasts the logits for the loss
+        logits = self.lm_head(self.model.norm(x)).float()  # HF upcasts the logits for the loss
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1),
                                reduction="none")
         return loss.view(labels.shape)
 
 
+def load_hf_state_dict(model: "BaselineLlava", state: dict) -> None:
+    """Loads a HF-named state dict (released-checkpoint layout ``visual.*``, ``model.*``,
+    ``lm_head.*``): the names are the baseline's own; only the Conv2d patch embedding is viewed
+    as the equivalent linear map."""
+    state = dict(state)
+    key = "visual.patch_embed.proj.weight"
+    if key in state and state[key].dim() == 4:
+        state[key] = state[key].reshape(state[key].shape[0], -1)
+    model.load_state_dict(state, strict=True)
+
+
 def count_parameters(model: nn.Module) -> dict:
     counts = {"vision": 0, "adapter": 0, "language": 0}
     for name, p in model.named_parameters():
-        if name.startswith("visual.ln_q") or name.startswith("visual.merger"):
+        if name.startswith("visual.merger."):
             counts["adapter"] += p.numel()
         elif name.startswith("visual."):
             counts["vision"] += p.numel()
@@ -313,4 +334,4 @@ class BaselineTrainer:
         del self.model, self.optimizer
 
 
-__all__ = ["BaselineLlava", "BaselineTrainer", "count_parameters"]
+__all__ = ["BaselineLlava", "BaselineTrainer", "count_parameters", "load_hf_state_dict"]

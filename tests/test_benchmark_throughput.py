@@ -179,3 +179,41 @@ def test_real_data_through_the_trainer_loader(converted_demo, demo_tokenizer, tm
     for r in report["results"].values():
         assert r["tokens_per_s_per_device"] > 0 and 0.0 <= r["data_wait_fraction"] <= 1.0
         assert r["samples_per_step"] > 1  # packed: several demo conversations per sequence
+
+
+def test_baseline_computes_our_model_given_the_same_weights():
+    """Same architecture, not just the same parameter count: megatron's tiny model, exported to
+    HF names, loaded into the baseline gives the same per-token losses on a packed batch."""
+    from megatron_patch.model.hf_mapping import mcore_to_hf
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+    from megatron_patch.training.train_step import model_inputs
+
+    baseline = load_baseline()
+    cfg = get_config("tiny")
+    batch = SyntheticPackedBatches(_spec(cfg)).take(1)[0]
+    initialize(1, 1, 0)
+    try:
+        ours = build_model(cfg, attention_backend="local", use_cpu_initialization=True).eval()
+        with torch.no_grad():  # non-trivial norms and biases, so every tensor matters
+            for name, p in ours.named_parameters():
+                if p.dim() == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+                elif "linear_qkv" in name or "output_layer" in name:
+                    p.mul_(20.0)  # peaked attention (positions matter) and spread-out losses
+            inputs = model_inputs(batch, torch.device("cpu"))
+            inputs.pop("loss_mask")
+            expected = ours(**inputs)
+            expected_features = ours.image_features(batch.pixel_values, batch.image_grid_thw)
+        state = {k: v for k, v in ours.state_dict().items() if "_extra_state" not in k}
+        hf_state = mcore_to_hf(state, cfg)
+    finally:
+        shutdown()
+    model = baseline.BaselineLlava(cfg).eval()
+    baseline.load_hf_state_dict(model, hf_state)
+    with torch.no_grad():
+        features = model.visual(batch.pixel_values, batch.image_grid_thw)
+        got = model(batch.tokens, batch.labels, batch.position_ids, batch.pixel_values,
+                    batch.image_grid_thw, batch.cu_seqlens)
+    torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-5)
+    assert got.shape == expected.shape and float(expected.std()) > 0.5
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)

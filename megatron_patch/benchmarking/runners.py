@@ -34,10 +34,11 @@ _PASSED = ("model", "num_layers", "hidden_size", "ffn_hidden_size", "num_attenti
            "max_images_per_pack", "data_path", "tokenizer_path")
 
 
-def trainer_namespace(bench_args, world_size: int = 1):
+def trainer_namespace(bench_args, world_size: int = 1, check_device: bool = True):
     """The trainer's own argument namespace (its defaults: Adam betas, eps, weight decay ...)
     with the benchmark's settings, validated by the trainer's ``validate_args`` (real data) or
-    the same batch/precision checks (synthetic data, which has no paths to check)."""
+    the same batch/precision checks (synthetic data, which has no paths to check).
+    ``check_device=False`` (a dry run on the meta device) accepts GPU-only flags on CPU."""
     args = arguments.build_parser().parse_args(
         ["--train-iters", str(bench_args.warmup_steps + bench_args.steps),
          "--data-path", bench_args.data_path or "synthetic",
@@ -57,10 +58,10 @@ def trainer_namespace(bench_args, world_size: int = 1):
                                       f"of micro batch x data parallel = {per_step}")
     args.num_microbatches = args.global_batch_size // per_step
     args.lr_decay_iters = args.train_iters
-    if args.bf16 and not torch.cuda.is_available():
+    if check_device and args.bf16 and not torch.cuda.is_available():
         raise arguments.ArgumentError("--bf16 needs CUDA (megatron-core's mixed-precision "
                                       "optimizer keeps its master weights on the GPU)")
-    if args.use_distributed_optimizer and not torch.cuda.is_available():
+    if check_device and args.use_distributed_optimizer and not torch.cuda.is_available():
         raise arguments.ArgumentError("--use-distributed-optimizer needs CUDA")
     return args
 

@@ -312,7 +312,7 @@ def dry_run(args, cfg, train_args) -> Dict:
 
 def run(args) -> Dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    train_args = trainer_namespace(args)
+    train_args = trainer_namespace(args, check_device=not args.dry_run)
     num_micro = train_args.num_microbatches
     needed = (args.warmup_steps + args.steps) * num_micro
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
