@@ -37,18 +37,18 @@ import gc
 import json
 import logging
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from megatron_patch.benchmarking.runners import (MegatronRunner, baseline_runner, load_baseline,
                                                  trainer_namespace)
 from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec
+from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, reset_peak_memory,
+                                                sync as _sync)
 from megatron_patch.model import build_model, count_parameters, get_config
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
@@ -131,37 +131,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# ---------------------------------------------------------------------- memory
-def reset_peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda_max_memory_allocated"
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # resets VmHWM (Linux >= 4.0)
-        return "process_peak_rss"
-    except OSError:
-        return "process_max_rss_since_start"
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2 ** 20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------- measuring
 def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: torch.device,
             shapes, recompute_full: bool, peak_flops: Optional[float]) -> tuple:
@@ -225,8 +194,8 @@ class _Synthetic:
         self.seconds = time.perf_counter() - started
         self.dropped_overlong = source.dropped_overlong
 
-    def iterator(self):
-        return iter(self.batches)
+    def open(self):
+        return iter(self.batches), lambda: None
 
 
 def synthetic_spec(args, cfg) -> SyntheticSpec:
@@ -241,7 +210,8 @@ def synthetic_spec(args, cfg) -> SyntheticSpec:
 
 
 def _real_data(args, train_args):
-    """(config, factory of fresh loader iterators, closer) for --data-path."""
+    """(config, opener) for --data-path; ``opener()`` gives a fresh loader's (iterator, closer),
+    each with the same seed, so every trainer reads the same batches."""
     from megatron_patch.data.sft_loader import build_train_loader, check_manifest, close_loader
     from megatron_patch.data.sft_task_encoder import SFTTaskEncoder
     from megatron_patch.data.tokenizer import SFTTokenizer
@@ -251,40 +221,14 @@ def _real_data(args, train_args):
     tokenizer = SFTTokenizer(args.tokenizer_path)
     cfg = model_config(train_args, tokenizer)
     encoder = SFTTaskEncoder(tokenizer, encoder_settings(train_args))
-    loaders = []
 
-    def fresh():
+    def opener():
         loader = build_train_loader(args.data_path, encoder, train_args.micro_batch_size,
                                     0, 1, args.num_workers, args.seed,
                                     train_args.shuffle_buffer_size)
-        loaders.append(loader)
-        return iter(loader)
+        return iter(loader), lambda: close_loader(loader)
 
-    def close():
-        for loader in loaders:
-            close_loader(loader)
-
-    return cfg, fresh, close
-
-
-def machine_info(device: torch.device) -> Dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu_count": os.cpu_count(), "cpu_model": _cpu_model(),
-            "device": str(device)}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cfg, opener
 
 
 def dry_run(args, cfg, train_args) -> Dict:
@@ -324,14 +268,14 @@ def run(args) -> Dict:
             "num_query_groups", "vision_num_layers", "vision_hidden_size", "rotary_base")}
         cfg = get_config(args.model, overrides)
     else:
-        cfg, fresh_iterator, close_loaders = _real_data(args, train_args)
+        cfg, open_batches = _real_data(args, train_args)
     report["model"] = cfg.to_dict()
     if args.dry_run:
         report["dry_run"] = dry_run(args, cfg, train_args)
         return report
     if args.data_path is None:
         synthetic = _Synthetic(synthetic_spec(args, cfg), needed)
-        fresh_iterator, close_loaders = synthetic.iterator, lambda: None
+        open_batches = synthetic.open
         report["data"] = {"source": "synthetic", "generation_s": synthetic.seconds,
                           "micro_batches": needed, "dropped_overlong": synthetic.dropped_overlong}
     else:
@@ -357,9 +301,13 @@ def run(args) -> Dict:
             parameters = runner.parameter_count()
             logger.info("%s: %d parameters; %d warm-up + %d timed steps of %d micro-batches",
                         name, parameters, args.warmup_steps, args.steps, num_micro)
-            result, batch_keys[name] = measure(
-                runner, fresh_iterator(), args.warmup_steps, args.steps, num_micro, device,
-                shapes, args.recompute_granularity == "full", peak)
+            batches, close_batches = open_batches()
+            try:
+                result, batch_keys[name] = measure(
+                    runner, batches, args.warmup_steps, args.steps, num_micro, device,
+                    shapes, args.recompute_granularity == "full", peak)
+            finally:
+                close_batches()  # no idle loader workers competing with the next trainer
             result["parameters"] = parameters
             result["peak_memory_gib"] = peak_memory_gib(device)
             result["peak_memory_kind"] = memory_kind
@@ -369,7 +317,6 @@ def run(args) -> Dict:
             runner.close()
             del runner
     finally:
-        close_loaders()
         shutdown()
     report["results"] = results
     if len(results) == 2:
