@@ -153,6 +153,8 @@ def test_synthetic_batches_are_valid_packs():
             # labels: the next token of the same sample; none past its end
             assert torch.equal(b.labels[0, start:end - 1], b.tokens[0, start + 1:end])
             assert float(b.loss_mask[0, end - 1]) == 0
+    keys = [key for b in batches for key in b.__key__]
+    assert len(keys) == len(set(keys)) == sum(b.num_samples for b in batches)
     # deterministic for a seed
     again = SyntheticPackedBatches(spec).take(12)
     assert all(torch.equal(x.tokens, y.tokens) for x, y in zip(batches, again))

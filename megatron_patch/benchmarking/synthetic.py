@@ -88,6 +88,7 @@ class SyntheticPackedBatches:
         self.dropped_overlong = 0
         self._dropped_since_batch = 0
         self.samples_made = 0
+        self.samples_emitted = 0
 
     # ------------------------------------------------------------------ one sample
     def _image_grid(self) -> tuple:
@@ -157,8 +158,11 @@ class SyntheticPackedBatches:
         if not self.pending:
             self._fill()
         packed = self.pending.pop(0)
+        first = self.samples_emitted
+        self.samples_emitted += len(packed.seq_lengths)
+        keys = [f"synthetic-{i}" for i in range(first, self.samples_emitted)]
         return micro_batch([packed], self.ids["pad_id"], self.spec.seq_length,
-                           dropped=self._take_dropped())
+                           dropped=self._take_dropped(), keys=keys)
 
     def _take_dropped(self) -> int:
         dropped, self._dropped_since_batch = self._dropped_since_batch, 0
