@@ -41,3 +41,13 @@ def demo_tokenizer(demo_data, tmp_path_factory):
     from megatron_patch.data.demo_dataset import build_demo_tokenizer
     records = json.loads((demo_data / "demo.json").read_text())
     return build_demo_tokenizer(records, str(tmp_path_factory.mktemp("tokenizer")))
+
+
+@pytest.fixture(scope="session")
+def reference_run(converted_demo, demo_tokenizer, tmp_path_factory):
+    """8 uninterrupted packed iterations (trainer_runs.RESUME_ARGS), saving at 4 and 8: what
+    every interrupted-and-resumed run must reproduce."""
+    from trainer_runs import RESUME_ARGS, run_trainer
+    save = tmp_path_factory.mktemp("reference") / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 4)
+    return save

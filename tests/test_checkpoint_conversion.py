@@ -27,7 +27,7 @@ from megatron_patch.checkpoint_conversion import ConversionError, convert_hf_to_
 from megatron_patch.model import get_config
 from megatron_patch.model import hf_mapping
 from test_model_reference import RefRiceVisual, free_port, hf_qwen3, image_batch, init_parallel
-from test_training_trainer import run_trainer
+from trainer_runs import run_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 GRIDS = [(1, 4, 4), (1, 2, 6)]
@@ -314,7 +314,7 @@ def test_train_two_steps_then_export_changes_only_trained_tensors(hf_dir, conver
     assert all(k in changed for k in language if ".layers." in k or k == "lm_head.weight"), \
         sorted(set(language) - set(changed))
     # what changed is what the trainer saved, mapped back exactly
-    from test_training_trainer import model_tensors
+    from trainer_runs import model_tensors
     trained = model_tensors(run / "iter_0000002")
     fc1 = trained["language_model.decoder.layers.mlp.linear_fc1.weight"][1]
     gate, up = fc1.chunk(2)

@@ -15,9 +15,10 @@ from tar_damage import overwrite_member
 def test_every_sample_once_in_order_with_its_content(converted_demo, demo_data):
     records = {r["id"]: r for r in json.loads((demo_data / "demo.json").read_text())}
     manifest = json.loads((converted_demo / ".nv-meta" / "llava_manifest.json").read_text())
-    seen = []
+    seen, everything = [], []
     for split in ("train", "val"):
         samples = list(iter_split_samples(converted_demo, split))
+        everything += samples
         assert len(samples) == manifest["samples"][split]
         ids = [s.id for s in samples]
         assert ids == sorted(ids)                    # input order is kept
@@ -31,7 +32,7 @@ def test_every_sample_once_in_order_with_its_content(converted_demo, demo_data):
             assert sample.images == [(demo_data / f).read_bytes() for f in files]
             assert sample.image_names == [f"img{i}.png" for i in range(len(files))]
     assert sorted(seen) == sorted(records)           # every record exactly once
-    decoded = decode_images(next(s for s in samples if len(s.images) == 2))
+    decoded = decode_images(next(s for s in everything if len(s.images) == 2))
     assert [(i.mode, i.size) for i in decoded] == [("RGB", (56, 56))] * 2
 
 

@@ -162,12 +162,13 @@ def test_packed_batches(converted_demo, tokenizer, train_lengths):
         for start, size in zip(batch.cu_seqlens[:-1].tolist(), segments):
             assert batch.position_ids[0, start:start + size].tolist() == list(range(size))
         assert batch.loss_mask[0, sum(lengths):].sum() == 0
-        assert batch.num_samples == len(lengths) > 1
+        assert batch.num_samples == len(lengths)
         assert batch.num_images == sum(train_lengths[k][1] for k in batch.__key__) <= cap
         assert batch.packing_efficiency == sum(lengths) / capacity
     assert max(b.num_images for b in batches) == cap        # the image cap binds here ...
     efficiency = sum(b.real_tokens for b in batches) / sum(b.capacity for b in batches)
-    assert efficiency > 0.6, efficiency                     # ... and still 3 samples per pack
+    assert efficiency > 0.6, efficiency                     # ... and still ~3 samples per pack
+    assert sum(b.num_samples for b in batches) / len(batches) > 2
 
 
 def test_overlong_samples_are_dropped_and_counted(converted_demo, tokenizer, train_lengths):

@@ -7,7 +7,7 @@ import pytest
 
 from megatron_patch.data.tokenizer import build_tiny_tokenizer
 from test_model_reference import free_port
-from test_training_trainer import subprocess_env
+from trainer_runs import subprocess_env
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "train", "sft_bench_TEMPLATE.sh")
 

@@ -6,69 +6,11 @@ Each run is a subprocess (`python train/pretrain_llava_ov.py` or torchrun), as u
 """
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_model_reference import init_parallel
-
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "train" / "pretrain_llava_ov.py"
-
-
-def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True):
-    args = ["--model", "tiny", "--data-path", str(data), "--tokenizer-path", str(tokenizer),
-            "--save", str(save), "--seq-length", "256", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",
-            "--lr-warmup-iters", "2", "--num-workers", "0", "--log-interval", "1",
-            "--shuffle-buffer-size", "16", *map(str, extra)]
-    if nproc == 1:
-        command = [sys.executable, str(ENTRY), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", str(ENTRY), *args]
-    env = dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
-
-
-def subprocess_env() -> dict:
-    """This process's environment without its own process-group variables (a child trainer
-    must form its own group)."""
-    return {key: value for key, value in os.environ.items()
-            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-
-
-def metrics(save) -> dict:
-    """iteration -> the last logged record for it (a resumed run appends)."""
-    records = {}
-    for line in (Path(save) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["iteration"]] = record
-    return records
-
-
-def model_tensors(checkpoint_dir) -> dict:
-    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
-    init_parallel(1, 1)  # reading a dist-checkpoint needs a (one-process) group
-    return {key: value for key, value in load_plain_tensors(str(checkpoint_dir)).items()
-            if isinstance(value, torch.Tensor) and not key.startswith("optimizer.")}
-
-
-def tensorboard_scalars(directory) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(directory))
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
+from trainer_runs import RESUME_ARGS, metrics, model_tensors, run_trainer, tensorboard_scalars
 
 # ------------------------------------------------------------------ training behaviour
 @pytest.fixture(scope="module")
@@ -144,17 +86,6 @@ def test_consecutive_nan_steps_stop_the_run(converted_demo, demo_tokenizer, tmp_
 
 
 # ------------------------------------------------------------------ resume and resharding
-RESUME_ARGS = ("--train-iters", 8, "--packing", "--micro-batch-size", 1, "--seq-length", 384)
-
-
-@pytest.fixture(scope="module")
-def reference_run(converted_demo, demo_tokenizer, tmp_path_factory):
-    """8 uninterrupted packed iterations, saving at 4 and 8."""
-    save = tmp_path_factory.mktemp("reference") / "run"
-    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 4)
-    return save
-
-
 def test_resume_is_exact(reference_run, converted_demo, demo_tokenizer, tmp_path):
     save = tmp_path / "run"
     run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--exit-interval", 4,

@@ -33,6 +33,8 @@ STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs 
 CPU_PROCESSES_DP="${CPU_PROCESSES_DP:-1}"       # without a GPU: processes = TP x PP x this
 RESUME="${RESUME:-auto}"                        # auto: resume from SAVE_CKPT_PATH when it has a checkpoint; 0: refuse to reuse it
 MASTER_PORT="${MASTER_PORT:-29500}"
+EXIT_SIGNALS="${EXIT_SIGNALS:-SIGTERM SIGINT SIGUSR1}"  # each: finish the step, save, exit 15 (SLURM: --signal=USR1@300)
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-900}"     # seconds torchrun waits for that save before SIGKILL
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-$( [ -x "$REPO_DIR/.venv/bin/python" ] && echo "$REPO_DIR/.venv/bin/python" || echo python3)}"
 
@@ -93,12 +95,15 @@ fi
 LOG="$SAVE_CKPT_PATH/run_$(date +%Y%m%d_%H%M%S)_tp${TP}_pp${PP}_gbs${GBS}_${NSTEP}steps.log"
 CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$PROCS_PER_NODE"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+     --signals-to-handle "$(echo "SIGTERM SIGINT SIGHUP SIGQUIT $EXIT_SIGNALS" | tr ' ' '\n' | sort -u | paste -sd,)"
+     --shutdown-timeout "$SHUTDOWN_TIMEOUT"
      "$REPO_DIR/train/pretrain_llava_ov.py"
      --model "$MODEL" --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
      --seq-length "$SEQ_LEN" --micro-batch-size "$MBS" --global-batch-size "$GBS"
      --train-iters "$NSTEP" --lr "$LR" --min-lr "$MIN_LR" --lr-decay-style cosine
      --lr-warmup-iters "$WARMUP" --data-path "$DATA_PATH" --tokenizer-path "$TOKENIZER_PATH"
      --num-workers "$NUM_WORKERS" --save "$SAVE_CKPT_PATH" --save-interval "$SAVE_INTERVAL"
+     --exit-signals $EXIT_SIGNALS
      "${LOAD_ARGS[@]}")
 # shellcheck disable=SC2206
 CMD+=($EXTRA_ARGS)
@@ -131,7 +136,7 @@ mkdir -p "$SAVE_CKPT_PATH"
 export PATH="$(dirname "$PYTHON"):$PATH"
 [ "$DEVICE" = "cpu" ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 set +e
-"${CMD[@]}" 2>&1 | tee -a "$LOG"
+"${CMD[@]}" 2>&1 | tee -ia "$LOG"   # -i: Ctrl-C must not stop the log while the run saves
 STATUS=${PIPESTATUS[0]}
 set -e
 if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then

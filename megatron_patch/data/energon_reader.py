@@ -46,6 +46,7 @@ class LlavaSftSample(Sample):
     images: List[bytes]
     source: Optional[str] = None
     meta: dict = field(default_factory=dict)
+    format_error: Optional[str] = None  # set by a tolerant cooker instead of raising
 
 
 @stateless

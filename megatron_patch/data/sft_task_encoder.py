@@ -14,28 +14,60 @@ at batch boundaries, where the count is zero, so resumed runs report the same co
 samples are all too long would otherwise spin forever on an infinite loader: after
 `max_consecutive_drops` drops in a row the worker stops with `AllSamplesOverlong`.
 
+A sample that does not decode (a corrupt image, broken JSON: bit rot or a tar edited after
+conversion) is skipped the same way and counted in `bad_samples`, with a warning naming its shard
+and key; the trainer stops when their share grows too large. The cooker marks such samples instead
+of raising, because energon would otherwise swallow the error in its own handler, uncounted.
+
 Encoded samples are energon `Sample`s (`SFTEncodedSample`): energon keys its packing buffer and
 batches on each sample's `__restore_key__`, which a plain dataclass would silently lack.
 """
+import logging
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 import torch
-from megatron.energon import Batch, Sample, SkipSample, edataclass, stateless
+from megatron.energon import (Batch, Cooker, Sample, SkipSample, basic_sample_keys, edataclass,
+                              stateless)
 from megatron.energon.errors import FatalSampleError
 
-from megatron_patch.data.energon_reader import LlavaSftSample, LlavaSftTaskEncoder, decode_images
+from megatron_patch.data.energon_reader import (LlavaSftSample, LlavaSftTaskEncoder,
+                                                SampleFormatError, cook_llava_sample,
+                                                decode_images)
 from megatron_patch.data.image_processing import ImageGeometry
 from megatron_patch.data.packing import plan_packs
 from megatron_patch.data.sft_sample import (EncodedSample, OverlongSample, SFTBatch, collate,
                                             encode_sample, pack_samples)
 from megatron_patch.data.tokenizer import SFTTokenizer
 
+logger = logging.getLogger(__name__)
+
 OVERLONG_POLICIES = ("drop", "truncate")
 
 
 class AllSamplesOverlong(FatalSampleError):
     """Too many samples in a row exceed --seq-length: the run would never get a batch."""
+
+
+class AllSamplesBad(FatalSampleError):
+    """Too many samples in a row fail to decode: the data is broken, not a sample here and there."""
+
+
+@stateless
+def cook_or_flag(crude: dict) -> LlavaSftSample:
+    """`cook_llava_sample`, but a malformed sample comes back flagged (`format_error`) so that
+    `encode_sample` can count and name it."""
+    try:
+        return cook_llava_sample(crude)
+    except SampleFormatError as error:
+        return LlavaSftSample(**basic_sample_keys(crude), id=None, conversations=[],
+                              image_names=[], images=[], format_error=str(error))
+
+
+def sample_location(sample) -> str:
+    """'<shard> key <key>' for messages (energon records the shard in `__sources__`)."""
+    shards = sorted({source.shard_name for source in (sample.__sources__ or ())})
+    return f"{', '.join(shards) or 'unknown shard'} key {sample.__key__}"
 
 
 @dataclass
@@ -48,7 +80,7 @@ class EncoderSettings:
     max_images_per_pack: int = 16
     packing_buffer_size: int = 64        # samples energon buffers to choose packs from
     pad_to_seq_length: bool = False      # pad every micro-batch to seq_length (PP > 1, packing)
-    max_consecutive_drops: int = 1000    # then AllSamplesOverlong instead of spinning forever
+    max_consecutive_drops: int = 1000    # then AllSamplesOverlong/-Bad instead of spinning forever
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -95,6 +127,7 @@ class SFTMicroBatch(Batch):
     num_samples: int = 0
     ids: List[Any] = field(default_factory=list)
     dropped_overlong: int = 0     # samples this worker dropped since its previous micro-batch
+    bad_samples: int = 0          # samples this worker could not decode since then
     truncated: int = 0            # truncated samples in this micro-batch
     num_images: int = 0
     capacity: int = 0             # b * padded length: the token slots the model computes
@@ -115,7 +148,9 @@ class SFTMicroBatch(Batch):
 
 
 class SFTTaskEncoder(LlavaSftTaskEncoder):
-    """Picklable (energon sends it to its workers): a tokenizer, settings and two counters."""
+    """Picklable (energon sends it to its workers): a tokenizer, settings and drop counters."""
+
+    cookers = (Cooker(cook_or_flag),)
 
     def __init__(self, tokenizer: SFTTokenizer, settings: EncoderSettings):
         self.tokenizer = tokenizer
@@ -126,14 +161,20 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
     def reset_counters(self) -> None:
         self._dropped_since_batch = 0
         self._consecutive_drops = 0
+        self._bad_since_batch = 0
+        self._consecutive_bad = 0
 
     # ------------------------------------------------------------------ per sample
     @stateless
     def encode_sample(self, sample: LlavaSftSample) -> SFTEncodedSample:
         settings = self.settings
         try:
+            if sample.format_error:
+                raise SampleFormatError(sample.format_error)
             encoded = encode_sample(self.tokenizer, sample.conversations, decode_images(sample),
                                     self.geometry, settings.seq_length, settings.overlong)
+        except SampleFormatError as error:
+            self._skip_bad_sample(sample, error)
         except OverlongSample as error:
             self._dropped_since_batch += 1
             self._consecutive_drops += 1
@@ -143,10 +184,21 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
                     f"{settings.seq_length} (last: {sample.__key__}: {error}); raise "
                     "--seq-length, lower --max-pixels or use --overlong truncate") from error
             raise SkipSample() from error
-        self._consecutive_drops = 0
+        self._consecutive_drops = self._consecutive_bad = 0
         return SFTEncodedSample.derive_from(
             sample, encoded=encoded, keys=[sample.__key__], ids=[sample.id],
             truncated=int(encoded.truncated))
+
+    def _skip_bad_sample(self, sample: LlavaSftSample, error: Exception) -> None:
+        self._bad_since_batch += 1
+        self._consecutive_bad += 1
+        where = sample_location(sample)
+        if self._consecutive_bad >= self.settings.max_consecutive_drops:
+            raise AllSamplesBad(
+                f"{self._consecutive_bad} samples in a row failed to decode (last: {where}: "
+                f"{error}); check the data with tools/inspect_webdataset.py --validate") from error
+        logger.warning("skipping a sample that does not decode: %s: %s", where, error)
+        raise SkipSample() from error
 
     # ------------------------------------------------------------------ packing
     def select_samples_to_pack(self, samples: List[SFTEncodedSample]
@@ -174,6 +226,7 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
         collated = collate([s.encoded for s in samples], self.tokenizer.pad_id, pad_to=pad_to,
                            packed=settings.packing)
         dropped, self._dropped_since_batch = self._dropped_since_batch, 0
+        bad, self._bad_since_batch = self._bad_since_batch, 0
         sources = tuple(src for s in samples for src in (s.__sources__ or ()))
         return SFTMicroBatch(
             __key__=[key for s in samples for key in s.keys], __restore_key__=(),
@@ -183,10 +236,10 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
             image_grid_thw=collated.image_grid_thw, cu_seqlens=collated.cu_seqlens,
             max_seqlen=collated.max_seqlen, real_tokens=collated.real_tokens,
             num_samples=collated.num_samples, ids=[i for s in samples for i in s.ids],
-            dropped_overlong=dropped, truncated=sum(s.truncated for s in samples),
+            dropped_overlong=dropped, bad_samples=bad, truncated=sum(s.truncated for s in samples),
             num_images=int(collated.image_grid_thw.shape[0]),
             capacity=int(collated.tokens.numel()))
 
 
-__all__ = ["AllSamplesOverlong", "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch",
+__all__ = ["AllSamplesBad", "AllSamplesOverlong", "cook_or_flag", "sample_location", "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch",
            "SFTTaskEncoder"]

@@ -6,7 +6,13 @@
 import argparse
 import json
 import os
+import tempfile
 from typing import Optional, Sequence
+
+from megatron_patch.training.signals import signal_from_name
+
+
+MIN_BAD_SAMPLES_TO_STOP = 10  # a single bad sample early in a run is not yet a "share"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
                    help="samples longer than --seq-length: drop them (counted) or truncate")
     g.add_argument("--shuffle-buffer-size", type=int, default=100)
+    g.add_argument("--max-bad-sample-fraction", type=float, default=0.01,
+                   help="stop when more than this share of the samples read do not decode "
+                        "(corrupt image, broken JSON; each is skipped with a warning); checked "
+                        f"once at least {MIN_BAD_SAMPLES_TO_STOP} were seen")
 
     g = p.add_argument_group("checkpoints and logs")
     g.add_argument("--load", help="a run dir (reads latest_checkpointed_iteration.txt) or one iter_* dir")
@@ -84,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     g.add_argument("--exit-duration-in-mins", type=float)
     g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-signals", nargs="+", default=["SIGTERM", "SIGINT"],
+                   help="signals that make the run finish its step, save and exit with status 15 "
+                        "(add SIGUSR1 for SLURM's --signal=USR1@<seconds> warning)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective waiting longer than this fails (a dead or stuck rank "
+                        "ends the job instead of hanging it)")
     # fault injection for tests and drills: the loss of this iteration becomes NaN
     g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
     return p
@@ -167,6 +183,29 @@ def _check_paths(args) -> None:
         raise ArgumentError(f"--load {args.load} does not exist")
     if args.save_interval and not args.save:
         raise ArgumentError("--save-interval needs --save")
+    if args.save:
+        _check_writable(args.save)
+    for name in args.exit_signals:
+        try:
+            signal_from_name(name)
+        except ValueError as error:
+            raise ArgumentError(f"--exit-signals: {error}") from None
+
+
+def _check_writable(save: str) -> None:
+    """--save must be a directory we can create files in: found now, not at the first save."""
+    existing = save
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if not os.path.isdir(existing):
+        raise ArgumentError(f"--save {save}: {existing} is a file, not a directory")
+    try:
+        os.makedirs(save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".write_test"):
+            pass
+    except OSError as error:
+        raise ArgumentError(f"--save {save} is not writable ({error.strerror}); choose a "
+                            "directory this job can write to") from None
 
 
 def _cuda() -> bool:

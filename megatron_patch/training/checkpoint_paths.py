@@ -31,8 +31,9 @@ def is_complete(checkpoint_dir: str) -> bool:
     return os.path.isfile(os.path.join(checkpoint_dir, COMPLETE_MARKER))
 
 
-def publish(save: str, partial: str, iteration: int) -> str:
-    """Marks `partial` complete, renames it to iter_XXXXXXX, then updates the tracker (rank 0)."""
+def publish(save: str, partial: str, iteration: int, after_rename=None) -> str:
+    """Marks `partial` complete, renames it to iter_XXXXXXX, then updates the tracker (rank 0).
+    `after_rename` (tests) runs between the rename and the tracker update."""
     with open(os.path.join(partial, COMPLETE_MARKER), "w") as handle:
         handle.write(f"{iteration}\n")
         handle.flush()
@@ -41,6 +42,8 @@ def publish(save: str, partial: str, iteration: int) -> str:
     if os.path.exists(final):  # an older save of the same iteration (e.g. re-run after resume)
         shutil.rmtree(final)
     os.replace(partial, final)
+    if after_rename is not None:
+        after_rename()
     write_tracker(save, iteration)
     return final
 
@@ -115,4 +118,17 @@ def remove_old_checkpoints(save: str, keep_last: int) -> List[str]:
         path = os.path.join(save, iteration_dir_name(iteration))
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
+    return removed
+
+
+def remove_unfinished_saves(save: str) -> List[str]:
+    """Deletes `.partial` folders left by saves that died (call only while no save runs: at
+    start-up, before the first step). They can be as large as a checkpoint."""
+    if not os.path.isdir(save):
+        return []
+    removed = []
+    for name in sorted(os.listdir(save)):
+        if ".partial-" in name and _ITER_DIR.match(name.split(".partial-")[0]):
+            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
+            removed.append(os.path.join(save, name))
     return removed

@@ -12,12 +12,16 @@ One checkpoint, ``$SAVE/iter_XXXXXXX/``, holds:
   and marking the directory as a *run* checkpoint (a converted base model has none).
 
 Everything is written into a ``.partial`` folder first and published by checkpoint_paths, so a
-run killed mid-save never leaves a checkpoint that looks complete.
+run killed mid-save never leaves a checkpoint that looks complete. A write that fails (full or
+read-only disk) on any rank fails the save on every rank, removes the partial folder and raises
+`CheckpointSaveError` naming the path, the free space and the space a checkpoint needs; the
+previous checkpoint stays as it was.
 """
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -29,11 +33,16 @@ from megatron.core import dist_checkpointing
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.training import checkpoint_paths
+from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.parallel_setup import Ranks
 
 logger = logging.getLogger("megatron_patch.train")
 
 RUN_STATE_NAME = "run_state.json"
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
 
 
 @dataclass
@@ -43,6 +52,8 @@ class RunState:
     consumed_samples: int = 0
     skipped_steps: int = 0
     dropped_overlong: int = 0
+    bad_samples: int = 0              # samples skipped because they do not decode
+    samples_read: int = 0             # samples the loader handed out, dropped and bad included
     floating_point_operations: float = 0.0
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -106,42 +117,120 @@ def mirrored_dataloader_file(directory: str, dp_rank: int) -> str:
 def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunState,
                     loader_state: Any, ranks: Ranks, args_dict: dict,
                     dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None) -> str:
-    """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path."""
-    iteration = state.iteration
+    """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
+
+    Raises CheckpointSaveError on every rank when any rank fails to write (see the module doc).
+    """
+    iteration, rank = state.iteration, ranks.rank
     partial = checkpoint_paths.partial_dir(save, iteration, _shared_tag())
-    if ranks.rank == 0:
-        os.makedirs(partial, exist_ok=False)
-    dist.barrier()
-
-    sharded = _model_sharded_state_dict(model_chunks)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
-    sharded["opt_param_scheduler"] = scheduler.state_dict()
-    sharded["run_state"] = asdict(state)
-    dist_checkpointing.save(sharded, partial)
-
-    os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{ranks.rank:05d}.pt"))
-    if ranks.tp_rank == 0 and ranks.pp_rank == 0:
-        os.makedirs(os.path.join(partial, "dataloader"), exist_ok=True)
-        payload = {"iteration": iteration, "state": loader_state}
-        torch.save(payload, dataloader_file(os.path.join(partial, "dataloader"), ranks.dp_rank))
-        if dataloader_mirror:
-            os.makedirs(dataloader_mirror, exist_ok=True)
-            _atomic_torch_save(payload, mirrored_dataloader_file(dataloader_mirror, ranks.dp_rank))
-    dist.barrier()
-
     final = os.path.join(save, checkpoint_paths.iteration_dir_name(iteration))
-    if ranks.rank == 0:
+    need = estimated_checkpoint_bytes(save, model_chunks, ranks) if rank == 0 else 0
+
+    def start():
+        fault_point("save:start", iteration, rank)
+        if rank == 0:
+            check_free_space(save, need)
+            os.makedirs(partial, exist_ok=False)
+
+    def write_shards():
+        sharded = _model_sharded_state_dict(model_chunks)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+        sharded["run_state"] = asdict(state)
+        dist_checkpointing.save(sharded, partial)
+        fault_point("save:after_model", iteration, rank)
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+        torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
+        if ranks.tp_rank == 0 and ranks.pp_rank == 0:
+            os.makedirs(os.path.join(partial, "dataloader"), exist_ok=True)
+            payload = {"iteration": iteration, "state": loader_state}
+            torch.save(payload, dataloader_file(os.path.join(partial, "dataloader"), ranks.dp_rank))
+            if dataloader_mirror:
+                os.makedirs(dataloader_mirror, exist_ok=True)
+                _atomic_torch_save(payload, mirrored_dataloader_file(dataloader_mirror,
+                                                                     ranks.dp_rank))
+        fault_point("save:after_extras", iteration, rank)
+
+    def publish():
+        nonlocal final
+        if rank != 0:
+            return
         record = {"kind": "run", "world_size": ranks.world_size, "data_parallel_size": ranks.dp_size,
                   **asdict(state), "args": args_dict}
         with open(os.path.join(partial, RUN_STATE_NAME), "w") as handle:
             json.dump(record, handle, indent=1, sort_keys=True, default=str)
-        final = checkpoint_paths.publish(save, partial, iteration)
-        if keep_last:
-            for removed in checkpoint_paths.remove_old_checkpoints(save, keep_last):
-                logger.info("removed old checkpoint %s (--keep-last %d)", removed, keep_last)
+        fault_point("save:before_publish", iteration, rank)
+        final = checkpoint_paths.publish(
+            save, partial, iteration,
+            after_rename=lambda: fault_point("save:after_rename", iteration, rank))
+
+    for phase in (start, write_shards, publish):
+        _run_on_all_ranks(phase, save, partial, final, need)
+    if rank == 0 and keep_last:
+        for removed in checkpoint_paths.remove_old_checkpoints(save, keep_last):
+            logger.info("removed old checkpoint %s (--keep-last %d)", removed, keep_last)
     dist.barrier()
     return final
+
+
+def _run_on_all_ranks(phase, save: str, partial: str, final: str, need: int) -> None:
+    """Runs one phase of a save on every rank; if it raised OSError on any rank, all ranks raise
+    CheckpointSaveError (rank 0 first removes the partial folder)."""
+    failure = None
+    try:
+        phase()
+    except OSError as error:
+        failure = error
+    failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not int(failed):
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    cause = f"{failure}" if failure is not None else "another rank could not write its part"
+    free = _free_bytes(save)
+    previous = checkpoint_paths.complete_iterations(save)
+    kept = (f"the previous checkpoint {checkpoint_paths.iteration_dir_name(previous[-1])} is "
+            "intact" if previous else "there is no earlier checkpoint")
+    raise CheckpointSaveError(
+        f"could not write checkpoint {final}: {cause}. {save} has {_gib(free)} free; a "
+        f"checkpoint needs about {_gib(need) if need else 'as much as the previous one'}. "
+        f"Nothing was published and {kept}: free space (or point --save to a writable disk) "
+        "and rerun the same command to resume") from failure
+
+
+def estimated_checkpoint_bytes(save: str, model_chunks, ranks: Ranks) -> int:
+    """Size of the newest complete checkpoint in `save`, or, before the first one, the model's
+    parameters x 3 (weights and Adam's two moments in fp32) across model-parallel ranks."""
+    previous = checkpoint_paths.complete_iterations(save)
+    if previous:
+        return _directory_bytes(os.path.join(save, checkpoint_paths.iteration_dir_name(previous[-1])))
+    local = sum(p.numel() for chunk in _unwrap(model_chunks) for p in chunk.parameters())
+    model_parallel = ranks.world_size // max(ranks.dp_size, 1)
+    return 3 * 4 * local * model_parallel
+
+
+def check_free_space(save: str, need: int) -> None:
+    free = _free_bytes(save)
+    if free is not None and need and free < need:
+        raise OSError(28, f"No space left on device: {_gib(free)} free in {save}, "
+                          f"{_gib(need)} needed (checked before writing)")
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def _directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
+def _gib(count: Optional[int]) -> str:
+    return "unknown space" if count is None else f"{count / 2 ** 30:.2f} GiB"
 
 
 def read_run_state(checkpoint_dir: str) -> Optional[dict]:

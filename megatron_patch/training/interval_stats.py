@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron_patch.training.flops import LanguageShape, VisionShape, training_flops
 
 _FIELDS = ("loss_sum", "loss_tokens", "real_tokens", "capacity", "sequences", "samples", "images",
-           "dropped_overlong", "truncated", "model_flops", "hardware_flops")
+           "dropped_overlong", "bad_samples", "truncated", "model_flops", "hardware_flops")
 
 
 def model_shapes(cfg):
@@ -54,6 +54,7 @@ class IntervalStats:
         c["samples"] += batch.num_samples
         c["images"] += batch.num_images
         c["dropped_overlong"] += batch.dropped_overlong
+        c["bad_samples"] += batch.bad_samples
         c["truncated"] += batch.truncated
         c["model_flops"] += flops[0]
         c["hardware_flops"] += flops[1]

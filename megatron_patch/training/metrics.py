@@ -19,7 +19,10 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, tensorboard_dir: Optional[str], enabled: bool, run_config: Optional[dict] = None):
+    def __init__(self, tensorboard_dir: Optional[str], enabled: bool, run_config: Optional[dict] = None,
+                 purge_step: Optional[int] = None):
+        """`purge_step`: TensorBoard hides events at or after this step left by an earlier
+        writer (a run that died after its last checkpoint and is now resumed)."""
         self.enabled = enabled
         self.writer = None
         self.wandb = None
@@ -28,7 +31,8 @@ class MetricsLogger:
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
             os.makedirs(tensorboard_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=50, flush_secs=10)
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=50, flush_secs=10,
+                                        purge_step=purge_step)
         if os.environ.get("WANDB_API_KEY"):
             try:
                 import wandb
@@ -65,6 +69,12 @@ class MetricsLogger:
         if self.enabled:
             logger.info(line)
         return line
+
+    def flush(self) -> None:
+        """Everything logged so far onto disk (called with each checkpoint, so a run killed
+        later still has its curves up to the step it resumes from)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:

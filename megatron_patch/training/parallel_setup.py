@@ -3,6 +3,7 @@
 torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain `python train/...` run (no torchrun)
 becomes a one-process group so the same code path runs everywhere. NCCL with CUDA, gloo without.
 """
+import datetime
 import os
 import random
 import socket
@@ -41,7 +42,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize(tp: int, pp: int, seed: int) -> Ranks:
+def initialize(tp: int, pp: int, seed: int, timeout_minutes: float = 10.0) -> Ranks:
+    """`timeout_minutes` bounds every collective: a rank whose peer died or hangs fails after it
+    (gloo raises; NCCL aborts via torch's watchdog) instead of waiting forever."""
     apply_cpu_redirects()  # no-op with CUDA
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one, on a port of its own
@@ -49,10 +52,12 @@ def initialize(tp: int, pp: int, seed: int) -> Ranks:
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 distributed_timeout_minutes=timeout_minutes)
     seed_everything(seed)
     return current_ranks()
 

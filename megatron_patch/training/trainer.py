@@ -16,14 +16,17 @@ import torch.distributed as dist
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 
-from megatron_patch.data.sft_loader import (build_train_loader, build_val_loader, check_manifest,
-                                            close_loader, restore_loader_state,
-                                            save_loader_state)
-from megatron_patch.data.sft_task_encoder import EncoderSettings, SFTTaskEncoder
+from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loader,
+                                            build_val_loader, check_manifest, close_loader,
+                                            restore_loader_state, save_loader_state)
+from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverlong,
+                                                  EncoderSettings, SFTTaskEncoder)
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import build_model, get_config
 from megatron_patch.training import arguments
+from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.checkpointing import RunState, load_checkpoint, save_checkpoint
+from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
                                                     model_shapes)
@@ -31,14 +34,24 @@ from megatron_patch.training.metrics import MetricsLogger, StepTimer
 from megatron_patch.training.optimizer import (build_optimizer, build_scheduler, freeze_modules,
                                                learning_rates_by_module)
 from megatron_patch.training.parallel_setup import Ranks, initialize, shutdown
-from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest
+from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
 
 logger = logging.getLogger("megatron_patch.train")
 
+METRICS_FILE = "metrics.jsonl"
+
 
 class TooManySkippedSteps(RuntimeError):
     """Training diverged: the gradient norm stayed NaN/inf for too many steps in a row."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than --max-bad-sample-fraction of the samples read do not decode."""
+
+
+class DataReadError(RuntimeError):
+    """The data loader failed (an unreadable shard, not a single bad sample)."""
 
 
 def setup_logging(save: Optional[str], rank: int) -> None:
@@ -125,6 +138,9 @@ class Trainer:
             for note in loaded.notes:
                 logger.info("checkpoint: %s", note)
             self.state, loader_state = loaded.state, loaded.loader_state
+        if args.save and ranks.rank == 0:
+            for path in checkpoint_paths.remove_unfinished_saves(args.save):
+                logger.info("removed %s: a save that never finished", path)
 
         self.encoder = SFTTaskEncoder(self.tokenizer, encoder_settings(args))
         self.train_loader = build_train_loader(
@@ -134,12 +150,15 @@ class Trainer:
             restore_loader_state(self.train_loader, loader_state, args.num_workers)
         self.train_batches = iter(self.train_loader)
 
+        if ranks.rank == 0 and args.save:
+            truncate_metrics_file(os.path.join(args.save, METRICS_FILE), self.state.iteration)
+        # events of a dead run past the checkpoint we resume from are hidden in TensorBoard
         self.metrics = MetricsLogger(args.tensorboard_dir, enabled=ranks.rank == 0,
-                                     run_config=vars(args))
+                                     run_config=vars(args), purge_step=self.state.iteration + 1)
         self.language_shape, self.vision_shape = model_shapes(self.cfg)
         self.peak_flops = peak_flops_per_device(
             torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-        self.stop_request = StopRequest()
+        self.stop_request = StopRequest([signal_from_name(name) for name in args.exit_signals])
         self.started = time.time()
 
     # ------------------------------------------------------------------ setup helpers
@@ -189,15 +208,18 @@ class Trainer:
                         "tower is unfrozen), check the data, or resume from an earlier checkpoint")
             stats.iterations += 1
             stats.last_grad_norm = outcome.grad_norm
+            fault_point("step", state.iteration, self.ranks.rank)
 
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                 self.log_interval(stats, timer, time.time() - interval_start)
                 stats, interval_start = IntervalStats(), time.time()
+            paused = time.time()  # evaluation and saving do not count as training time
             if args.eval_interval and state.iteration % args.eval_interval == 0:
                 self.evaluate()
             stop_reason = self.stop_reason()
             if self.should_save(stop_reason):
                 self.save()
+            interval_start += time.time() - paused
             if stop_reason:
                 logger.info("stopping at iteration %d: %s", state.iteration, stop_reason)
                 return EXIT_SIGNALLED if self.stop_request.requested else 0
@@ -209,7 +231,7 @@ class Trainer:
     def train_step(self, stats: IntervalStats, timer: StepTimer):
         args = self.args
         timer.start("data_wait")
-        micro_batches = [next(self.train_batches) for _ in range(args.num_microbatches)]
+        micro_batches = [self.next_batch() for _ in range(args.num_microbatches)]
         timer.start("forward_backward")
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -229,10 +251,32 @@ class Trainer:
                 stats.add_batch(batch, flops)
         return outcome
 
+    def next_batch(self):
+        """The next micro-batch. Single bad samples are skipped inside the loader; an error that
+        reaches here is the loader's own (an unreadable shard), so name what changed if we can."""
+        try:
+            return next(self.train_batches)
+        except (AllSamplesBad, AllSamplesOverlong):
+            raise
+        except Exception as error:
+            try:
+                check_manifest(self.args.data_path)
+                changed = ""
+            except DatasetChangedError as found:
+                changed = f"\n{found}"
+            raise DataReadError(
+                f"reading training data from {self.args.data_path} failed: "
+                f"{type(error).__name__}: {error}{changed}\nrun tools/inspect_webdataset.py "
+                f"{self.args.data_path} --validate to find the damaged shard") from error
+
     def log_interval(self, stats: IntervalStats, timer: StepTimer, seconds: float) -> None:
         totals = stats.reduce()  # collective: every rank takes part
         self.state.dropped_overlong += int(totals["dropped_overlong"])
+        self.state.bad_samples += int(totals["bad_samples"])
+        self.state.samples_read += int(totals["samples"] + totals["dropped_overlong"]
+                                       + totals["bad_samples"])
         self.state.floating_point_operations += totals["model_flops"]
+        self.check_bad_samples()
         if self.ranks.rank != 0:
             return
         phases = {name: spent / stats.iterations for name, spent in timer.reset().items()}
@@ -243,6 +287,7 @@ class Trainer:
         values["train/skipped_steps"] = self.state.skipped_steps
         values["train/loss_scale"] = float(self.optimizer.get_loss_scale())
         values["data/dropped_overlong"] = self.state.dropped_overlong
+        values["data/bad_samples"] = self.state.bad_samples
         values["data/truncated"] = totals["truncated"]
         values["time/iteration_sec"] = seconds / stats.iterations
         values["train/consumed_samples"] = self.state.consumed_samples
@@ -251,11 +296,22 @@ class Trainer:
                              seconds / stats.iterations)
         self.append_metrics_record(values)
 
+    def check_bad_samples(self) -> None:
+        """Same totals on every rank (all-reduced), so every rank takes the same decision."""
+        bad, read = self.state.bad_samples, self.state.samples_read
+        limit = self.args.max_bad_sample_fraction
+        if bad >= arguments.MIN_BAD_SAMPLES_TO_STOP and bad > limit * read:
+            raise TooManyBadSamples(
+                f"{bad} of {read} samples read ({100 * bad / max(read, 1):.2f}%) did not decode, "
+                f"more than --max-bad-sample-fraction {limit}; the warnings above name their "
+                f"shards and keys. Check the data with tools/inspect_webdataset.py "
+                f"{self.args.data_path} --validate and re-convert the damaged shards")
+
     def append_metrics_record(self, values: dict) -> None:
         """Full-precision copy of the logged values, one JSON line per log step ($SAVE)."""
         if not self.args.save:
             return
-        with open(os.path.join(self.args.save, "metrics.jsonl"), "a") as handle:
+        with open(os.path.join(self.args.save, METRICS_FILE), "a") as handle:
             handle.write(json.dumps({"iteration": self.state.iteration, **values}) + "\n")
 
     def evaluate(self) -> Optional[float]:
@@ -329,13 +385,15 @@ class Trainer:
             save_loader_state(self.train_loader), self.ranks, vars(self.args),
             dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last)
         logger.info("saved %s in %.1f s", path, time.time() - started)
+        self.metrics.flush()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = arguments.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments.validate_args(args, world_size)  # fails before any heavy work
-    ranks = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    ranks = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                       args.seed, args.distributed_timeout_minutes)
     setup_logging(args.save, ranks.rank)
     try:
         trainer = Trainer(args, ranks)
@@ -346,6 +404,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     except BaseException as error:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
+        if ranks.rank == 0 and args.save:
+            logger.error("%s", resume_hint(args.save))
         raise
     finally:
         shutdown()
+
+
+def resume_hint(save: str) -> str:
+    """Where a failed run can continue from: the newest complete checkpoint in `save`."""
+    complete = checkpoint_paths.complete_iterations(save)
+    if not complete:
+        return f"no complete checkpoint in {save} yet: a rerun starts from the beginning"
+    newest = os.path.join(save, checkpoint_paths.iteration_dir_name(complete[-1]))
+    return (f"last complete checkpoint: {newest} (iteration {complete[-1]}); rerunning the same "
+            "command resumes from it")
+
+
+def truncate_metrics_file(path: str, iteration: int) -> None:
+    """Drops records past `iteration` (written by a run that died after its last checkpoint), so
+    each iteration appears once: the resumed run writes them again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration]
+    if len(kept) == len(lines):
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        handle.writelines(kept)
+    os.replace(temporary, path)
