@@ -84,3 +84,28 @@ def test_hf_mapping_round_trip_is_exact():
                for k, v in sd.items()}
     a, b = hf_to_mcore(sd, cfg), hf_to_mcore(renamed, cfg)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fused_swiglu_matches_the_unfused_model():
+    """fused_kernels (the GPU default) switches the language model to megatron's fused SwiGLU:
+    loss and every gradient equal the unfused model's to float rounding; the vision tower is
+    untouched (its fused bias-GELU would be the tanh approximation)."""
+    from test_model_reference import image_batch
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 2)], 32, [0, 1])
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    labels = torch.roll(ids, -1, 1)
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg, fused_kernels=fused)
+        assert model.language_model.config.bias_activation_fusion is fused
+        assert model.vision_model.config.bias_activation_fusion is False
+        loss = model(ids, positions, pixel_values=pixels, image_grid_thw=grid, labels=labels)
+        loss.sum().backward()
+        results[fused] = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results[False], results[True]
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)

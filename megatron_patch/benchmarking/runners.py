@@ -47,23 +47,8 @@ def trainer_namespace(bench_args, world_size: int = 1, check_device: bool = True
         if hasattr(bench_args, name):
             setattr(args, name, getattr(bench_args, name))
     args.lr_warmup_iters, args.lr_decay_style = 0, "constant"
-    if bench_args.data_path is not None:
-        return arguments.validate_args(args, world_size)
-    # synthetic data: the trainer's checks minus the data/tokenizer paths
-    per_step = args.micro_batch_size * world_size
-    args.data_parallel_size = world_size
-    args.global_batch_size = args.global_batch_size or per_step
-    if args.global_batch_size % per_step:
-        raise arguments.ArgumentError(f"global batch {args.global_batch_size} is not a multiple "
-                                      f"of micro batch x data parallel = {per_step}")
-    args.num_microbatches = args.global_batch_size // per_step
-    args.lr_decay_iters = args.train_iters
-    if check_device and args.bf16 and not torch.cuda.is_available():
-        raise arguments.ArgumentError("--bf16 needs CUDA (megatron-core's mixed-precision "
-                                      "optimizer keeps its master weights on the GPU)")
-    if check_device and args.use_distributed_optimizer and not torch.cuda.is_available():
-        raise arguments.ArgumentError("--use-distributed-optimizer needs CUDA")
-    return args
+    return arguments.validate_args(args, world_size, check_paths=bench_args.data_path is not None,
+                                   check_device=check_device)
 
 
 class MegatronRunner:

@@ -25,9 +25,11 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None, attention_backend: str = "auto",
                 params_dtype: torch.dtype = torch.float32, vp_stage: Optional[int] = None,
                 use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
+                fused_kernels: Optional[bool] = None,
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
-    rank is the first/last pipeline stage. Extra keyword arguments go to both megatron
+    rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
+    language model's fused SwiGLU and cross entropy. Extra keyword arguments go to both megatron
     ``TransformerConfig``s (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     if pre_process is None:
@@ -43,7 +45,8 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                   use_cpu_initialization=use_cpu_initialization,
                   perform_initialization=perform_initialization, **transformer_config_extra)
     vision_config = vision_transformer_config(cfg, **common)
-    language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp, **common)
+    language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp,
+                                                  fused_kernels=fused_kernels, **common)
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
                          language_layer_spec(backend), pre_process=pre_process,
                          post_process=post_process, vp_stage=vp_stage)

@@ -10,6 +10,13 @@ Choices that hold for both and why:
 * ``apply_rope_fusion=False``: the fused ``thd`` RoPE kernel assumes positions restart at 0 in
   every packed segment; we pass explicit per-token rotary angles (2D for the vision tower,
   ``position_ids`` for the LLM), which megatron's unfused path applies exactly.
+* ``fused_kernels`` (on by default with CUDA): megatron's fused SwiGLU in the language model;
+  same gradients to float rounding (tested on CPU). The vision tower keeps the unfused GELU:
+  megatron's fused bias-GELU is the tanh approximation, not the exact GELU RICE-ViT was trained
+  with. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
+  ``--cross-entropy-loss-fusion``) stays opt-in: on CPU its loss equals the unfused one but its
+  gradients differed by up to 0.2% (megatron-core 0.16.1, tiny model), which we have not
+  explained.
 * dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
 * ``sequence_parallel=False``: image embeddings are scattered into the token embeddings on the
   first stage; sequence parallelism would need that merge before the scatter (future work).
@@ -68,9 +75,8 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
         qk_layernorm=False,
         pipeline_model_parallel_size=1,
         pipeline_dtype=params_dtype,
-        **_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
-                  perform_initialization),
-        **extra,
+        **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
+                     perform_initialization), **extra},
     )
 
 
@@ -78,9 +84,13 @@ def language_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_siz
                                 pipeline_model_parallel_size: int = 1,
                                 params_dtype: torch.dtype = torch.float32,
                                 use_cpu_initialization: Optional[bool] = None,
-                                perform_initialization: bool = True, **extra: Any) -> TransformerConfig:
+                                perform_initialization: bool = True,
+                                fused_kernels: Optional[bool] = None, **extra: Any) -> TransformerConfig:
     lm = cfg.language
     pp = pipeline_model_parallel_size
+    if fused_kernels is None:
+        fused_kernels = torch.cuda.is_available()
+    fusions = dict(bias_activation_fusion=fused_kernels)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -102,9 +112,8 @@ def language_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_siz
         pipeline_dtype=params_dtype,
         num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage if pp > 1 else None,
         num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage if pp > 1 else None,
-        **_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
-                  perform_initialization),
-        **extra,
+        **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
+                     perform_initialization), **fusions, **extra},
     )
 
 

@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE base of the language model (default: the config's; pass the "
                         "checkpoint's rope_theta when it differs)")
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
+    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
+                   help="use the unfused SwiGLU (the fused one is used with CUDA)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron's fused vocab-parallel cross entropy (see "
+                        "model/transformer_configs.py for what we measured)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
@@ -38,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, help="default: micro batch x data parallel")
     g.add_argument("--seq-length", type=int, default=2048)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="all-reduce gradient buckets during the backward pass of the last micro "
+                        "batch instead of after it")
     g.add_argument("--bf16", action="store_true")
 
     g = p.add_argument_group("optimization")
@@ -71,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--packing", action="store_true", help="pack several samples per sequence")
     g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--packing-buffer-size", type=int,
+                   help="samples each loader worker buffers to choose packs from (default: "
+                        "seq-length / 32, at least 64: about 30 sequences' worth, 98%% packing "
+                        "efficiency on long-tailed SFT lengths at 8192; docs/BENCHMARKS.md). "
+                        "Each buffered sample holds its decoded image patches in memory")
     g.add_argument("--min-pixels", type=int, default=4 * 28 * 28)
     g.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
     g.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
@@ -112,8 +125,11 @@ class ArgumentError(SystemExit):
         super().__init__(f"error: {message}")
 
 
-def validate_args(args: argparse.Namespace, world_size: int, model_config=None) -> argparse.Namespace:
-    """Checks and completes `args` in place (derived: data_parallel_size, global batch, warmup)."""
+def validate_args(args: argparse.Namespace, world_size: int, model_config=None, *,
+                  check_paths: bool = True, check_device: bool = True) -> argparse.Namespace:
+    """Checks and completes `args` in place (derived: data_parallel_size, global batch, warmup).
+    The benchmark turns off the path checks (synthetic data) and, for a dry run on the meta
+    device, the CUDA-only flag checks."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
         raise ArgumentError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "
@@ -136,21 +152,29 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None) 
         raise ArgumentError(f"warmup ({args.lr_warmup_iters} iterations) must be shorter than the "
                             f"decay ({args.lr_decay_iters} iterations, --lr-decay-iters or "
                             "--train-iters); lower --lr-warmup-iters/--lr-warmup-fraction")
-    _check_paths(args)
+    if check_paths:
+        _check_paths(args)
     if args.save and args.tensorboard_dir is None:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     if args.save and args.dataloader_save is None:
         args.dataloader_save = os.path.join(args.save, "dataloader")
+    if args.packing_buffer_size is None:
+        args.packing_buffer_size = max(64, args.seq_length // 32)
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")
+    if check_device:
+        _check_device(args)
+    return args
+
+
+def _check_device(args) -> None:
     if args.bf16 and not _cuda():
         raise ArgumentError("--bf16 needs CUDA (megatron-core's mixed-precision optimizer keeps "
                             "its master weights on the GPU); drop the flag on CPU")
     if args.use_distributed_optimizer and not _cuda():
         raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's distributed "
                             "optimizer requires CUDA tensors); drop the flag on CPU")
-    return args
 
 
 def _check_model_divisibility(config, tp: int, pp: int) -> None:

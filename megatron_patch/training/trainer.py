@@ -87,7 +87,8 @@ def model_config(args, tokenizer: SFTTokenizer):
 
 def wrap_model(args, cfg, device: torch.device):
     """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
-    extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True)
+    extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
+                 cross_entropy_loss_fusion=args.cross_entropy_loss_fusion)
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity)
         if args.recompute_granularity == "full":
@@ -95,11 +96,13 @@ def wrap_model(args, cfg, device: torch.device):
                          recompute_num_layers=args.recompute_num_layers)
     model = build_model(cfg, attention_backend={"sdpa": "local"}.get(args.attention_backend,
                                                                       args.attention_backend),
-                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32, **extra)
+                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                        fused_kernels=args.bias_swiglu_fusion and torch.cuda.is_available(),
+                        **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     model.config.finalize_model_grads_func = finalize_model_grads
@@ -111,7 +114,7 @@ def encoder_settings(args) -> EncoderSettings:
     return EncoderSettings(
         seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
-        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
+        packing_buffer_size=args.packing_buffer_size, pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
 
 
 class Trainer:
