@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_patch.data.demo_dataset import (COLOURS, NUMBER_WORDS, QUESTION_TYPES, DemoOptions,
-                                              generate, main)
+from megatron_patch.data.demo_dataset import (CELLS, COLOURS, NUMBER_WORDS, QUESTION_TYPES,
+                                              DemoOptions, generate, main)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,7 +69,7 @@ def test_records_are_well_formed_llava(demo_data):
         for image in images_of(record):
             with Image.open(demo_data / image) as opened:
                 assert (opened.format, opened.size) == ("PNG", (56, 56))
-    assert set(seen_types) == set(QUESTION_TYPES)
+    assert set(seen_types) == set(QUESTION_TYPES) - {"describe"}  # off by default
 
 
 def test_answers_match_the_pixels(demo_data):
@@ -91,6 +91,35 @@ def test_answers_match_the_pixels(demo_data):
                 continue
             checked[qtype] += 1
     assert checked["colour"] > 5 and checked["count"] > 5 and checked["multi_image"] > 5
+
+
+def colour_cells(path) -> dict:
+    """colour name -> the 2x2 cell holding its pixels."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    half = pixels.shape[0] // 2
+    found = {}
+    for name, rgb in COLOURS.items():
+        rows, cols = np.nonzero((pixels == rgb).all(axis=-1))
+        if len(rows):
+            found[name] = CELLS[2 * int(rows[0] >= half) + int(cols[0] >= half)]
+    return found
+
+
+def test_descriptions_name_every_shape_in_reading_order(tmp_path):
+    records = generate(DemoOptions(str(tmp_path), num_samples=40, seed=2, describe=1.0))
+    described = 0
+    for record in records:
+        if record["question_types"][0] != "describe":
+            continue
+        assert record["conversations"][0]["value"] == "<image>\nDescribe the image."
+        items = [item.split(" ") for item in record["conversations"][1]["value"].split(", ")]
+        cells = colour_cells(tmp_path / record["image"])
+        assert {colour: cell for colour, _, cell in items} == cells
+        order = [CELLS.index(cell) for _, _, cell in items]
+        assert order == sorted(CELLS.index(cell) for cell in cells.values())
+        assert len({kind for _, kind, _ in items}) == len(items)
+        described += 1
+    assert described == sum(isinstance(r.get("image"), str) for r in records) > 20
 
 
 def test_two_thousand_samples_in_seconds(tmp_path):

@@ -52,3 +52,57 @@ def test_counts_from_manifest_energon_index_and_blend(tmp_path, capsys):
     assert lines["SAMPLES"] == "90" and lines["GBS"] == "8" and lines["NSTEP"] == "13"
     assert main(["--data-path", str(tmp_path / "missing"), "--world-size", "1"]) == 1
     assert "no .nv-meta" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ packing
+def test_packed_sequences_divide_the_steps():
+    plain = plan_run(100_000, 8, global_batch=32, margin=0)
+    packed = plan_run(100_000, 8, global_batch=32, margin=0, samples_per_sequence=10)
+    assert (plain.train_iters, packed.train_iters) == (3125, 313)
+    assert any("~10.00 samples per sequence" in note and "~320 samples" in note
+               for note in packed.notes)
+
+
+def test_packing_estimate_packs_like_the_trainer():
+    from megatron_patch.training.packing_estimate import estimate_packing
+    # 100-token samples in 1000-token sequences: 10 per sequence, all full
+    assert estimate_packing([(100, 1)] * 200, 1000, 64, 100).samples_per_sequence == 10
+    # packs are planned buffer by buffer: 64 samples make 6 full packs and one of 4
+    assert estimate_packing([(100, 1)] * 64, 1000, 64, 64).samples_per_sequence == 64 / 7
+    # the image cap binds first: 4 images per sequence
+    capped = estimate_packing([(100, 1)] * 200, 1000, 4, 100)
+    assert capped.samples_per_sequence == 4 and capped.efficiency == pytest.approx(0.4)
+    # over-long samples do not count (the trainer drops them)
+    long = estimate_packing([(100, 1)] * 100 + [(5000, 1)] * 10, 1000, 64, 100)
+    assert long.overlong == 10 and long.samples_per_sequence == 10
+
+
+def test_estimated_lengths_are_the_trainers(converted_demo, demo_tokenizer):
+    """The estimate's lengths (image headers, no decoding) equal what the task encoder builds."""
+    from megatron_patch.data.energon_reader import iter_split_samples
+    from megatron_patch.data.image_processing import ImageGeometry
+    from megatron_patch.data.sft_task_encoder import EncoderSettings, SFTTaskEncoder
+    from megatron_patch.data.tokenizer import SFTTokenizer
+    from megatron_patch.training.packing_estimate import sample_lengths
+    geometry = ImageGeometry()
+    lengths = sample_lengths(str(converted_demo), demo_tokenizer, geometry, limit=30)
+    encoder = SFTTaskEncoder(SFTTokenizer(demo_tokenizer), EncoderSettings(seq_length=4096))
+    samples = list(iter_split_samples(converted_demo, "train"))[:30]
+    expected = [(encoder.encode_sample(s).encoded.length, len(s.images)) for s in samples]
+    assert lengths == expected
+
+
+def test_plan_estimates_samples_per_sequence_with_packing(converted_demo, demo_tokenizer, capsys):
+    common = ["--data-path", str(converted_demo), "--world-size", "1", "--gbs", "2",
+              "--margin", "0", "--tokenizer-path", demo_tokenizer]
+    assert main(common + ["--trainer-args=--seq-length 1024"]) == 0
+    plain = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert main(common + ["--trainer-args=--packing --seq-length 1024"]) == 0
+    packed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert plain["SAMPLES_PER_SEQUENCE"] == "1.0" and plain["NSTEP"] == "54"  # 108 / 2
+    per_sequence = float(packed["SAMPLES_PER_SEQUENCE"])
+    assert per_sequence > 5  # the demo's samples are ~60 tokens
+    assert int(packed["NSTEP"]) == -(-108 // (2 * per_sequence))
+    assert main(common + ["--trainer-args=--packing", "--samples-per-sequence", "4"]) == 0
+    fixed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert fixed["NSTEP"] == "14"  # ceil(108 / 8)

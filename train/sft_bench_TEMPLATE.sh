@@ -29,7 +29,8 @@ NUM_WORKERS="${NUM_WORKERS:-4}"                 # data loader processes per GPU
 EXTRA_ARGS="${EXTRA_ARGS:-}"                    # anything else for the trainer, e.g. "--packing --bf16"
 # ====================================================================
 
-STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs / GBS) x (1 + margin)
+STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs / (GBS x samples per sequence)) x (1 + margin)
+SAMPLES_PER_SEQUENCE="${SAMPLES_PER_SEQUENCE:-auto}"  # with --packing: auto = estimated from the first 1000 train samples
 CPU_PROCESSES_DP="${CPU_PROCESSES_DP:-1}"       # without a GPU: processes = TP x PP x this
 RESUME="${RESUME:-auto}"                        # auto: resume from SAVE_CKPT_PATH when it has a checkpoint; 0: refuse to reuse it
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -75,10 +76,13 @@ fi
 # ---- plan: GBS, NSTEP, warmup, save interval (python does the arithmetic, tested)
 PLAN="$("$PYTHON" -W ignore -m megatron_patch.training.run_plan --data-path "$DATA_PATH" \
     --world-size "$WORLD" --tp "$TP" --pp "$PP" --mbs "$MBS" --gbs "$GBS" --gbs-per-dp "$GBS_PER_DP" \
-    --epochs "$EPOCHS" --margin "$STEP_MARGIN" --save-interval "$SAVE_INTERVAL")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
+    --epochs "$EPOCHS" --margin "$STEP_MARGIN" --save-interval "$SAVE_INTERVAL" \
+    --samples-per-sequence "$SAMPLES_PER_SEQUENCE" --tokenizer-path "$TOKENIZER_PATH" \
+    --trainer-args="--seq-length $SEQ_LEN $EXTRA_ARGS")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
 plan_value() { echo "$PLAN" | sed -n "s/^$1=//p" | head -n1; }
 DP=$(plan_value DP); GBS=$(plan_value GBS); NSTEP=$(plan_value NSTEP); SAMPLES=$(plan_value SAMPLES)
 WARMUP=$(plan_value WARMUP); SAVE_INTERVAL=$(plan_value SAVE_INTERVAL); GRAD_ACC=$(plan_value GRAD_ACC)
+SAMPLES_PER_SEQUENCE=$(plan_value SAMPLES_PER_SEQUENCE)
 
 # ---- resume or fresh start
 LOAD_ARGS=()
@@ -119,10 +123,11 @@ MBS=$MBS
 GBS=$GBS
 GRAD_ACC=$GRAD_ACC
 SAMPLES=$SAMPLES
+SAMPLES_PER_SEQUENCE=$SAMPLES_PER_SEQUENCE
 NSTEP=$NSTEP
 WARMUP=$WARMUP
 SAVE_INTERVAL=$SAVE_INTERVAL
-(SAMPLES counts converted conversations in the train split; NSTEP = ceil(SAMPLES x $EPOCHS / GBS) x (1 + $STEP_MARGIN))
+(SAMPLES counts converted conversations in the train split, GBS sequences per step, each holding ~$SAMPLES_PER_SEQUENCE conversations; NSTEP = ceil(SAMPLES x $EPOCHS / (GBS x $SAMPLES_PER_SEQUENCE)) x (1 + $STEP_MARGIN))
 START: $START
 LOG=$LOG
 TENSORBOARD: tensorboard --logdir $SAVE_CKPT_PATH/tensorboard
@@ -135,6 +140,8 @@ fi
 mkdir -p "$SAVE_CKPT_PATH"
 export PATH="$(dirname "$PYTHON"):$PATH"
 [ "$DEVICE" = "cpu" ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# fewer allocator retries and less fragmentation with varying packed lengths
+[ "$DEVICE" = "cuda" ] && export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 set +e
 "${CMD[@]}" 2>&1 | tee -ia "$LOG"   # -i: Ctrl-C must not stop the log while the run saves
 STATUS=${PIPESTATUS[0]}

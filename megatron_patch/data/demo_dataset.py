@@ -4,8 +4,8 @@ Why synthetic: the demo and the tests must run offline, and a loss curve only pr
 the task is learnable and the answers are checkable. Every image shows 1-3 coloured shapes
 (circle, square, triangle) in distinct cells of a 2x2 grid on a plain light background; within one
 image colours and shape kinds are all different, so "the red shape" or "the circle" always names
-exactly one object. Questions have one-word answers, so accuracy per question type is a clear
-signal for a later evaluator:
+exactly one object. Questions have one-word answers (descriptions aside), so accuracy per
+question type is a clear signal for a later evaluator:
 
     colour      "What colour is the circle?"            -> "red"
     shape       "What shape is the blue object?"        -> "square"
@@ -13,6 +13,8 @@ signal for a later evaluator:
     position    "Where is the green triangle?"          -> "top-left"
     multi_image two images: "Which image has a red shape?" -> "first" | "second"
     text        no image: "How many sides does a triangle have?" -> "three"
+    describe    (opt-in, --describe) "Describe the image." -> "red circle top-left, blue square
+                bottom-right": every attribute of every shape, in reading order
 
 Output is LLaVA JSON (`demo.json`, a list) plus PNGs under `images/`, the converter's input format.
 Each record keeps `question_types` (one per human turn) for scoring accuracy per type. The same
@@ -37,7 +39,7 @@ BACKGROUNDS = ((255, 255, 255), (225, 225, 225), (245, 240, 225), (215, 230, 240
 SHAPES = ("circle", "square", "triangle")
 CELLS = ("top-left", "top-right", "bottom-left", "bottom-right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-QUESTION_TYPES = ("colour", "shape", "count", "position", "multi_image", "text")
+QUESTION_TYPES = ("colour", "shape", "count", "position", "multi_image", "text", "describe")
 IMAGE_DIR = "images"
 JSON_NAME = "demo.json"
 # share of records with one image, two images, no image
@@ -57,6 +59,7 @@ class DemoOptions:
     num_samples: int = 2000
     seed: int = 0
     image_size: int = 56
+    describe: float = 0.0   # share of single-image records that start with "Describe the image."
 
 
 # ---------------------------------------------------------------- entry point
@@ -97,6 +100,8 @@ def _single_image_record(rng: random.Random, index: int, options: DemoOptions) -
     shapes = _random_scene(rng, rng.randint(1, 3))
     name = _write_image(rng, shapes, index, 0, options)
     types = rng.sample(("colour", "shape", "count", "position"), rng.randint(1, 3))
+    if options.describe and rng.random() < options.describe:
+        types.insert(0, "describe")
     turns = []
     for number, qtype in enumerate(types):
         question, answer = _ask(rng, qtype, shapes)
@@ -107,6 +112,9 @@ def _single_image_record(rng: random.Random, index: int, options: DemoOptions) -
 
 
 def _ask(rng: random.Random, qtype: str, shapes: Sequence[Shape]) -> Tuple[str, str]:
+    if qtype == "describe":  # every attribute of every shape, in reading order of the cells
+        ordered = sorted(shapes, key=lambda shape: CELLS.index(shape.cell))
+        return "Describe the image.", ", ".join(f"{s.colour} {s.kind} {s.cell}" for s in ordered)
     target = rng.choice(shapes)
     if qtype == "colour":
         return f"What colour is the {target.kind}?", target.colour
@@ -234,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=56,
                    help="image side in pixels, a multiple of 28 (default 56: 4 image tokens)")
+    p.add_argument("--describe", type=float, default=0.0,
+                   help="share of single-image records that first ask for a full description "
+                        "(colour, shape and cell of every shape): dense supervision")
     p.add_argument("--tokenizer-dir", help="also train a 512-token tokenizer on the texts here")
     return p
 
@@ -243,7 +254,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         records = generate(DemoOptions(args.output_dir, args.num_samples, args.seed,
-                                       args.image_size))
+                                       args.image_size, args.describe))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

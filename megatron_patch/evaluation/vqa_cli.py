@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-path", required=True)
     p.add_argument("--model", default="tiny")
     p.add_argument("--rotary-base", type=float, help="as given to the trainer, if it was")
+    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
+                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
+        p.add_argument(f"--{name}", type=int, help="as given to the trainer, if it was")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, help="stop after this many questions")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -3,15 +3,16 @@
 Kept in Python (not bash) so it is tested table-driven; `train/sft_bench_TEMPLATE.sh` runs
 `python -m megatron_patch.training.run_plan ...` and reads its KEY=VALUE lines.
 
-Units: SAMPLES counts converted samples (one conversation each) in the train split. With
---packing several samples share one sequence, but GBS still counts samples per optimizer step
-only when packing is off; with packing GBS counts packed sequences, so NSTEP is an upper bound
-(the loader repeats data if the run outlasts an epoch).
+Units: SAMPLES counts converted samples (one conversation each) in the train split; GBS counts
+sequences per optimizer step. Without packing a sequence is one sample. With --packing (in the
+trainer arguments) a sequence holds several, so the plan estimates SAMPLES_PER_SEQUENCE from the
+first train samples (packing_estimate.py) and NSTEP = ceil(SAMPLES x EPOCHS / (GBS x that)).
 """
 import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
@@ -29,13 +30,14 @@ class RunPlan:
     train_iters: int
     warmup_iters: int
     save_interval: int
+    samples_per_sequence: float = 1.0
     notes: List[str] = field(default_factory=list)
 
 
 def plan_run(samples: int, world_size: int, tp: int = 1, pp: int = 1, micro_batch: int = 1,
              global_batch: Optional[int] = None, gbs_per_dp: int = 4, epochs: float = 1.0,
              margin: float = 0.05, warmup_fraction: float = 0.002, saves_per_run: int = 10,
-             save_interval: Optional[int] = None) -> RunPlan:
+             save_interval: Optional[int] = None, samples_per_sequence: float = 1.0) -> RunPlan:
     if world_size % (tp * pp):
         raise ValueError(f"TP x PP = {tp} x {pp} does not divide the {world_size} GPUs; choose TP "
                          f"and PP whose product divides {world_size}")
@@ -48,11 +50,17 @@ def plan_run(samples: int, world_size: int, tp: int = 1, pp: int = 1, micro_batc
         notes.append(f"GBS {requested} rounded to {gbs}, a multiple of MBS x DP = {micro_batch} x {dp}")
     if samples <= 0:
         raise ValueError("the train split has no samples")
-    steps = math.ceil(samples * epochs / gbs)
+    if samples_per_sequence <= 0:
+        raise ValueError(f"samples per sequence must be positive, not {samples_per_sequence}")
+    steps = math.ceil(samples * epochs / (gbs * samples_per_sequence))
     train_iters = math.ceil(steps * (1 + margin))
     warmup = max(1, round(train_iters * warmup_fraction)) if warmup_fraction > 0 else 0
     interval = save_interval or max(1, math.ceil(train_iters / saves_per_run))
-    return RunPlan(world_size, dp, gbs, gbs // unit, samples, train_iters, warmup, interval, notes)
+    if samples_per_sequence != 1:
+        notes.append(f"packing: ~{samples_per_sequence:.2f} samples per sequence, so a step of "
+                     f"GBS {gbs} sequences trains on ~{gbs * samples_per_sequence:.0f} samples")
+    return RunPlan(world_size, dp, gbs, gbs // unit, samples, train_iters, warmup, interval,
+                   samples_per_sequence, notes)
 
 
 def count_train_samples(data_path: str) -> int:
@@ -91,24 +99,53 @@ def main(argv=None) -> int:
     p.add_argument("--margin", type=float, default=0.05)
     p.add_argument("--warmup-fraction", type=float, default=0.002)
     p.add_argument("--save-interval", type=int, default=0)
+    p.add_argument("--samples-per-sequence", default="auto",
+                   help="samples per packed sequence; auto: 1 without --packing in "
+                        "--trainer-args, else estimated from the data")
+    p.add_argument("--tokenizer-path", help="for the packing estimate")
+    p.add_argument("--trainer-args", default="", help="the trainer's extra arguments, one string")
     args = p.parse_args(argv)
     try:
         samples = count_train_samples(args.data_path)
+        per_sequence, estimate_note = samples_per_sequence(args)
         plan = plan_run(samples, args.world_size, args.tp, args.pp, args.mbs, args.gbs or None,
                         args.gbs_per_dp, args.epochs, args.margin, args.warmup_fraction,
-                        save_interval=args.save_interval or None)
+                        save_interval=args.save_interval or None,
+                        samples_per_sequence=per_sequence)
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"PLAN_ERROR={json.dumps(str(error))}")
         return 1
+    if estimate_note:
+        plan.notes.append(estimate_note)
     values = asdict(plan)
     for note in values.pop("notes"):
         print(f"PLAN_NOTE={json.dumps(note)}")
     names = {"world_size": "WORLD_SIZE_PLAN", "data_parallel_size": "DP", "global_batch_size": "GBS",
              "gradient_accumulation_steps": "GRAD_ACC", "samples": "SAMPLES",
-             "train_iters": "NSTEP", "warmup_iters": "WARMUP", "save_interval": "SAVE_INTERVAL"}
+             "train_iters": "NSTEP", "warmup_iters": "WARMUP", "save_interval": "SAVE_INTERVAL",
+             "samples_per_sequence": "SAMPLES_PER_SEQUENCE"}
     for key, value in values.items():
         print(f"{names[key]}={value}")
     return 0
+
+
+def samples_per_sequence(args) -> tuple:
+    """(samples per sequence, a note on how it was found or None)."""
+    trainer_args = shlex.split(args.trainer_args)
+    if args.samples_per_sequence != "auto":
+        return float(args.samples_per_sequence), None
+    if "--packing" not in trainer_args:
+        return 1.0, None
+    if not args.tokenizer_path or os.path.isfile(args.data_path):
+        return 1.0, ("--packing: samples per sequence not estimated (needs a dataset folder and "
+                     "the tokenizer); NSTEP counts sequences as if each held one sample -- set "
+                     "SAMPLES_PER_SEQUENCE")
+    from megatron_patch.training.packing_estimate import estimate_from_trainer_args
+    estimate = estimate_from_trainer_args(args.data_path, args.tokenizer_path, trainer_args)
+    return round(estimate.samples_per_sequence, 2), (
+        f"estimated from the first {estimate.samples_read} train samples packed as the trainer "
+        f"packs them ({100 * estimate.efficiency:.1f}% of each sequence filled, "
+        f"{estimate.overlong} longer than the sequence)")
 
 
 if __name__ == "__main__":

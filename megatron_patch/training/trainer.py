@@ -114,7 +114,8 @@ def encoder_settings(args) -> EncoderSettings:
     return EncoderSettings(
         seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
-        packing_buffer_size=args.packing_buffer_size, pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
+        packing_buffer_size=args.packing_buffer_size,
+        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
 
 
 class Trainer:
