@@ -50,6 +50,7 @@ from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, Synthe
 from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, reset_peak_memory,
                                                 sync as _sync)
 from megatron_patch.model import build_model, count_parameters, get_config
+from megatron_patch.training.arguments import add_model_override_arguments, model_overrides
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
 
@@ -71,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
-    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
-                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
-        g.add_argument(f"--{name}", type=int, help="override the config's value")
-    g.add_argument("--rotary-base", type=float)
+    add_model_override_arguments(g)
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
@@ -263,10 +261,7 @@ def run(args) -> Dict:
               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "machine": machine_info(device), "settings": vars(args), "formula": FORMULA}
     if args.data_path is None:
-        overrides = {key: getattr(args, key) for key in (
-            "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-            "num_query_groups", "vision_num_layers", "vision_hidden_size", "rotary_base")}
-        cfg = get_config(args.model, overrides)
+        cfg = get_config(args.model, model_overrides(args))
     else:
         cfg, open_batches = _real_data(args, train_args)
     report["model"] = cfg.to_dict()

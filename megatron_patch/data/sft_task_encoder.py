@@ -241,5 +241,5 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
             capacity=int(collated.tokens.numel()))
 
 
-__all__ = ["AllSamplesBad", "AllSamplesOverlong", "cook_or_flag", "sample_location", "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch",
-           "SFTTaskEncoder"]
+__all__ = ["AllSamplesBad", "AllSamplesOverlong", "cook_or_flag", "sample_location",
+           "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch", "SFTTaskEncoder"]

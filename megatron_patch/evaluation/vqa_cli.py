@@ -12,6 +12,7 @@ from megatron_patch.data.image_processing import ImageGeometry
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.evaluation.vqa import GreedyAnswerer, evaluate
 from megatron_patch.model import build_model
+from megatron_patch.training.arguments import add_model_override_arguments
 from megatron_patch.training.checkpointing import load_checkpoint
 from megatron_patch.training.parallel_setup import initialize, shutdown
 from megatron_patch.training.trainer import model_config
@@ -23,10 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True, help="converted dataset dir")
     p.add_argument("--tokenizer-path", required=True)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--rotary-base", type=float, help="as given to the trainer, if it was")
-    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
-                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
-        p.add_argument(f"--{name}", type=int, help="as given to the trainer, if it was")
+    add_model_override_arguments(p, "as given to the trainer, if it was")
     p.add_argument("--split", default="val")
     p.add_argument("--limit", type=int, help="stop after this many questions")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -13,6 +13,30 @@ from megatron_patch.training.signals import signal_from_name
 
 
 MIN_BAD_SAMPLES_TO_STOP = 10  # a single bad sample early in a run is not yet a "share"
+# config values every model-building command can override (Megatron-LM names)
+MODEL_SIZE_OPTIONS = ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
+                      "num-query-groups", "vision-num-layers", "vision-hidden-size")
+MODEL_OVERRIDE_KEYS = (*(name.replace("-", "_") for name in MODEL_SIZE_OPTIONS), "rotary_base")
+
+
+def add_model_override_arguments(group, help_suffix: str = "override the config's value") -> None:
+    """--num-layers ... --vision-hidden-size and --rotary-base: the trainer, the evaluator and
+    the benchmark must build the same model from the same flags."""
+    for name in MODEL_SIZE_OPTIONS:
+        group.add_argument(f"--{name}", type=int, help=help_suffix)
+    group.add_argument("--rotary-base", type=float,
+                       help="RoPE base of the language model (default: the config's; pass the "
+                            "checkpoint's rope_theta when it differs)")
+
+
+def model_overrides(args) -> dict:
+    """The override values from any namespace built with add_model_override_arguments."""
+    return {key: getattr(args, key, None) for key in MODEL_OVERRIDE_KEYS}
+
+
+def default_packing_buffer_size(seq_length: int) -> int:
+    """About 30 sequences' worth of samples, at least 64 (docs/BENCHMARKS.md, packing)."""
+    return max(64, seq_length // 32)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,12 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 allow_abbrev=False)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", help="config name: tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
-    for name in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
-                 "num-query-groups", "vision-num-layers", "vision-hidden-size"):
-        g.add_argument(f"--{name}", type=int, help="override the config's value")
-    g.add_argument("--rotary-base", type=float,
-                   help="RoPE base of the language model (default: the config's; pass the "
-                        "checkpoint's rope_theta when it differs)")
+    add_model_override_arguments(g)
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="use the unfused SwiGLU (the fused one is used with CUDA)")
@@ -159,7 +178,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.save and args.dataloader_save is None:
         args.dataloader_save = os.path.join(args.save, "dataloader")
     if args.packing_buffer_size is None:
-        args.packing_buffer_size = max(64, args.seq_length // 32)
+        args.packing_buffer_size = default_packing_buffer_size(args.seq_length)
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")

@@ -61,11 +61,11 @@ def estimate_from_trainer_args(data_path: str, tokenizer_path: str, trainer_args
                                limit: int = 1000) -> PackingEstimate:
     """The estimate for the settings in the trainer's own arguments (seq length, pixel limits,
     image cap, packing buffer), parsed with the trainer's parser and defaults."""
-    from megatron_patch.training.arguments import build_parser
+    from megatron_patch.training.arguments import build_parser, default_packing_buffer_size
     args, _ = build_parser().parse_known_args(
         ["--train-iters", "1", "--data-path", data_path, "--tokenizer-path", tokenizer_path,
          *trainer_args])
-    buffer = args.packing_buffer_size or max(64, args.seq_length // 32)
+    buffer = args.packing_buffer_size or default_packing_buffer_size(args.seq_length)
     geometry = ImageGeometry(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     lengths = sample_lengths(data_path, tokenizer_path, geometry, limit)
     return estimate_packing(lengths, args.seq_length, args.max_images_per_pack, buffer)

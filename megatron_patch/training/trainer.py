@@ -73,9 +73,7 @@ def setup_logging(save: Optional[str], rank: int) -> None:
 def model_config(args, tokenizer: SFTTokenizer):
     """The named config + size overrides, with the tokenizer's image token (any namespace with
     the override attributes works: the evaluator passes its own)."""
-    overrides = {key: getattr(args, key, None) for key in (
-        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-        "vision_num_layers", "vision_hidden_size", "rotary_base")}
+    overrides = arguments.model_overrides(args)
     overrides["image_token_id"] = tokenizer.image_pad_id
     cfg = get_config(args.model, overrides)
     if tokenizer.vocab_size > cfg.language.vocab_size:
