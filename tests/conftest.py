@@ -1,9 +1,17 @@
-"""Shared fixtures: a small demo dataset, converted once per session with the real converter."""
+"""Shared fixtures: a small demo dataset, converted once per session with the real converter.
+Also hides the GPUs from the CPU suite (device_selection: `pytest -m gpu` runs the GPU tests)."""
+import os
 import shutil
 
 import pytest
+from device_selection import gpu_tests_selected
 
 DEMO_SAMPLES = 120
+
+
+def pytest_configure(config):
+    if not gpu_tests_selected(config.option.markexpr):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

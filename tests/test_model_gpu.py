@@ -8,7 +8,8 @@ import torch
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
-    pytest.skip("needs CUDA", allow_module_level=True)
+    pytest.skip("needs CUDA and `pytest -m gpu` (the CPU suite hides GPUs: conftest)",
+                allow_module_level=True)
 
 from megatron_patch.model import build_model, get_config  # noqa: E402
 from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402

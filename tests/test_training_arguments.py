@@ -33,6 +33,7 @@ def test_derived_values(paths):
     (["--packing", "--micro-batch-size", "2"], 1, "use --micro-batch-size 1"),
     (["--bf16"], 1, "--bf16 needs CUDA"),
     (["--use-distributed-optimizer"], 1, "needs CUDA"),
+    (["--overlap-param-gather"], 1, "add --use-distributed-optimizer"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
 ])

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="all-reduce gradient buckets during the backward pass of the last micro "
                         "batch instead of after it")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: all-gather the updated parameters "
+                        "during the next forward pass, bucket by bucket, instead of right after "
+                        "the optimizer step")
     g.add_argument("--bf16", action="store_true")
 
     g = p.add_argument_group("optimization")
@@ -179,6 +183,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
         args.dataloader_save = os.path.join(args.save, "dataloader")
     if args.packing_buffer_size is None:
         args.packing_buffer_size = default_packing_buffer_size(args.seq_length)
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ArgumentError("--overlap-param-gather overlaps the distributed optimizer's parameter "
+                            "all-gather; add --use-distributed-optimizer or drop the flag")
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")

@@ -76,7 +76,8 @@ def optimizer_config(args) -> OptimizerConfig:
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
         sgd_momentum=getattr(args, "sgd_momentum", 0.9), clip_grad=args.clip_grad,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer)
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather)
 
 
 def build_optimizer(args, model_chunks: List[torch.nn.Module]):

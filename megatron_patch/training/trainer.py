@@ -4,6 +4,7 @@ Reads top-down: `main` validates arguments (cheap, before any process group or m
 parallelism, builds tokenizer -> model -> optimizer -> checkpoint -> data, then `Trainer.train`
 runs iterations until --train-iters, a signal, --exit-interval or --exit-duration-in-mins.
 """
+import contextlib
 import json
 import logging
 import os
@@ -101,11 +102,30 @@ def wrap_model(args, cfg, device: torch.device):
     model.to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer)
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather)
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     return ddp, trainable
+
+
+@contextlib.contextmanager
+def parameters_gathered(model):
+    """Up-to-date parameters for evaluation and saving under --overlap-param-gather.
+
+    With that flag the distributed optimizer's step leaves each rank's updated shard in place;
+    the all-gather runs bucket by bucket in forward pre-hooks of the next training step. An
+    evaluation or a checkpoint in between would see (and save) the previous step's weights, so
+    the hooks are removed with a forced all-gather first and put back after."""
+    if not getattr(model, "use_forward_hook", False):
+        yield
+        return
+    model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        model.enable_forward_pre_hook()
 
 
 def encoder_settings(args) -> EncoderSettings:
@@ -217,16 +237,19 @@ class Trainer:
                 stats, interval_start = IntervalStats(), time.time()
             paused = time.time()  # evaluation and saving do not count as training time
             if args.eval_interval and state.iteration % args.eval_interval == 0:
-                self.evaluate()
+                with parameters_gathered(self.model):
+                    self.evaluate()
             stop_reason = self.stop_reason()
             if self.should_save(stop_reason):
-                self.save()
+                with parameters_gathered(self.model):
+                    self.save()
             interval_start += time.time() - paused
             if stop_reason:
                 logger.info("stopping at iteration %d: %s", state.iteration, stop_reason)
                 return EXIT_SIGNALLED if self.stop_request.requested else 0
         if args.eval_interval and state.iteration % args.eval_interval:
-            self.evaluate()
+            with parameters_gathered(self.model):
+                self.evaluate()
         logger.info("done: %d iterations, %d skipped steps", state.iteration, state.skipped_steps)
         return 0
 
