@@ -41,6 +41,18 @@ def test_dry_run_prints_the_plan_and_command(converted_demo, tokenizer_dir, tmp_
     assert not (tmp_path / "run").exists()  # nothing launched, nothing created
 
 
+def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tmp_path):
+    """WARMUP_FRACTION (default 0.002, the recipe's) scales warmup to NSTEP: 108 samples x 10
+    epochs / GBS 4 = 270 steps -> x 1.05 = 284; 10% of that is 28 warmup steps."""
+    result = run_template({"MODEL": "tiny", "GBS": "4", "EPOCHS": "10", "WARMUP_FRACTION": "0.1",
+                           "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
+                           "SAVE_CKPT_PATH": str(tmp_path / "run")})
+    assert result.returncode == 0, result.stderr
+    plan = plan_lines(result.stdout)
+    assert (plan["NSTEP"], plan["WARMUP"]) == ("284", "28")
+    assert "--lr-warmup-iters 28 " in result.stdout
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"DATA_PATH": "/nonexistent"}, "DATA_PATH /nonexistent does not exist"),
     ({"TOKENIZER_PATH": "/nonexistent"}, "TOKENIZER_PATH /nonexistent does not exist"),

@@ -31,6 +31,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"                    # anything else for the trainer,
 
 STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs / (GBS x samples per sequence)) x (1 + margin)
 SAMPLES_PER_SEQUENCE="${SAMPLES_PER_SEQUENCE:-auto}"  # with --packing: auto = estimated from the first 1000 train samples
+WARMUP_FRACTION="${WARMUP_FRACTION:-0.002}"        # share of NSTEP spent warming the lr up (recipe: 0.002; from-scratch parts want ~0.05)
 CPU_PROCESSES_DP="${CPU_PROCESSES_DP:-1}"       # without a GPU: processes = TP x PP x this
 RESUME="${RESUME:-auto}"                        # auto: resume from SAVE_CKPT_PATH when it has a checkpoint; 0: refuse to reuse it
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -77,7 +78,7 @@ fi
 PLAN="$("$PYTHON" -W ignore -m megatron_patch.training.run_plan --data-path "$DATA_PATH" \
     --world-size "$WORLD" --tp "$TP" --pp "$PP" --mbs "$MBS" --gbs "$GBS" --gbs-per-dp "$GBS_PER_DP" \
     --epochs "$EPOCHS" --margin "$STEP_MARGIN" --save-interval "$SAVE_INTERVAL" \
-    --samples-per-sequence "$SAMPLES_PER_SEQUENCE" --tokenizer-path "$TOKENIZER_PATH" \
+    --warmup-fraction "$WARMUP_FRACTION" --samples-per-sequence "$SAMPLES_PER_SEQUENCE" --tokenizer-path "$TOKENIZER_PATH" \
     --trainer-args="--seq-length $SEQ_LEN $EXTRA_ARGS")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
 plan_value() { echo "$PLAN" | sed -n "s/^$1=//p" | head -n1; }
 DP=$(plan_value DP); GBS=$(plan_value GBS); NSTEP=$(plan_value NSTEP); SAMPLES=$(plan_value SAMPLES)
