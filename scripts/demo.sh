@@ -12,7 +12,7 @@ DEMO_EPOCHS="${DEMO_EPOCHS:-4.5}"   # passes over the training conversations
 DEMO_IMAGE_SIZE="${DEMO_IMAGE_SIZE:-56}"  # pixels per side: 28 px = one image token per side
 DEMO_DESCRIBE="${DEMO_DESCRIBE:-0}"       # share of images first asked "Describe the image."
 DEMO_MODEL_ARGS="${DEMO_MODEL_ARGS:-}"    # model overrides (trainer and evaluator), e.g. --vision-hidden-size 128
-DEMO_TRAIN_ARGS="${DEMO_TRAIN_ARGS:-}"    # more trainer arguments, e.g. --lr-vision 1e-2
+DEMO_TRAIN_ARGS="${DEMO_TRAIN_ARGS:-}"    # more trainer arguments, e.g. --lr-adapter 1e-3
 
 echo "== 1/5 demo dataset (LLaVA JSON + PNGs) and a 512-token tokenizer -> $DEMO_DIR/raw"
 $PY tools/make_demo_dataset.py --output-dir "$DEMO_DIR/raw" --num-samples "$DEMO_SAMPLES" \

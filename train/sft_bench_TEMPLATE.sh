@@ -31,7 +31,7 @@ EXTRA_ARGS="${EXTRA_ARGS:-}"                    # anything else for the trainer,
 
 STEP_MARGIN="${STEP_MARGIN:-0.05}"              # NSTEP = ceil(samples x epochs / (GBS x samples per sequence)) x (1 + margin)
 SAMPLES_PER_SEQUENCE="${SAMPLES_PER_SEQUENCE:-auto}"  # with --packing: auto = estimated from the first 1000 train samples
-WARMUP_FRACTION="${WARMUP_FRACTION:-0.002}"        # share of NSTEP spent warming the lr up (recipe: 0.002; from-scratch parts want ~0.05)
+WARMUP_FRACTION="${WARMUP_FRACTION:-0.002}"     # share of NSTEP spent warming the lr up (0.002: the published recipe's)
 CPU_PROCESSES_DP="${CPU_PROCESSES_DP:-1}"       # without a GPU: processes = TP x PP x this
 RESUME="${RESUME:-auto}"                        # auto: resume from SAVE_CKPT_PATH when it has a checkpoint; 0: refuse to reuse it
 MASTER_PORT="${MASTER_PORT:-29500}"
