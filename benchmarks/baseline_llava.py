@@ -202,7 +202,7 @@ class BaselineLlava(nn.Module):
     """``forward(batch) -> per-token loss [b, s]`` for an SFT micro-batch (duck-typed: tokens,
     labels, position_ids, pixel_values, image_grid_thw, cu_seqlens)."""
 
-    def __init__(self, cfg, init_std: float = 0.02):
+    def __init__(self, cfg, init_std: Optional[float] = None):
         super().__init__()
         lm = cfg.language
         self.cfg, self.image_token_id = cfg, cfg.image_token_id
@@ -213,7 +213,8 @@ class BaselineLlava(nn.Module):
         self.model.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
         self.lm_head = nn.Linear(lm.hidden_size, lm.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self._init_weights(init_std)
+        # the megatron model's init scale by default, so fresh models start alike
+        self._init_weights(cfg.init_method_std if init_std is None else init_std)
 
     def _init_weights(self, std: float) -> None:
         """HF's _init_weights: normal(0, std) for linears and embeddings, zero biases."""

@@ -25,9 +25,11 @@ def _spec(cfg, **kw):
 
 def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
     out = tmp_path / "bench.json"
+    # --init-method-std 0.02 (tiny's preset is 0.125): at a small init a fresh model predicts
+    # about uniformly, so both trainers' first loss is ~ln(vocab), checked below
     assert benchmark_main(SMALL + ["--num-layers", "2", "--warmup-steps", "1", "--steps", "2", "--grad-accum", "2",
                                    "--trainer", "both", "--peak-tflops", "0.5",
-                                   "--json", str(out)]) == 0
+                                   "--init-method-std", "0.02", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["same_batches"] is True
     results = report["results"]
@@ -50,7 +52,8 @@ def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
     assert report["ratio_tokens_per_s"] == pytest.approx(
         results["megatron"]["tokens_per_s_per_device"]
         / results["baseline"]["tokens_per_s_per_device"])
-    assert results["megatron"]["losses"][0] == pytest.approx(math.log(512), abs=0.2)
+    for r in results.values():
+        assert r["losses"][0] == pytest.approx(math.log(512), abs=0.2)
     assert "mfu" in report["formula"] and "flops.py" in report["formula"]["model_flops"]
 
 
@@ -88,7 +91,7 @@ def test_baseline_has_our_parameter_count_per_tower(overrides):
 
 def test_baseline_starts_near_uniform_and_learns_a_fixed_batch():
     baseline = load_baseline()
-    cfg = get_config("tiny")
+    cfg = get_config("tiny", {"init_method_std": 0.02})  # small init: near-uniform predictions
     batch = SyntheticPackedBatches(_spec(cfg)).take(1)
     trainer = baseline.BaselineTrainer(cfg, torch.device("cpu"), lr=3e-3, seed=0)
     losses = []
@@ -191,7 +194,7 @@ def test_baseline_computes_our_model_given_the_same_weights():
     from megatron_patch.training.train_step import model_inputs
 
     baseline = load_baseline()
-    cfg = get_config("tiny")
+    cfg = get_config("tiny", {"init_method_std": 0.02})  # the scaling below assumes this init
     batch = SyntheticPackedBatches(_spec(cfg)).take(1)[0]
     initialize(1, 1, 0)
     try:

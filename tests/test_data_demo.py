@@ -122,6 +122,38 @@ def test_descriptions_name_every_shape_in_reading_order(tmp_path):
     assert described == sum(isinstance(r.get("image"), str) for r in records) > 20
 
 
+def test_first_stage_options_give_lone_shapes_and_only_the_asked_questions(tmp_path):
+    """--max-shapes 1 --questions colour,shape --single-image-only: one shape per image (seen in
+    the pixels), one image per record, and only colour/shape questions, each answered right."""
+    assert main(["--output-dir", str(tmp_path), "--num-samples", "60", "--seed", "5",
+                 "--max-shapes", "1", "--questions", "colour,shape", "--single-image-only"]) == 0
+    records = json.loads((tmp_path / "demo.json").read_text())
+    assert len(records) == 60
+    asked = Counter()
+    for record in records:
+        assert isinstance(record["image"], str)
+        (colour,) = colours_in(tmp_path / record["image"])
+        for qtype, (question, answer) in zip(record["question_types"],
+                                             zip(record["conversations"][::2],
+                                                 record["conversations"][1::2])):
+            asked[qtype] += 1
+            if qtype == "colour":
+                assert answer["value"] == colour
+            else:
+                assert question["value"].endswith(f"What shape is the {colour} object?")
+    assert set(asked) == {"colour", "shape"} and min(asked.values()) > 10
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_shapes=4), "--max-shapes 4: use 1 to 3"),
+    (dict(questions=("colour", "size")), "--questions colour,size: choose from"),
+    (dict(questions=()), "--questions : choose from"),
+])
+def test_bad_first_stage_options_are_refused(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        generate(DemoOptions(str(tmp_path), num_samples=2, **options))
+
+
 def test_two_thousand_samples_in_seconds(tmp_path):
     started = time.perf_counter()
     records = generate(DemoOptions(str(tmp_path / "big"), num_samples=2000, seed=0))

@@ -101,3 +101,19 @@ def test_model_provider_builds_the_requested_stage():
     first = provider(pre_process=True, post_process=False)
     assert first.vision_model is not None and hasattr(first.language_model, "embedding")
     assert set(count_parameters(first)) == {"vision", "adapter", "language", "total"}
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_init_method_std_sets_the_random_init_of_both_towers(std):
+    """--init-method-std reaches megatron's init of the language and vision weight matrices
+    (the tiny model trains from scratch; its init scale decides how fast it learns)."""
+    init_parallel(1, 1)
+    torch.manual_seed(0)
+    model = build_model(get_config("tiny", {"init_method_std": std}), attention_backend="local",
+                        use_cpu_initialization=True)
+    weights = dict(model.named_parameters())
+    for name in ("language_model.decoder.layers.0.self_attention.linear_qkv.weight",
+                 "language_model.decoder.layers.0.mlp.linear_fc1.weight",
+                 "language_model.embedding.word_embeddings.weight",
+                 "vision_model.decoder.layers.0.self_attention.linear_qkv.weight"):
+        assert weights[name].std().item() == pytest.approx(std, rel=0.1), name

@@ -61,6 +61,12 @@ def run_step(full_sd, first_stage_layers=None):
         forward_step_func=forward_step, data_iterator=iter(_micro_batches(cfg)), model=[model],
         num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
 
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        # as the trainer's finalize_model_grads does: q/k layernorm weights are shared by all
+        # heads, so each TP rank holds only its own heads' share of their gradient
+        for name, p in model.named_parameters():
+            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     tp_rank = ps.get_tensor_model_parallel_rank()
     sq = torch.zeros(1, dtype=torch.float64)
     for p in model.parameters():

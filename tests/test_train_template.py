@@ -41,6 +41,28 @@ def test_dry_run_prints_the_plan_and_command(converted_demo, tokenizer_dir, tmp_
     assert not (tmp_path / "run").exists()  # nothing launched, nothing created
 
 
+def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_demo, tokenizer_dir,
+                                                                    tmp_path):
+    """CHECKPOINT_PATH (a base model or an earlier stage's run) is loaded with --finetune, so
+    a stage-1 run's iteration and data position do not leak into stage 2; once SAVE holds a
+    checkpoint, the template resumes that instead, fully."""
+    stage1, save = tmp_path / "stage1", tmp_path / "stage2"
+    stage1.mkdir()
+    env = {"MODEL": "tiny", "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
+           "SAVE_CKPT_PATH": str(save), "CHECKPOINT_PATH": str(stage1)}
+    fresh = run_template(env)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"--load {stage1} --finetune" in fresh.stdout
+    assert f"START: fresh run from the weights in {stage1}" in fresh.stdout
+
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("3")
+    resumed = run_template(env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"--load {save}" in resumed.stdout and "--finetune" not in resumed.stdout
+    assert f"START: resuming from {save} (iteration 3)" in resumed.stdout
+
+
 def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tmp_path):
     """WARMUP_FRACTION (default 0.002, the recipe's) scales warmup to NSTEP: 108 samples x 10
     epochs / GBS 4 = 270 steps -> x 1.05 = 284; 10% of that is 28 warmup steps."""

@@ -127,18 +127,24 @@ def test_parallel_run_continues_a_single_process_checkpoint(layout, reference_ru
             reference[iteration]["train/grad_norm"], rel=1e-4), iteration
 
 
-def test_base_model_checkpoint_loads_weights_and_starts_fresh(reference_run, converted_demo,
-                                                              demo_tokenizer, tmp_path):
-    """A checkpoint without run state (what the HF converter writes) gives weights only: the run
-    starts at iteration 0 with a fresh optimizer and data order, from the trained weights."""
+@pytest.mark.parametrize("source", ["base model", "earlier stage"])
+def test_weights_only_load_starts_fresh(source, reference_run, converted_demo, demo_tokenizer,
+                                        tmp_path):
+    """A checkpoint without run state (what the HF converter writes), or a run loaded with
+    --finetune (an earlier training stage), gives weights only: the run starts at iteration 0
+    with a fresh optimizer and data order, from the trained weights."""
     import shutil
     base = tmp_path / "base"
     shutil.copytree(reference_run / "iter_0000004", base / "iter_0000004")
-    (base / "iter_0000004" / "run_state.json").unlink()
+    if source == "base model":
+        (base / "iter_0000004" / "run_state.json").unlink()
+        flags, note = (), "a base model; starting at iteration 0"
+    else:  # without --finetune this checkpoint would resume at iteration 5 (test_resume_is_exact)
+        flags, note = ("--finetune",), "weights only (--finetune); starting at iteration 0"
     save = tmp_path / "run"
     result = run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS[2:], "--train-iters", 1,
-                         "--lr-warmup-iters", 0, "--load", base)
-    assert "a base model; starting at iteration 0" in result.stdout
+                         "--lr-warmup-iters", 0, "--load", base, *flags)
+    assert note in result.stdout
     fresh, reference = metrics(save), metrics(reference_run)
     assert sorted(fresh) == [1]
     # the same first batch as the reference's iteration 1, seen by weights trained 4 steps

@@ -11,7 +11,7 @@ EXP_DIR="${EXP_DIR:-$PWD/runs}"                 # parent folder of all runs
 DATA_NAME="${DATA_NAME:-my_dataset}"            # short name, used in the run folder's name
 SAVE_CKPT_PATH="${SAVE_CKPT_PATH:-$EXP_DIR/stage2_sft_${DATA_NAME}_$(date +%m%d)}"  # checkpoints, logs, tensorboard
 DATA_PATH="${DATA_PATH:-/data/${DATA_NAME}_wds}"  # output of tools/stage2_sftdata2webdataset.py, or a blend .yaml
-CHECKPOINT_PATH="${CHECKPOINT_PATH:-}"          # base model from tools/convert_hf_to_mcore.py; empty = random init
+CHECKPOINT_PATH="${CHECKPOINT_PATH:-}"          # weights to start from: tools/convert_hf_to_mcore.py output or an earlier stage's run dir (weights only); empty = random init
 TOKENIZER_PATH="${TOKENIZER_PATH:-/models/LLaVA-OneVision-1.5-4B-Instruct}"  # dir with tokenizer.json
 MODEL="${MODEL:-llava-ov-1.5-4b}"               # tiny | llava-ov-1.5-4b | llava-ov-1.5-8b
 TP="${TP:-1}"                                   # tensor parallel: 1 for 4B on 80 GB GPUs, 2 for 8B at long seq
@@ -92,7 +92,9 @@ if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
   START="resuming from $SAVE_CKPT_PATH (iteration $(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"))"
   LOAD_ARGS=(--load "$SAVE_CKPT_PATH")
 elif [ -n "$CHECKPOINT_PATH" ]; then
-  START="fresh run from base model $CHECKPOINT_PATH"; LOAD_ARGS=(--load "$CHECKPOINT_PATH")
+  # --finetune: a previous stage's run lends its weights only (not its iteration, optimizer or
+  # data position); a converted base model has nothing else to lend anyway
+  START="fresh run from the weights in $CHECKPOINT_PATH"; LOAD_ARGS=(--load "$CHECKPOINT_PATH" --finetune)
 else
   START="fresh run from random weights"
 fi

@@ -187,14 +187,15 @@ def hf_config_for(cfg: LlavaOVConfig, dtype: str, template: Optional[Dict[str, A
 
 
 def _fresh_config(cfg: LlavaOVConfig) -> Dict[str, Any]:
+    init_std = cfg.init_method_std
     return {
         "architectures": ["LLaVAOneVision1_5_ForConditionalGeneration"],
         "model_type": "llavaonevision1_5",
         "tie_word_embeddings": False,
-        "vision_config": {"model_type": "rice_vit", "hidden_act": "gelu", "initializer_range": 0.02},
+        "vision_config": {"model_type": "rice_vit", "hidden_act": "gelu", "initializer_range": init_std},
         "text_config": {"model_type": "LLaVAOneVision1_5_text", "hidden_act": "silu",
                         "attention_bias": False, "attention_dropout": 0.0, "rope_scaling": None,
                         "use_sliding_window": False, "sliding_window": None,
-                        "max_window_layers": cfg.language.num_layers, "initializer_range": 0.02,
+                        "max_window_layers": cfg.language.num_layers, "initializer_range": init_std,
                         "use_cache": True},
     }

@@ -40,6 +40,7 @@ SHAPES = ("circle", "square", "triangle")
 CELLS = ("top-left", "top-right", "bottom-left", "bottom-right")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTION_TYPES = ("colour", "shape", "count", "position", "multi_image", "text", "describe")
+IMAGE_QUESTIONS = ("colour", "shape", "count", "position")  # asked about a single image
 IMAGE_DIR = "images"
 JSON_NAME = "demo.json"
 # share of records with one image, two images, no image
@@ -60,6 +61,11 @@ class DemoOptions:
     seed: int = 0
     image_size: int = 56
     describe: float = 0.0   # share of single-image records that start with "Describe the image."
+    # Curriculum knobs (defaults: the full mix). A first stage of lone shapes asked only colour
+    # and kind teaches the read-out of each attribute before the mix asks to bind them.
+    max_shapes: int = 3                              # shapes per image: 1..max_shapes
+    questions: Tuple[str, ...] = IMAGE_QUESTIONS     # what single-image records ask
+    single_image_only: bool = False                  # no two-image and no text-only records
 
 
 # ---------------------------------------------------------------- entry point
@@ -70,11 +76,17 @@ def generate(options: DemoOptions) -> List[dict]:
     if options.image_size % 28 or options.image_size < 56:
         raise ValueError(f"--image-size {options.image_size}: use a multiple of 28, at least 56 "
                          "(a 2x2 grid of cells; one image token per 28x28 pixels)")
+    if not 1 <= options.max_shapes <= len(SHAPES):
+        raise ValueError(f"--max-shapes {options.max_shapes}: use 1 to {len(SHAPES)} (kinds are "
+                         "distinct within an image)")
+    if not options.questions or set(options.questions) - set(IMAGE_QUESTIONS):
+        raise ValueError(f"--questions {','.join(options.questions)}: choose from "
+                         f"{','.join(IMAGE_QUESTIONS)}")
     rng = random.Random(options.seed)
     os.makedirs(os.path.join(options.output_dir, IMAGE_DIR), exist_ok=True)
     records = []
     for index in range(options.num_samples):
-        kind = _pick_kind(rng)
+        kind = "single" if options.single_image_only else _pick_kind(rng)
         builder = {"single": _single_image_record, "multi": _multi_image_record,
                    "text": _text_record}[kind]
         records.append(builder(rng, index, options))
@@ -97,9 +109,10 @@ def _pick_kind(rng: random.Random) -> str:
 
 
 def _single_image_record(rng: random.Random, index: int, options: DemoOptions) -> dict:
-    shapes = _random_scene(rng, rng.randint(1, 3))
+    shapes = _random_scene(rng, rng.randint(1, options.max_shapes))
     name = _write_image(rng, shapes, index, 0, options)
-    types = rng.sample(("colour", "shape", "count", "position"), rng.randint(1, 3))
+    questions = list(options.questions)
+    types = rng.sample(questions, rng.randint(1, min(3, len(questions))))
     if options.describe and rng.random() < options.describe:
         types.insert(0, "describe")
     turns = []
@@ -245,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--describe", type=float, default=0.0,
                    help="share of single-image records that first ask for a full description "
                         "(colour, shape and cell of every shape): dense supervision")
+    p.add_argument("--max-shapes", type=int, default=3,
+                   help="at most this many shapes per image (1-3; 1 = lone shapes, a first "
+                        "curriculum stage)")
+    p.add_argument("--questions", default=",".join(IMAGE_QUESTIONS),
+                   help="comma-separated question types for single-image records "
+                        f"(default {','.join(IMAGE_QUESTIONS)})")
+    p.add_argument("--single-image-only", action="store_true",
+                   help="only single-image records (no two-image, no text-only ones)")
     p.add_argument("--tokenizer-dir", help="also train a 512-token tokenizer on the texts here")
     return p
 
@@ -253,8 +274,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        records = generate(DemoOptions(args.output_dir, args.num_samples, args.seed,
-                                       args.image_size, args.describe))
+        records = generate(DemoOptions(
+            args.output_dir, args.num_samples, args.seed, args.image_size, args.describe,
+            args.max_shapes, tuple(q for q in args.questions.split(",") if q),
+            args.single_image_only))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -78,6 +78,9 @@ class LlavaOVConfig:
     # runs the vision tower, and/or the last stage fewer since it computes the logits/loss.
     num_layers_in_first_pipeline_stage: Optional[int] = None
     num_layers_in_last_pipeline_stage: Optional[int] = None
+    # std of the normal init of every weight matrix (Megatron-LM's --init-method-std). Only
+    # matters for weights trained from scratch: converted checkpoints overwrite it.
+    init_method_std: float = 0.02
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,6 +99,11 @@ def _tiny() -> LlavaOVConfig:
         # tokenizer's own id as the image_token_id override.
         image_token_id=5,
         video_token_id=6,
+        # the real presets' 0.02 is ~1/sqrt(hidden) at width 2560 (Qwen's initializer_range); at
+        # width 64 the same rule gives 0.125. With 0.02 here attention starts almost uniform and
+        # the demo's colour/shape read-outs stayed near chance for thousands of steps
+        # (docs/BENCHMARKS.md).
+        init_method_std=0.125,
     )
 
 

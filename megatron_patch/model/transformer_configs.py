@@ -75,6 +75,7 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
         qk_layernorm=False,
         pipeline_model_parallel_size=1,
         pipeline_dtype=params_dtype,
+        init_method_std=cfg.init_method_std,
         **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
                      perform_initialization), **extra},
     )
@@ -112,6 +113,7 @@ def language_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_siz
         pipeline_dtype=params_dtype,
         num_layers_in_first_pipeline_stage=cfg.num_layers_in_first_pipeline_stage if pp > 1 else None,
         num_layers_in_last_pipeline_stage=cfg.num_layers_in_last_pipeline_stage if pp > 1 else None,
+        init_method_std=cfg.init_method_std,
         **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
                      perform_initialization), **fusions, **extra},
     )

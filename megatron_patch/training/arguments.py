@@ -16,7 +16,8 @@ MIN_BAD_SAMPLES_TO_STOP = 10  # a single bad sample early in a run is not yet a 
 # config values every model-building command can override (Megatron-LM names)
 MODEL_SIZE_OPTIONS = ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads",
                       "num-query-groups", "vision-num-layers", "vision-hidden-size")
-MODEL_OVERRIDE_KEYS = (*(name.replace("-", "_") for name in MODEL_SIZE_OPTIONS), "rotary_base")
+MODEL_OVERRIDE_KEYS = (*(name.replace("-", "_") for name in MODEL_SIZE_OPTIONS), "rotary_base",
+                       "init_method_std")
 
 
 def add_model_override_arguments(group, help_suffix: str = "override the config's value") -> None:
@@ -27,6 +28,9 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
     group.add_argument("--rotary-base", type=float,
                        help="RoPE base of the language model (default: the config's; pass the "
                             "checkpoint's rope_theta when it differs)")
+    group.add_argument("--init-method-std", type=float,
+                       help="std of the random init of weight matrices (default: the config's; "
+                            "only weights trained from scratch see it)")
 
 
 def model_overrides(args) -> dict:
@@ -122,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", help="run dir for iter_XXXXXXX checkpoints")
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int, help="keep only the newest K checkpoints")
-    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="take only the weights from --load (a previous stage's run or a base "
+                        "model) and start at iteration 0 with a fresh optimizer, schedule and "
+                        "data order, as Megatron-LM's --finetune")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="same as --finetune here: without the optimizer state there is no exact "
+                        "resume, so the run starts at iteration 0")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)

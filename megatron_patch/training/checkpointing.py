@@ -263,7 +263,7 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     model.load_state_dict(loaded["model"], strict=True)
     notes = list(choice.notes)
     if not resume:
-        why = "weights only (--no-load-optim)" if record is not None else "a base model"
+        why = "weights only (--finetune)" if record is not None else "a base model"
         notes.append(f"loaded {choice.path}: {why}; starting at iteration 0")
         return LoadResult(choice.path, False, RunState(), notes=notes)
 
@@ -271,7 +271,7 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
         raise RuntimeError(
             f"{choice.path} was saved with data-parallel size {record.get('data_parallel_size')}, "
             f"this run has {ranks.dp_size}: the data position cannot be resumed exactly. Use the "
-            "same GPUs/TP/PP, or pass --no-load-optim to start a new run from its weights")
+            "same GPUs/TP/PP, or pass --finetune to start a new run from its weights")
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     state = RunState(**loaded["run_state"])

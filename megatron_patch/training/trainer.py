@@ -156,7 +156,7 @@ class Trainer:
         self.state, loader_state = RunState(), None
         if args.load:
             loaded = load_checkpoint(args.load, self.model_chunks, self.optimizer, self.scheduler,
-                                     ranks, weights_only=args.no_load_optim)
+                                     ranks, weights_only=args.finetune or args.no_load_optim)
             for note in loaded.notes:
                 logger.info("checkpoint: %s", note)
             self.state, loader_state = loaded.state, loaded.loader_state
