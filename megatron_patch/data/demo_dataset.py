@@ -61,8 +61,8 @@ class DemoOptions:
     seed: int = 0
     image_size: int = 56
     describe: float = 0.0   # share of single-image records that start with "Describe the image."
-    # Curriculum knobs (defaults: the full mix). A first stage of lone shapes asked only colour
-    # and kind teaches the read-out of each attribute before the mix asks to bind them.
+    # Curriculum and diagnostic knobs (defaults: the full mix), e.g. lone shapes asked only
+    # their kind, to see whether one read-out is learned at all (docs/BENCHMARKS.md, session 13)
     max_shapes: int = 3                              # shapes per image: 1..max_shapes
     questions: Tuple[str, ...] = IMAGE_QUESTIONS     # what single-image records ask
     single_image_only: bool = False                  # no two-image and no text-only records
@@ -259,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of single-image records that first ask for a full description "
                         "(colour, shape and cell of every shape): dense supervision")
     p.add_argument("--max-shapes", type=int, default=3,
-                   help="at most this many shapes per image (1-3; 1 = lone shapes, a first "
-                        "curriculum stage)")
+                   help="at most this many shapes per image (1-3; 1 = lone shapes)")
     p.add_argument("--questions", default=",".join(IMAGE_QUESTIONS),
                    help="comma-separated question types for single-image records "
                         f"(default {','.join(IMAGE_QUESTIONS)})")

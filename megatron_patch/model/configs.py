@@ -100,9 +100,8 @@ def _tiny() -> LlavaOVConfig:
         image_token_id=5,
         video_token_id=6,
         # the real presets' 0.02 is ~1/sqrt(hidden) at width 2560 (Qwen's initializer_range); at
-        # width 64 the same rule gives 0.125. With 0.02 here attention starts almost uniform and
-        # the demo's colour/shape read-outs stayed near chance for thousands of steps
-        # (docs/BENCHMARKS.md).
+        # width 64 the same rule gives 0.125. With 0.02 the demo's colour and shape read-outs
+        # stayed near chance for thousands of steps (docs/BENCHMARKS.md, session 13).
         init_method_std=0.125,
     )
 
