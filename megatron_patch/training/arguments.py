@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take only the weights from --load (a previous stage's run or a base "
                         "model) and start at iteration 0 with a fresh optimizer, schedule and "
                         "data order, as Megatron-LM's --finetune")
-    g.add_argument("--no-load-optim", action="store_true",
+    g.add_argument("--no-load-optim", dest="finetune", action="store_true",
                    help="same as --finetune here: without the optimizer state there is no exact "
                         "resume, so the run starts at iteration 0")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")

@@ -156,7 +156,7 @@ class Trainer:
         self.state, loader_state = RunState(), None
         if args.load:
             loaded = load_checkpoint(args.load, self.model_chunks, self.optimizer, self.scheduler,
-                                     ranks, weights_only=args.finetune or args.no_load_optim)
+                                     ranks, weights_only=args.finetune)
             for note in loaded.notes:
                 logger.info("checkpoint: %s", note)
             self.state, loader_state = loaded.state, loaded.loader_state
@@ -237,19 +237,16 @@ class Trainer:
                 stats, interval_start = IntervalStats(), time.time()
             paused = time.time()  # evaluation and saving do not count as training time
             if args.eval_interval and state.iteration % args.eval_interval == 0:
-                with parameters_gathered(self.model):
-                    self.evaluate()
+                self.evaluate()
             stop_reason = self.stop_reason()
             if self.should_save(stop_reason):
-                with parameters_gathered(self.model):
-                    self.save()
+                self.save()
             interval_start += time.time() - paused
             if stop_reason:
                 logger.info("stopping at iteration %d: %s", state.iteration, stop_reason)
                 return EXIT_SIGNALLED if self.stop_request.requested else 0
         if args.eval_interval and state.iteration % args.eval_interval:
-            with parameters_gathered(self.model):
-                self.evaluate()
+            self.evaluate()
         logger.info("done: %d iterations, %d skipped steps", state.iteration, state.skipped_steps)
         return 0
 
@@ -349,7 +346,7 @@ class Trainer:
         batches = iter(loader)
         total = torch.zeros(2, dtype=torch.float64)
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), parameters_gathered(self.model):
             for _ in range(args.eval_iters):
                 micro = []
                 for _ in range(args.num_microbatches):
@@ -405,10 +402,11 @@ class Trainer:
 
     def save(self) -> None:
         started = time.time()
-        path = save_checkpoint(
-            self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
-            save_loader_state(self.train_loader), self.ranks, vars(self.args),
-            dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last)
+        with parameters_gathered(self.model):
+            path = save_checkpoint(
+                self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
+                save_loader_state(self.train_loader), self.ranks, vars(self.args),
+                dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last)
         logger.info("saved %s in %.1f s", path, time.time() - started)
         self.metrics.flush()
 
