@@ -32,7 +32,7 @@ def test_derived_values(paths):
     (["--tensor-model-parallel-size", "3"], 4, "not divisible by TP x PP"),
     (["--packing", "--micro-batch-size", "2"], 1, "use --micro-batch-size 1"),
     (["--bf16"], 1, "--bf16 needs CUDA"),
-    (["--use-distributed-optimizer"], 1, "needs CUDA"),
+    (["--dist-ckpt-optim-fully-reshardable"], 1, "add --use-distributed-optimizer"),
     (["--overlap-param-gather"], 1, "add --use-distributed-optimizer"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),

@@ -164,39 +164,3 @@ def test_overlapped_gradient_reduce_gives_the_same_steps(converted_demo, demo_to
     for iteration in (1, 2, 3):
         for key in ("train/loss", "train/grad_norm"):
             assert overlap[iteration][key] == pytest.approx(plain[iteration][key], rel=1e-6)
-
-
-class RecordingDDP:
-    """Stands in for megatron's DDP wrapper under --overlap-param-gather (which needs CUDA)."""
-    use_forward_hook = True
-
-    def __init__(self):
-        self.calls = []
-
-    def disable_forward_pre_hook(self, param_sync=True):
-        self.calls.append(("disable", param_sync))
-
-    def enable_forward_pre_hook(self):
-        self.calls.append("enable")
-
-
-def test_evaluation_and_saving_see_gathered_parameters():
-    """--overlap-param-gather: the forced all-gather precedes the work, the hooks come back after
-    it even when it fails, and a model without the hooks is left alone."""
-    import inspect
-
-    from megatron.core.distributed import DistributedDataParallel
-
-    from megatron_patch.training.trainer import parameters_gathered
-    model = RecordingDDP()
-    with parameters_gathered(model):
-        model.calls.append("evaluate")
-    with pytest.raises(OSError):
-        with parameters_gathered(model):
-            raise OSError("disk full")
-    assert model.calls == [("disable", True), "evaluate", "enable", ("disable", True), "enable"]
-    with parameters_gathered(torch.nn.Linear(2, 2)):
-        pass
-    # the calls above are megatron-core's own API (guards against a rename in an upgrade)
-    assert "param_sync" in inspect.signature(DistributedDataParallel.disable_forward_pre_hook).parameters
-    assert hasattr(DistributedDataParallel, "enable_forward_pre_hook")

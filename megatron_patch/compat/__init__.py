@@ -2,7 +2,11 @@
 
 Call :func:`apply_cpu_redirects` once, before building models or optimizers. It is a no-op
 when CUDA is available, so entry points can call it unconditionally.
+
+The distributed optimizer over torch's Adam (no TE/Apex, CPU or GPU) needs
+:func:`apply_torch_adam_fixes` to resume from a checkpoint (see compat/torch_adam.py).
 """
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
+from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
 
-__all__ = ["apply_cpu_redirects", "is_applied"]
+__all__ = ["apply_cpu_redirects", "apply_torch_adam_fixes", "is_applied"]

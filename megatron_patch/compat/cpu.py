@@ -1,7 +1,8 @@
 """CPU/gloo redirects for megatron-core 0.16.x, applied in one place.
 
 megatron-core hard-codes the CUDA device in a handful of spots that the training path touches
-(schedules, optimizer, grad clipping, DDP buffers, RNG tracker, P2P communication). Without a
+(schedules, optimizer, grad clipping, DDP buffers, RNG tracker, P2P communication, the
+distributed optimizer's parameter sorting). Without a
 GPU those calls fail even though the maths is device-agnostic. Each redirect below says which
 megatron call it serves and why the CPU stand-in is correct. Measured against megatron-core
 0.16.1 + torch 2.13 (CPU build); see shared/reference/megatron_cpu/ for the prototype.
@@ -70,6 +71,33 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
                 grad.detach().mul_(coeff)
 
 
+_CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
+                    "torch.HalfTensor": "torch.cuda.HalfTensor",
+                    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+def _sorting_cpu_tensors_as_cuda(build_groups):
+    """megatron's DistributedOptimizer sorts parameters into fp32 / 16-bit groups by their type
+    name ('torch.cuda.FloatTensor', ...) and rejects any other name; while it sorts, a CPU tensor
+    answers with the CUDA name of its dtype, so the same groups are built."""
+    original = build_groups.__func__
+
+    def build(cls, *args, **kwargs):
+        real_type = torch.Tensor.type
+
+        def type_name(tensor, *type_args, **type_kwargs):
+            name = real_type(tensor, *type_args, **type_kwargs)
+            return name if type_args or type_kwargs else _CUDA_TYPE_NAMES.get(name, name)
+
+        torch.Tensor.type = type_name
+        try:
+            return original(cls, *args, **kwargs)
+        finally:
+            torch.Tensor.type = real_type
+
+    return classmethod(build)
+
+
 def apply() -> bool:
     """Install the redirects (once). Returns True when they are active."""
     global _APPLIED
@@ -98,6 +126,10 @@ def apply() -> bool:
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = (
         _clip_grad_by_total_norm_cpu
     )
+    optimizer = importlib.import_module(
+        "megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    optimizer._build_model_and_main_param_groups = _sorting_cpu_tensors_as_cuda(
+        optimizer._build_model_and_main_param_groups)
     _APPLIED = True
     logger.info("CUDA not available: megatron-core CPU/gloo redirects applied (%d modules)",
                 len(_CUDA_FACTORY_MODULES))

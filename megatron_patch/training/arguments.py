@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", dest="finetune", action="store_true",
                    help="same as --finetune here: without the optimizer state there is no exact "
                         "resume, so the run starts at iteration 0")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="with --use-distributed-optimizer: save the optimizer state per parameter "
+                        "(gathered over data parallel ranks) so a resume may change TP/PP; the "
+                        "default keeps megatron's per-rank buffers (faster save, same TP/PP only)")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -196,6 +200,10 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ArgumentError("--overlap-param-gather overlaps the distributed optimizer's parameter "
                             "all-gather; add --use-distributed-optimizer or drop the flag")
+    if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
+        raise ArgumentError("--dist-ckpt-optim-fully-reshardable chooses how the distributed "
+                            "optimizer saves its state; add --use-distributed-optimizer or drop "
+                            "the flag (the plain optimizer's state is always reshardable)")
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")
@@ -208,9 +216,6 @@ def _check_device(args) -> None:
     if args.bf16 and not _cuda():
         raise ArgumentError("--bf16 needs CUDA (megatron-core's mixed-precision optimizer keeps "
                             "its master weights on the GPU); drop the flag on CPU")
-    if args.use_distributed_optimizer and not _cuda():
-        raise ArgumentError("--use-distributed-optimizer needs CUDA (megatron-core's distributed "
-                            "optimizer requires CUDA tensors); drop the flag on CPU")
 
 
 def _check_model_divisibility(config, tp: int, pp: int) -> None:

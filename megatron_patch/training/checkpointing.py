@@ -8,8 +8,17 @@ One checkpoint, ``$SAVE/iter_XXXXXXX/``, holds:
 * ``dataloader/dp_rank_XXXX.pt``: each data-parallel replica's energon loader state (written by
   its TP0/PP0 rank; every rank of the replica reads it back), mirrored to ``--dataloader-save``
   as ``train_dataloader_dprankXXX.pt`` where Megatron-LM users look for it;
-* ``run_state.json``: iteration, consumed samples, counters and the arguments, readable by humans
-  and marking the directory as a *run* checkpoint (a converted base model has none).
+* ``run_state.json``: iteration, consumed samples, counters, the optimizer state's layout and the
+  arguments, readable by humans and marking the directory as a *run* checkpoint (a converted
+  base model has none).
+
+The optimizer state is laid out one of three ways (``optimizer_format``): megatron's plain
+optimizer stores it per parameter (``replicated``: resumable at any TP/PP); the distributed
+optimizer stores either its own flat per-rank buffers (``dp_reshardable``, Megatron-LM's
+default: no gathering at save, resumable at the same TP/PP only) or, with
+``--dist-ckpt-optim-fully-reshardable``, per-parameter tensors gathered over the data-parallel
+ranks (``fully_reshardable``: any TP/PP). A resume that cannot read the saved layout stops
+before loading with a message that says what to change.
 
 Everything is written into a ``.partial`` folder first and published by checkpoint_paths, so a
 run killed mid-save never leaves a checkpoint that looks complete. A write that fails (full or
@@ -41,8 +50,33 @@ logger = logging.getLogger("megatron_patch.train")
 RUN_STATE_NAME = "run_state.json"
 
 
+REPLICATED, DP_RESHARDABLE, FULLY_RESHARDABLE = "replicated", "dp_reshardable", "fully_reshardable"
+
+
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the previous one is intact."""
+
+
+class CheckpointLayoutError(RuntimeError):
+    """The checkpoint's optimizer state cannot be read by this run; the message says why."""
+
+
+def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool = False) -> str:
+    """How this run lays out its optimizer state in checkpoints (see the module doc)."""
+    if not use_distributed_optimizer:
+        return REPLICATED
+    return FULLY_RESHARDABLE if fully_reshardable else DP_RESHARDABLE
+
+
+def _optimizer_metadata(layout: str) -> dict:
+    """megatron's sharded_state_dict metadata for `layout` (none for the plain optimizer, so its
+    keys stay as they always were)."""
+    if layout == REPLICATED:
+        return {}
+    # megatron gathers the fully reshardable form with NCCL on the GPU by default; its
+    # "memory efficient" variant gathers over the gloo group instead, which CPU runs need
+    return {"distrib_optim_sharding_type": layout,
+            "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
 @dataclass
@@ -116,7 +150,8 @@ def mirrored_dataloader_file(directory: str, dp_rank: int) -> str:
 
 def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunState,
                     loader_state: Any, ranks: Ranks, args_dict: dict,
-                    dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None) -> str:
+                    dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None,
+                    layout: str = REPLICATED) -> str:
     """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
 
     Raises CheckpointSaveError on every rank when any rank fails to write (see the module doc).
@@ -134,7 +169,8 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
 
     def write_shards():
         sharded = _model_sharded_state_dict(model_chunks)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded,
+                                                            metadata=_optimizer_metadata(layout))
         sharded["opt_param_scheduler"] = scheduler.state_dict()
         sharded["run_state"] = asdict(state)
         dist_checkpointing.save(sharded, partial)
@@ -156,7 +192,8 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
         if rank != 0:
             return
         record = {"kind": "run", "world_size": ranks.world_size, "data_parallel_size": ranks.dp_size,
-                  **asdict(state), "args": args_dict}
+                  "tensor_parallel_size": ranks.tp_size, "pipeline_parallel_size": ranks.pp_size,
+                  "optimizer_format": layout, **asdict(state), "args": args_dict}
         with open(os.path.join(partial, RUN_STATE_NAME), "w") as handle:
             json.dump(record, handle, indent=1, sort_keys=True, default=str)
         fault_point("save:before_publish", iteration, rank)
@@ -241,8 +278,29 @@ def read_run_state(checkpoint_dir: str) -> Optional[dict]:
         return json.load(handle)
 
 
+def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str) -> str:
+    """The saved optimizer layout if this run (`layout`, `ranks`) can read it; else raises
+    CheckpointLayoutError saying what to change. Records from before the layout was recorded
+    hold the plain optimizer's state."""
+    saved = record.get("optimizer_format", REPLICATED)
+    if (saved == REPLICATED) != (layout == REPLICATED):
+        wanted = "without" if saved == REPLICATED else "with"
+        raise CheckpointLayoutError(
+            f"{path} holds the optimizer state of a run {wanted} --use-distributed-optimizer "
+            f"({saved}); this run uses {layout}. Run {wanted} --use-distributed-optimizer to "
+            f"resume, or pass --finetune to start a new run from its weights")
+    saved_layout = (record.get("tensor_parallel_size"), record.get("pipeline_parallel_size"))
+    if saved == DP_RESHARDABLE and saved_layout != (ranks.tp_size, ranks.pp_size):
+        raise CheckpointLayoutError(
+            f"{path} holds the distributed optimizer's per-rank buffers for TP={saved_layout[0]} "
+            f"PP={saved_layout[1]}; this run has TP={ranks.tp_size} PP={ranks.pp_size}. "
+            "Resume with the TP/PP it was saved with, or pass --finetune to start a new run from "
+            "its weights; runs saving with --dist-ckpt-optim-fully-reshardable can change TP/PP")
+    return saved
+
+
 def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
-                    weights_only: bool = False) -> LoadResult:
+                    weights_only: bool = False, layout: str = REPLICATED) -> LoadResult:
     """Loads the newest complete checkpoint under `load` (or that iter_* dir).
 
     A run checkpoint resumes everything (weights, optimizer, scheduler, RNG, iteration, data
@@ -257,7 +315,9 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     resume = record is not None and not weights_only
     sharded = _model_sharded_state_dict(model_chunks)
     if resume:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+        saved_layout = readable_optimizer_layout(record, layout, ranks, choice.path)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, is_loading=True, metadata=_optimizer_metadata(saved_layout))
     loaded = dist_checkpointing.load(sharded, choice.path)
     (model,) = _unwrap(model_chunks)
     model.load_state_dict(loaded["model"], strict=True)

@@ -26,6 +26,8 @@ class Ranks:
     pp_rank: int
     dp_rank: int
     dp_size: int
+    tp_size: int
+    pp_size: int
     is_first_stage: bool
     is_last_stage: bool
 
@@ -76,6 +78,8 @@ def current_ranks() -> Ranks:
         rank=dist.get_rank(), world_size=dist.get_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
         is_first_stage=ps.is_pipeline_first_stage(), is_last_stage=ps.is_pipeline_last_stage())
 
 

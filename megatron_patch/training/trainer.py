@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,9 @@ from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import build_model, get_config
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths
-from megatron_patch.training.checkpointing import RunState, load_checkpoint, save_checkpoint
+from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState,
+                                                   load_checkpoint, optimizer_format,
+                                                   save_checkpoint)
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
@@ -153,10 +155,12 @@ class Trainer:
         self.optimizer = build_optimizer(args, self.model_chunks)
         self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.scheduler = build_scheduler(args, self.optimizer)
+        self.optimizer_layout = optimizer_format(args.use_distributed_optimizer,
+                                                 args.dist_ckpt_optim_fully_reshardable)
         self.state, loader_state = RunState(), None
         if args.load:
             loaded = load_checkpoint(args.load, self.model_chunks, self.optimizer, self.scheduler,
-                                     ranks, weights_only=args.finetune)
+                                     ranks, weights_only=args.finetune, layout=self.optimizer_layout)
             for note in loaded.notes:
                 logger.info("checkpoint: %s", note)
             self.state, loader_state = loaded.state, loaded.loader_state
@@ -406,7 +410,8 @@ class Trainer:
             path = save_checkpoint(
                 self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
                 save_loader_state(self.train_loader), self.ranks, vars(self.args),
-                dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last)
+                dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last,
+                layout=self.optimizer_layout)
         logger.info("saved %s in %.1f s", path, time.time() - started)
         self.metrics.flush()
 
@@ -427,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     except BaseException as error:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
-        if ranks.rank == 0 and args.save:
+        if ranks.rank == 0 and args.save and not isinstance(error, CheckpointLayoutError):
             logger.error("%s", resume_hint(args.save))
         raise
     finally:

@@ -1,0 +1,222 @@
+"""--use-distributed-optimizer on CPU/gloo: megatron's DistributedOptimizer (over torch's Adam,
+made to run by compat/cpu.py and compat/torch_adam.py) trains as the plain optimizer does,
+--overlap-param-gather's deferred all-gather is forced before a save, both checkpoint layouts
+resume exactly, and a layout this run cannot read is refused with a message."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from safetensors.torch import load_file
+
+from test_model_reference import free_port
+from trainer_runs import REPO, metrics, model_tensors, run_trainer, subprocess_env
+
+# DP=2 (2 processes), 2 micro-batches of 2 per rank and step; iter_3 is saved right after the
+# third optimizer step, before any forward pass could have gathered the updated parameters
+DP2_RUN = ("--train-iters", 6, "--global-batch-size", 8, "--save-interval", 3)
+OVERLAPPED = ("--use-distributed-optimizer", "--overlap-param-gather", "--overlap-grad-reduce")
+
+
+@pytest.fixture(scope="module")
+def plain_run(converted_demo, demo_tokenizer, tmp_path_factory):
+    save = tmp_path_factory.mktemp("plain") / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, nproc=2)
+    return save
+
+
+@pytest.fixture(scope="module")
+def overlapped_run(converted_demo, demo_tokenizer, tmp_path_factory):
+    save = tmp_path_factory.mktemp("overlapped") / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, *OVERLAPPED, nproc=2)
+    return save
+
+
+def assert_same_tensors(actual: dict, expected: dict, atol: float = 0.0) -> None:
+    assert actual.keys() == expected.keys()
+    for key in actual:
+        assert torch.allclose(actual[key], expected[key], rtol=0, atol=atol), key
+
+
+def test_distributed_optimizer_trains_and_saves_as_the_plain_one(plain_run, overlapped_run):
+    """Same losses and grad norms; the checkpoint written right after a step holds the updated
+    weights (each rank updated only its shard: without the forced gather most tensors would
+    be one step behind, see test_forced_gather_completes_the_deferred_parameter_update)."""
+    plain, overlapped = metrics(plain_run), metrics(overlapped_run)
+    for iteration in range(1, 7):
+        for key in ("train/loss", "train/grad_norm"):
+            assert overlapped[iteration][key] == pytest.approx(plain[iteration][key], rel=1e-6)
+    for iteration in ("iter_0000003", "iter_0000006"):
+        # the sharded update sums in another order: equal to float rounding, not bit for bit
+        assert_same_tensors(model_tensors(overlapped_run / iteration),
+                            model_tensors(plain_run / iteration), atol=1e-6)
+    record = json.loads((overlapped_run / "iter_0000003" / "run_state.json").read_text())
+    assert (record["optimizer_format"], record["tensor_parallel_size"]) == ("dp_reshardable", 1)
+
+
+def test_resume_from_the_distributed_optimizers_buffers_is_exact(overlapped_run, converted_demo,
+                                                                 demo_tokenizer, tmp_path):
+    save = tmp_path / "resumed"
+    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, *OVERLAPPED,
+                "--load", overlapped_run / "iter_0000003", nproc=2)
+    resumed, reference = metrics(save), metrics(overlapped_run)
+    assert sorted(resumed) == [4, 5, 6]
+    for iteration in (4, 5, 6):
+        for key in ("train/loss", "train/grad_norm", "lr/language_model"):
+            assert resumed[iteration][key] == reference[iteration][key], (iteration, key)
+    assert_same_tensors(model_tensors(save / "iter_0000006"),
+                        model_tensors(overlapped_run / "iter_0000006"))
+
+
+def _export_to_hf(checkpoint, out) -> dict:
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "convert_mcore_to_hf.py"),
+                           "--load", str(checkpoint), "--out", str(out), "--no-progress"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    tensors = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_a_distributed_optimizer_checkpoint_exports_to_hf(plain_run, overlapped_run, tmp_path):
+    """The exporter reads weights only, whatever the optimizer state's layout."""
+    exported = _export_to_hf(overlapped_run / "iter_0000003", tmp_path / "overlapped")
+    assert len(exported) > 50
+    assert_same_tensors(exported, _export_to_hf(plain_run / "iter_0000003", tmp_path / "plain"),
+                        atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fully_reshardable_layout_resumes_at_another_tp(converted_demo, demo_tokenizer, tmp_path):
+    """Saved by one process, resumed by TP=2 (dist-checkpointing reshards weights and the
+    per-parameter optimizer state): iterations 4-6 follow the uninterrupted run."""
+    run = ("--train-iters", 6, "--global-batch-size", 4, "--save-interval", 3,
+           "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable")
+    single = tmp_path / "single"
+    run_trainer(converted_demo, demo_tokenizer, single, *run)
+    record = json.loads((single / "iter_0000003" / "run_state.json").read_text())
+    assert record["optimizer_format"] == "fully_reshardable"
+    resumed = tmp_path / "tp2"
+    run_trainer(converted_demo, demo_tokenizer, resumed, *run, "--tensor-model-parallel-size", 2,
+                "--load", single / "iter_0000003", nproc=2)
+    expected, actual = metrics(single), metrics(resumed)
+    for iteration in (4, 5, 6):
+        assert actual[iteration]["train/loss"] == pytest.approx(expected[iteration]["train/loss"],
+                                                                rel=1e-5)
+        assert actual[iteration]["train/grad_norm"] == pytest.approx(
+            expected[iteration]["train/grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("checkpoint, extra, message", [
+    ("overlapped", ("--use-distributed-optimizer", "--tensor-model-parallel-size", 2),
+     "per-rank buffers for TP=1 PP=1; this run has TP=2 PP=1"),
+    ("plain", ("--use-distributed-optimizer",),
+     "optimizer state of a run without --use-distributed-optimizer"),
+])
+def test_a_layout_the_run_cannot_read_is_refused(checkpoint, extra, message, plain_run,
+                                                 overlapped_run, converted_demo, demo_tokenizer,
+                                                 tmp_path):
+    source = {"plain": plain_run, "overlapped": overlapped_run}[checkpoint]
+    result = run_trainer(converted_demo, demo_tokenizer, tmp_path / "run", *DP2_RUN, *extra,
+                         "--load", source / "iter_0000003", nproc=2, check=False)
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert "CheckpointLayoutError" in log and message in log and "--finetune" in log
+    assert "rerunning the same command resumes" not in log  # it would not
+
+
+def _step_worker(rank: int, world: int, port: int, overlap: bool, out: str) -> None:
+    """One step of megatron's DDP + distributed optimizer on a toy model (2 gloo ranks); saves
+    the parameters right after the step and inside parameters_gathered."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_patch.compat import apply_cpu_redirects, apply_torch_adam_fixes
+    from megatron_patch.training.trainer import parameters_gathered
+    apply_cpu_redirects()
+    apply_torch_adam_fixes()
+    parallel_state.initialize_model_parallel()
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True, overlap_param_gather=overlap), module)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=0.01, use_distributed_optimizer=True, overlap_param_gather=overlap),
+        [ddp])
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    inputs = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
+    ddp(inputs).square().mean().backward()
+    ddp.finish_grad_sync()
+    optimizer.step()
+    after_step = [p.detach().clone() for p in ddp.parameters()]
+    with parameters_gathered(ddp):
+        gathered = [p.detach().clone() for p in ddp.parameters()]
+    hooks_back = ddp.use_forward_hook == overlap
+    try:
+        with parameters_gathered(ddp):
+            raise OSError("disk full")  # a failing save must not leave the hooks off
+    except OSError:
+        hooks_back = hooks_back and ddp.use_forward_hook == overlap
+    torch.save({"after_step": after_step, "gathered": gathered, "hooks_back": hooks_back},
+               os.path.join(out, f"{int(overlap)}_{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_forced_gather_completes_the_deferred_parameter_update(tmp_path):
+    """With --overlap-param-gather a step leaves every rank with only its own shard updated (the
+    rest arrives during the next forward pass); parameters_gathered, which the trainer's
+    evaluate() and save() run under, makes them equal to a synchronously gathered step's."""
+    for overlap in (False, True):
+        mp.start_processes(_step_worker, args=(2, free_port(), overlap, str(tmp_path)),
+                           nprocs=2, join=True, start_method="spawn")
+    for rank in (0, 1):
+        synchronous = torch.load(tmp_path / f"0_{rank}.pt")
+        deferred = torch.load(tmp_path / f"1_{rank}.pt")
+        reference = synchronous["after_step"]
+        stale = [not torch.equal(a, b) for a, b in zip(deferred["after_step"], reference)]
+        assert any(stale), "the step should have left the other rank's shard un-gathered"
+        assert all(torch.equal(a, b) for a, b in zip(deferred["gathered"], reference))
+        assert deferred["hooks_back"] and synchronous["hooks_back"]
+
+
+def _ranks(tp: int, pp: int):
+    from megatron_patch.training.parallel_setup import Ranks
+    return Ranks(rank=0, world_size=tp * pp, tp_rank=0, pp_rank=0, dp_rank=0, dp_size=1,
+                 tp_size=tp, pp_size=pp, is_first_stage=True, is_last_stage=True)
+
+
+@pytest.mark.parametrize("saved, layout, tp, readable", [
+    ({}, "replicated", 2, True),  # a record from before layouts were recorded: plain optimizer
+    ({"optimizer_format": "fully_reshardable", "tensor_parallel_size": 1,
+      "pipeline_parallel_size": 1}, "dp_reshardable", 2, True),
+    ({"optimizer_format": "dp_reshardable", "tensor_parallel_size": 2,
+      "pipeline_parallel_size": 1}, "fully_reshardable", 2, True),
+    ({"optimizer_format": "dp_reshardable", "tensor_parallel_size": 1,
+      "pipeline_parallel_size": 1}, "dp_reshardable", 2, False),
+    ({"optimizer_format": "fully_reshardable"}, "replicated", 1, False),
+])
+def test_which_saved_layouts_a_run_can_read(saved, layout, tp, readable):
+    """The load reads the layout that was saved (whatever this run will save)."""
+    from megatron_patch.training.checkpointing import (CheckpointLayoutError,
+                                                       readable_optimizer_layout)
+    if readable:
+        expected = saved.get("optimizer_format", "replicated")
+        assert readable_optimizer_layout(saved, layout, _ranks(tp, 1), "ckpt") == expected
+    else:
+        with pytest.raises(CheckpointLayoutError, match="--finetune"):
+            readable_optimizer_layout(saved, layout, _ranks(tp, 1), "ckpt")
