@@ -26,7 +26,6 @@ by the assistant tokens of the whole global batch (the megatron trainer's defini
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import List, Optional, Sequence
 
 import torch

@@ -23,7 +23,7 @@ from trainer_runs import (REPO, RESUME_ARGS, metrics, model_tensors, run_trainer
                           subprocess_env, tensorboard_scalars)
 
 from megatron_patch.training import checkpoint_paths
-from megatron_patch.training.checkpointing import CheckpointSaveError, check_free_space
+from megatron_patch.training.checkpointing import check_free_space
 from megatron_patch.training.fault_injection import Fault, parse_faults
 from megatron_patch.training.signals import EXIT_SIGNALLED
 

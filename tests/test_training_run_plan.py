@@ -1,6 +1,5 @@
 """The launcher's GBS/NSTEP arithmetic, table-driven, and reading sample counts from .nv-meta."""
 import json
-import os
 
 import pytest
 

@@ -150,17 +150,3 @@ def test_weights_only_load_starts_fresh(source, reference_run, converted_demo, d
     # the same first batch as the reference's iteration 1, seen by weights trained 4 steps
     assert fresh[1]["data/packing_efficiency"] == reference[1]["data/packing_efficiency"]
     assert fresh[1]["train/loss"] < reference[1]["train/loss"] - 0.1
-
-
-@pytest.mark.slow
-def test_overlapped_gradient_reduce_gives_the_same_steps(converted_demo, demo_tokenizer, tmp_path):
-    """DP=2 with 2 micro-batches per step: buckets all-reduced during the last backward pass
-    (--overlap-grad-reduce) give the same losses and gradient norms as reducing after it."""
-    args = ("--train-iters", 3, "--global-batch-size", 8)
-    run_trainer(converted_demo, demo_tokenizer, tmp_path / "plain", *args, nproc=2)
-    run_trainer(converted_demo, demo_tokenizer, tmp_path / "overlap", *args,
-                "--overlap-grad-reduce", nproc=2)
-    plain, overlap = metrics(tmp_path / "plain"), metrics(tmp_path / "overlap")
-    for iteration in (1, 2, 3):
-        for key in ("train/loss", "train/grad_norm"):
-            assert overlap[iteration][key] == pytest.approx(plain[iteration][key], rel=1e-6)

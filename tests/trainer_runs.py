@@ -78,7 +78,9 @@ def metrics(save) -> dict:
 
 def model_tensors(checkpoint_dir) -> dict:
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
-    init_parallel(1, 1)  # reading a dist-checkpoint needs a (one-process) group
+    if not torch.distributed.is_initialized():
+        init_parallel(1, 1)  # reading a dist-checkpoint needs a (one-process) group; one is
+        # enough: re-initialising megatron's groups at every call leaks gloo threads
     return {key: value for key, value in load_plain_tensors(str(checkpoint_dir)).items()
             if isinstance(value, torch.Tensor) and not key.startswith("optimizer.")}
 

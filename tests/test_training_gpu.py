@@ -1,0 +1,37 @@
+"""The trainer in the example scripts' GPU configuration (``gpu`` marker; skipped without CUDA):
+bf16 with fp32 master weights, distributed optimizer with overlapped grad reduce and param
+gather, full recompute, packing; the attention backend megatron-core picks (TE + flash where
+installed). It must learn, save, and resume from its checkpoint to the uninterrupted run's
+losses within bf16/atomics noise (GPU kernels are not bit-reproducible, unlike the CPU tests)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA and `pytest -m gpu` (the CPU suite hides GPUs: conftest)",
+                allow_module_level=True)
+
+from trainer_runs import metrics, run_trainer  # noqa: E402
+
+GPU_RUN = ("--train-iters", 8, "--save-interval", 4, "--packing", "--micro-batch-size", 1,
+           "--seq-length", 1024, "--global-batch-size", 4, "--bf16",
+           "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+           "--recompute-granularity", "full", "--eval-interval", 4, "--eval-iters", 2)
+
+
+def test_gpu_configuration_trains_saves_and_resumes(converted_demo, demo_tokenizer, tmp_path):
+    reference = tmp_path / "reference"
+    run_trainer(converted_demo, demo_tokenizer, reference, *GPU_RUN)
+    records = metrics(reference)
+    losses = [records[i]["train/loss"] for i in range(1, 9)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert 0 < records[8]["throughput/mfu"] < 1  # the GPU's peak is known (flops.py's table)
+    assert records[8]["memory/peak_gib"] > 0
+
+    resumed = tmp_path / "resumed"
+    run_trainer(converted_demo, demo_tokenizer, resumed, *GPU_RUN,
+                "--load", reference / "iter_0000004")
+    expected, actual = metrics(reference), metrics(resumed)
+    for iteration in range(5, 9):
+        assert actual[iteration]["train/loss"] == pytest.approx(
+            expected[iteration]["train/loss"], rel=2e-2), iteration
