@@ -299,8 +299,8 @@ class BaselineTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=tuple(betas),
                                            eps=eps, weight_decay=weight_decay,
                                            **({"fused": True} if fused else {}))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if bf16 and device.type == "cuda" else contextlib.nullcontext())
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                         if bf16 else contextlib.nullcontext())
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

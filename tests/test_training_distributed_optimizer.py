@@ -1,9 +1,11 @@
 """--use-distributed-optimizer on CPU/gloo: megatron's DistributedOptimizer (over torch's Adam,
 made to run by compat/cpu.py and compat/torch_adam.py) trains as the plain optimizer does,
 --overlap-param-gather's deferred all-gather is forced before a save, both checkpoint layouts
-resume exactly, and a layout this run cannot read is refused with a message."""
+resume exactly, a layout this run cannot read is refused with a message, and the example
+scripts' bf16 GPU recipe runs and resumes bit for bit."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -217,3 +219,37 @@ def test_which_saved_layouts_a_run_can_read(saved, layout, tp, readable):
     else:
         with pytest.raises(CheckpointLayoutError, match="--finetune"):
             readable_optimizer_layout(saved, layout, _ranks(tp, 1), "ckpt")
+
+
+def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> list:
+    """The EXTRA_ARGS default of an example launch script (the GPU recipe), without its warmup
+    (the test harness sets --lr-warmup-iters)."""
+    text = (REPO / script).read_text()
+    args = re.search(r'EXTRA_ARGS="\$\{EXTRA_ARGS:-(.*?)\}"', text).group(1).split()
+    if "--lr-warmup-fraction" in args:
+        at = args.index("--lr-warmup-fraction")
+        del args[at:at + 2]
+    return args
+
+
+def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(converted_demo, demo_tokenizer,
+                                                              tmp_path):
+    """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
+    grad reduce, full recompute, packing) plus --overlap-param-gather, on CPU: the checkpoint
+    holds bf16 weights and a resume continues bit for bit."""
+    recipe = example_script_args()
+    assert {"--bf16", "--use-distributed-optimizer", "--recompute-granularity"} <= set(recipe)
+    run = ("--train-iters", 4, "--save-interval", 2, "--global-batch-size", 4,
+           "--micro-batch-size", 1, "--seq-length", 384, *recipe, "--overlap-param-gather")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_trainer(converted_demo, demo_tokenizer, reference, *run, nproc=2)
+    run_trainer(converted_demo, demo_tokenizer, resumed, *run,
+                "--load", reference / "iter_0000002", nproc=2)
+    expected, actual = metrics(reference), metrics(resumed)
+    assert sorted(actual) == [3, 4]
+    for iteration in (3, 4):
+        for key in ("train/loss", "train/grad_norm", "data/packing_efficiency"):
+            assert actual[iteration][key] == expected[iteration][key], (iteration, key)
+    weights = model_tensors(resumed / "iter_0000004")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert_same_tensors(weights, model_tensors(reference / "iter_0000004"))

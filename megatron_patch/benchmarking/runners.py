@@ -32,11 +32,10 @@ _PASSED = ("model", *arguments.MODEL_OVERRIDE_KEYS, "attention_backend", "recomp
            "num_workers", "packing", "max_images_per_pack", "data_path", "tokenizer_path")
 
 
-def trainer_namespace(bench_args, world_size: int = 1, check_device: bool = True):
+def trainer_namespace(bench_args, world_size: int = 1):
     """The trainer's own argument namespace (its defaults: Adam betas, eps, weight decay ...)
     with the benchmark's settings, validated by the trainer's ``validate_args`` (real data) or
-    the same batch/precision checks (synthetic data, which has no paths to check).
-    ``check_device=False`` (a dry run on the meta device) accepts GPU-only flags on CPU."""
+    the same batch/precision checks (synthetic data, which has no paths to check)."""
     args = arguments.build_parser().parse_args(
         ["--train-iters", str(bench_args.warmup_steps + bench_args.steps),
          "--data-path", bench_args.data_path or "synthetic",
@@ -45,8 +44,7 @@ def trainer_namespace(bench_args, world_size: int = 1, check_device: bool = True
         if hasattr(bench_args, name):
             setattr(args, name, getattr(bench_args, name))
     args.lr_warmup_iters, args.lr_decay_style = 0, "constant"
-    return arguments.validate_args(args, world_size, check_paths=bench_args.data_path is not None,
-                                   check_device=check_device)
+    return arguments.validate_args(args, world_size, check_paths=bench_args.data_path is not None)
 
 
 class MegatronRunner:

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--bf16", action="store_true", help="megatron: bf16 params + fp32 master "
-                   "weights; baseline: bf16 autocast over fp32 weights (CUDA only)")
+                   "weights; baseline: bf16 autocast over fp32 weights")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g = p.add_argument_group("batch and steps")
     g.add_argument("--seq-length", type=int, default=2048)
@@ -254,7 +254,7 @@ def dry_run(args, cfg, train_args) -> Dict:
 
 def run(args) -> Dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    train_args = trainer_namespace(args, check_device=not args.dry_run)
+    train_args = trainer_namespace(args)
     num_micro = train_args.num_microbatches
     needed = (args.warmup_steps + args.steps) * num_micro
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),

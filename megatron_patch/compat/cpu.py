@@ -2,8 +2,8 @@
 
 megatron-core hard-codes the CUDA device in a handful of spots that the training path touches
 (schedules, optimizer, grad clipping, DDP buffers, RNG tracker, P2P communication, the
-distributed optimizer's parameter sorting). Without a
-GPU those calls fail even though the maths is device-agnostic. Each redirect below says which
+optimizers' parameter sorting). Without a GPU those calls fail even though the maths is
+device-agnostic. Each redirect below says which
 megatron call it serves and why the CPU stand-in is correct. Measured against megatron-core
 0.16.1 + torch 2.13 (CPU build); see shared/reference/megatron_cpu/ for the prototype.
 
@@ -11,6 +11,7 @@ megatron call it serves and why the CPU stand-in is correct. Measured against me
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import types
@@ -76,13 +77,13 @@ _CUDA_TYPE_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor",
                     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
 
 
-def _sorting_cpu_tensors_as_cuda(build_groups):
-    """megatron's DistributedOptimizer sorts parameters into fp32 / 16-bit groups by their type
-    name ('torch.cuda.FloatTensor', ...) and rejects any other name; while it sorts, a CPU tensor
-    answers with the CUDA name of its dtype, so the same groups are built."""
-    original = build_groups.__func__
-
-    def build(cls, *args, **kwargs):
+def _sorting_cpu_tensors_as_cuda(init):
+    """megatron's mixed-precision and distributed optimizers sort parameters into fp32 / 16-bit
+    groups by their type name ('torch.cuda.FloatTensor', ...) when they are built, and reject
+    any other name; while they are built, a CPU tensor answers with the CUDA name of its dtype,
+    so the same groups are formed."""
+    @functools.wraps(init)
+    def build(self, *args, **kwargs):
         real_type = torch.Tensor.type
 
         def type_name(tensor, *type_args, **type_kwargs):
@@ -91,11 +92,11 @@ def _sorting_cpu_tensors_as_cuda(build_groups):
 
         torch.Tensor.type = type_name
         try:
-            return original(cls, *args, **kwargs)
+            return init(self, *args, **kwargs)
         finally:
             torch.Tensor.type = real_type
 
-    return classmethod(build)
+    return build
 
 
 def apply() -> bool:
@@ -126,10 +127,10 @@ def apply() -> bool:
     importlib.import_module("megatron.core.optimizer.optimizer").clip_grad_by_total_norm_fp32 = (
         _clip_grad_by_total_norm_cpu
     )
-    optimizer = importlib.import_module(
-        "megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
-    optimizer._build_model_and_main_param_groups = _sorting_cpu_tensors_as_cuda(
-        optimizer._build_model_and_main_param_groups)
+    for module, name in (("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params"),
+                         ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")):
+        optimizer = getattr(importlib.import_module(module), name)
+        optimizer.__init__ = _sorting_cpu_tensors_as_cuda(optimizer.__init__)
     _APPLIED = True
     logger.info("CUDA not available: megatron-core CPU/gloo redirects applied (%d modules)",
                 len(_CUDA_FACTORY_MODULES))
