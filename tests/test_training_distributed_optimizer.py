@@ -235,12 +235,13 @@ def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> 
 def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(converted_demo, demo_tokenizer,
                                                               tmp_path):
     """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
-    grad reduce, full recompute, packing) plus --overlap-param-gather, on CPU: the checkpoint
-    holds bf16 weights and a resume continues bit for bit."""
+    grad reduce and param gather, full recompute, packing) on CPU: the checkpoint holds bf16
+    weights and a resume continues bit for bit."""
     recipe = example_script_args()
-    assert {"--bf16", "--use-distributed-optimizer", "--recompute-granularity"} <= set(recipe)
+    assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather",
+            "--recompute-granularity"} <= set(recipe)
     run = ("--train-iters", 4, "--save-interval", 2, "--global-batch-size", 4,
-           "--micro-batch-size", 1, "--seq-length", 384, *recipe, "--overlap-param-gather")
+           "--micro-batch-size", 1, "--seq-length", 384, *recipe)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_trainer(converted_demo, demo_tokenizer, reference, *run, nproc=2)
     run_trainer(converted_demo, demo_tokenizer, resumed, *run,
