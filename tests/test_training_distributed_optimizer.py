@@ -1,8 +1,8 @@
 """--use-distributed-optimizer on CPU/gloo: megatron's DistributedOptimizer (over torch's Adam,
 made to run by compat/cpu.py and compat/torch_adam.py) trains as the plain optimizer does,
---overlap-param-gather's deferred all-gather is forced before a save, both checkpoint layouts
-resume exactly, a layout this run cannot read is refused with a message, and the example
-scripts' bf16 GPU recipe runs and resumes bit for bit."""
+--overlap-param-gather's deferred all-gather is forced before a save, the fully reshardable
+layout resumes at another TP, a layout this run cannot read is refused with a message, and the
+example scripts' bf16 GPU recipe runs and resumes bit for bit (its default per-rank layout)."""
 import json
 import os
 import re
@@ -59,20 +59,6 @@ def test_distributed_optimizer_trains_and_saves_as_the_plain_one(plain_run, over
                             model_tensors(plain_run / iteration), atol=1e-6)
     record = json.loads((overlapped_run / "iter_0000003" / "run_state.json").read_text())
     assert (record["optimizer_format"], record["tensor_parallel_size"]) == ("dp_reshardable", 1)
-
-
-def test_resume_from_the_distributed_optimizers_buffers_is_exact(overlapped_run, converted_demo,
-                                                                 demo_tokenizer, tmp_path):
-    save = tmp_path / "resumed"
-    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, *OVERLAPPED,
-                "--load", overlapped_run / "iter_0000003", nproc=2)
-    resumed, reference = metrics(save), metrics(overlapped_run)
-    assert sorted(resumed) == [4, 5, 6]
-    for iteration in (4, 5, 6):
-        for key in ("train/loss", "train/grad_norm", "lr/language_model"):
-            assert resumed[iteration][key] == reference[iteration][key], (iteration, key)
-    assert_same_tensors(model_tensors(save / "iter_0000006"),
-                        model_tensors(overlapped_run / "iter_0000006"))
 
 
 def _export_to_hf(checkpoint, out) -> dict:

@@ -3,9 +3,9 @@
 megatron-core hard-codes the CUDA device in a handful of spots that the training path touches
 (schedules, optimizer, grad clipping, DDP buffers, RNG tracker, P2P communication, the
 optimizers' parameter sorting). Without a GPU those calls fail even though the maths is
-device-agnostic. Each redirect below says which
-megatron call it serves and why the CPU stand-in is correct. Measured against megatron-core
-0.16.1 + torch 2.13 (CPU build); see shared/reference/megatron_cpu/ for the prototype.
+device-agnostic. Each redirect below says which megatron call it serves and why the CPU
+stand-in is correct. Measured against megatron-core 0.16.1 + torch 2.13 (CPU build); see
+shared/reference/megatron_cpu/ for the prototype.
 
 ``apply()`` is idempotent and does nothing when CUDA is available: GPU runs use megatron as is.
 """
