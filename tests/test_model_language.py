@@ -109,3 +109,37 @@ def test_fused_swiglu_matches_the_unfused_model():
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_cross_entropy_equals_the_unfused_one_for_bf16_logits():
+    """Why --cross-entropy-loss-fusion defaults to on with --bf16 (on CUDA): megatron's fused
+    kernel returns the logits' gradient in bf16 whatever the logits' dtype (its source:
+    ``grad_input.to(torch.bfloat16)``), which for bf16 logits is exactly the unfused result."""
+    from megatron.core import parallel_state
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+    init_parallel(1, 1)
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(16, 2, 512, generator=generator) * 3).to(torch.bfloat16)
+    target = torch.randint(0, 512, (16, 2), generator=generator)
+    weights = torch.rand(16, 2, generator=generator)
+    unfused, fused = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    unfused_loss = vocab_parallel_cross_entropy(unfused, target)
+    fused_loss = fused_vocab_parallel_cross_entropy(
+        fused, target, parallel_state.get_tensor_model_parallel_group())
+    (unfused_loss * weights).sum().backward()
+    (fused_loss * weights).sum().backward()
+    assert torch.allclose(fused_loss, unfused_loss, rtol=1e-6, atol=1e-6)
+    assert fused.grad.dtype == torch.bfloat16 and torch.equal(fused.grad, unfused.grad)
+
+
+def test_cross_entropy_fusion_defaults_to_bf16_on_cuda(monkeypatch):
+    from argparse import Namespace
+
+    from megatron_patch.training.trainer import fused_cross_entropy
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        for bf16 in (False, True):
+            assert fused_cross_entropy(Namespace(cross_entropy_loss_fusion=None, bf16=bf16)) == \
+                (cuda and bf16)
+            assert fused_cross_entropy(Namespace(cross_entropy_loss_fusion=False, bf16=bf16)) is False

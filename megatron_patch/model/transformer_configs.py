@@ -14,9 +14,11 @@ Choices that hold for both and why:
   same gradients to float rounding (tested on CPU). The vision tower keeps the unfused GELU:
   megatron's fused bias-GELU is the tanh approximation, not the exact GELU RICE-ViT was trained
   with. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
-  ``--cross-entropy-loss-fusion``) stays opt-in: on CPU its loss equals the unfused one but its
-  gradients differed by up to 0.2% (megatron-core 0.16.1, tiny model), which we have not
-  explained.
+  ``--cross-entropy-loss-fusion``) is on by default for bf16 on CUDA only: its backward casts
+  the logits' gradient to bf16 whatever the logits' dtype, so for bf16 logits it equals the
+  unfused path bit for bit (tests/test_model_language.py) while fp32 logits may lose precision:
+  the 0.2% gradient difference measured earlier on CPU with fp32 (CPU runs it through
+  torch.compile, whose results for fp32 varied between runs in our tries).
 * dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
 * ``sequence_parallel=False``: image embeddings are scattered into the token embeddings on the
   first stage; sequence parallelism would need that merge before the scatter (future work).

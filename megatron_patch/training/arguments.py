@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="use the unfused SwiGLU (the fused one is used with CUDA)")
-    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
-                   help="megatron's fused vocab-parallel cross entropy (see "
-                        "model/transformer_configs.py for what we measured)")
+    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                   help="megatron's fused vocab-parallel cross entropy; default: on with --bf16 "
+                        "on CUDA (it rounds the logits' gradient to bf16, which the unfused path "
+                        "does too for bf16 logits; in fp32 it would lose precision)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

@@ -86,10 +86,19 @@ def model_config(args, tokenizer: SFTTokenizer):
     return cfg
 
 
+def fused_cross_entropy(args) -> bool:
+    """--cross-entropy-loss-fusion, by default on for bf16 on CUDA. megatron's fused kernel
+    returns the logits' gradient in bf16 (fusions/fused_cross_entropy.py): bit-identical to the
+    unfused path for bf16 logits (tests/test_model_language.py), lossy for fp32 ones."""
+    if args.cross_entropy_loss_fusion is not None:
+        return args.cross_entropy_loss_fusion
+    return args.bf16 and torch.cuda.is_available()
+
+
 def wrap_model(args, cfg, device: torch.device):
     """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
     extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
-                 cross_entropy_loss_fusion=args.cross_entropy_loss_fusion)
+                 cross_entropy_loss_fusion=fused_cross_entropy(args))
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity)
         if args.recompute_granularity == "full":
