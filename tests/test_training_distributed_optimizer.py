@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from safetensors.torch import load_file
 
 from test_model_reference import free_port
