@@ -7,8 +7,8 @@ checkpoint goes wrong in three places that the TE path never reaches (found on C
 1. Building the state dict to load into needs a ``step`` in the inner optimizer's per-parameter
    state (torch's Adam keeps it there; TE's FusedAdam keeps it in the param groups), and a fresh
    torch Adam has no state at all -> ``AssertionError`` in ``DistributedOptimizer.state_dict``.
-   We allocate the state as megatron's own ``init_state_fn`` does (zero moments) plus ``step``
-   0; the loaded values replace all of it.
+   We call megatron's own ``init_state_fn`` (zero moments) and add ``step`` 0; the loaded
+   values replace all of it.
 2. Writing the loaded moments back copies every key of the live state, ``step`` included, from
    the loaded tensors, which do not carry ``step`` in the fully reshardable layout -> ``KeyError:
    'step'``. We hand the live ``step`` back for it (a self-copy). The same write copies into fp32
@@ -31,20 +31,20 @@ import torch
 _APPLIED = False
 
 
-def _allocate_state(inner: torch.optim.Optimizer) -> None:
-    for group in inner.param_groups:
-        for param in group["params"]:
-            state = inner.state[param]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+def _allocate_state(optimizer) -> None:
+    """megatron's own ``init_state_fn`` (zero moments for parameters without state), plus the
+    ``step`` torch's Adam keeps per parameter. Optimizers without that function (SGD) keep none."""
+    if optimizer.init_state_fn is None:
+        return
+    optimizer.init_state_fn(optimizer.optimizer, optimizer.config)
+    for state in optimizer.optimizer.state.values():
+        state.setdefault("step", torch.tensor(0.0))
 
 
 def _with_allocated_state(sharded_state_dict):
     def build(self, model_sharded_state_dict, is_loading=False, *args, **kwargs):
         if is_loading:
-            _allocate_state(self.optimizer)
+            _allocate_state(self)
         return sharded_state_dict(self, model_sharded_state_dict, is_loading, *args, **kwargs)
 
     return build
