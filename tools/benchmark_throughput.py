@@ -6,9 +6,10 @@ plain-PyTorch baseline on the same batches; see megatron_patch/benchmarking/thro
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.benchmarking.throughput import main  # noqa: E402
-
 if __name__ == "__main__":
+    # imported here: a child started with multiprocessing's "spawn" method (megatron's
+    # checkpoint writer starts one) re-imports this file, and need not import torch + megatron
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_patch.benchmarking.throughput import main
+
     sys.exit(main(sys.argv[1:]))

@@ -8,9 +8,10 @@ Then train with: train/pretrain_llava_ov.py --load OUT --tokenizer-path OUT ...
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.checkpoint_conversion.cli import hf_to_mcore_main  # noqa: E402
-
 if __name__ == "__main__":
+    # imported here: a child started with multiprocessing's "spawn" method (megatron's
+    # checkpoint writer starts one) re-imports this file, and need not import torch + megatron
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_patch.checkpoint_conversion.cli import hf_to_mcore_main
+
     sys.exit(hf_to_mcore_main(sys.argv[1:]))

@@ -10,9 +10,11 @@ The logic lives in megatron_patch/training/trainer.py.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.training.trainer import main  # noqa: E402
-
 if __name__ == "__main__":
+    # Imported here, not at the top: megatron's checkpoint writer starts a process with the
+    # "spawn" method, which re-imports this file; an import at the top cost that process 2-3 s of
+    # torch + megatron before the first checkpoint could be written.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_patch.training.trainer import main
+
     sys.exit(main())
