@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Every GPU check in one batch, for a machine with CUDA torch and this package installed
-# (`pip install -e .[gpu]` after a CUDA torch): the gpu-marked tests, then the one-GPU benchmark
-# of docs/BENCHMARKS.md ("GPU comparison"). Each step has its own time limit and a failing step
-# does not stop the next; everything lands in $OUT (default ./gpu_results) for BENCHMARKS.md.
-#   OUT=/path bash scripts/gpu_checks.sh            # all
-#   STEPS="tests" bash scripts/gpu_checks.sh        # only the tests (or "bench")
+# Every GPU check in one batch, sized for a short lease on one GPU (about 8 minutes in all):
+# the gpu-marked tests, then the one-GPU benchmark of docs/BENCHMARKS.md ("GPU comparison",
+# megatron trainer and the plain-PyTorch baseline in one run). Each step has its own time limit
+# and a failing step does not stop the next; everything lands in $OUT (default ./gpu_results)
+# for BENCHMARKS.md, and a summary is printed last.
+#
+# Needs CUDA torch and this package's dependencies. On a node without PyPI, build the wheels
+# here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: they are installed
+# into a private directory first (nothing of the node's own packages is replaced).
+#   OUT=/path bash scripts/gpu_checks.sh                 # tests + benchmark
+#   WHEELS=.whl STEPS="tests" bash scripts/gpu_checks.sh # only the tests ("bench", "recompute")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 STEPS=${STEPS:-"tests bench"}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+if [ -n "${WHEELS:-}" ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu_checks_site "$WHEELS"/*.whl > "$OUT/install.txt" 2>&1 \
+    || { echo "installing $WHEELS failed: see $OUT/install.txt"; tail -5 "$OUT/install.txt"; }
+  export PYTHONPATH=/tmp/gpu_checks_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit status
   local name=$1 seconds=$2; shift 2
@@ -24,28 +37,33 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit sta
 { date -u; nvidia-smi; "$PYTHON" - <<'EOF'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
-for name in ("megatron.core", "megatron.energon", "transformer_engine", "flash_attn"):
+for name in ("megatron.core", "megatron.energon", "transformer_engine", "apex",
+             "fused_weight_gradient_mlp_cuda", "flash_attn", "torch.nn.attention.varlen"):
     try:
-        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+        print(name, getattr(importlib.import_module(name), "__version__", "present"))
     except Exception as error:  # noqa: BLE001 - report whatever is missing
         print(name, "missing:", type(error).__name__, error)
 EOF
 } > "$OUT/environment.txt" 2>&1
+grep -E "^(torch|megatron|transformer_engine|apex|fused|flash|torch.nn)" "$OUT/environment.txt"
 
 if [[ " $STEPS " == *" tests "* ]]; then
-  step pytest_gpu 900 "$PYTHON" -m pytest -m gpu -q -rA tests
+  step pytest_gpu 180 "$PYTHON" -m pytest -m gpu -q -rA -p no:cacheprovider tests
+  tail -3 "$OUT/pytest_gpu.txt"
 fi
 
+# the LLaVA-OV-1.5 architecture with a Qwen3-1.7B-sized language model, seq 8192, packed, bf16
+COMMON=(--model llava-ov-1.5-4b --num-layers 28 --hidden-size 2048 --ffn-hidden-size 6144
+        --num-attention-heads 16 --num-query-groups 8 --rotary-base 1000000 --seq-length 8192
+        --micro-batch-size 1 --grad-accum 8 --warmup-steps 3 --steps 8 --bf16)
 if [[ " $STEPS " == *" bench "* ]]; then
-  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  COMMON=(--model llava-ov-1.5-4b --num-layers 28 --hidden-size 2048 --ffn-hidden-size 6144
-          --num-attention-heads 16 --num-query-groups 8 --rotary-base 1000000 --seq-length 8192
-          --micro-batch-size 1 --grad-accum 8 --warmup-steps 3 --steps 10 --bf16)
-  step bench_both 600 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
+  step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
     --json "$OUT/seq8k_both.json"
-  step bench_megatron_recompute 600 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+  tail -12 "$OUT/bench_both.txt"
+fi
+if [[ " $STEPS " == *" recompute "* ]]; then
+  step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
     --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
-  step bench_megatron_sdpa 600 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
-    --trainer megatron --attention-backend sdpa --json "$OUT/seq8k_megatron_sdpa.json"
+  tail -8 "$OUT/bench_recompute.txt"
 fi
 cat "$OUT/summary.txt" 2>/dev/null

@@ -1,6 +1,7 @@
 """Invalid settings fail in argument validation, before any process group or model, with one
 message that says what to change."""
 import pytest
+import torch
 
 from megatron_patch.model import get_config
 from megatron_patch.training import arguments
@@ -67,3 +68,24 @@ def test_model_config_takes_overrides_and_the_tokenizers_image_token(paths, demo
     cfg = model_config(args, tokenizer)
     assert cfg.language.rope_theta == 5e6 and cfg.language.num_layers == 2
     assert cfg.image_token_id == tokenizer.image_pad_id
+
+
+def test_gradient_accumulation_fusion_is_on_where_megatron_can_run_it(paths, monkeypatch):
+    """Default: on with CUDA and APEX's fused wgrad kernel (megatron's linears need it); asking
+    for it without them is an error that names what is missing."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_patch.training.trainer import gradient_accumulation_fusion
+    for cuda in (False, True):
+        for apex in (False, True):
+            monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+            monkeypatch.setattr(layers, "_grad_accum_fusion_available", apex)
+            assert gradient_accumulation_fusion(arguments.parse_args(paths)) == (cuda and apex)
+            off = arguments.parse_args(paths + ["--no-gradient-accumulation-fusion"])
+            assert gradient_accumulation_fusion(off) is False
+            on = arguments.parse_args(paths + ["--gradient-accumulation-fusion"])
+            if cuda and apex:
+                assert gradient_accumulation_fusion(on) is True
+            else:
+                with pytest.raises(arguments.ArgumentError, match="fused_weight_gradient_mlp_cuda"):
+                    gradient_accumulation_fusion(on)

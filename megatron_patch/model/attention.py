@@ -14,11 +14,19 @@ three cases the model needs:
 
 Grouped-query attention is handled by repeating K/V heads. RoPE has already been applied by
 megatron's ``Attention`` before this module is called, so no position logic lives here.
+
+Packed sequences on a GPU in bf16/fp16 go through torch's own variable-length flash attention
+(``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10): one kernel call per layer instead of
+one SDPA call per segment, which at seq 8192 with ~15 conversations per pack is hundreds of small
+launches and a host sync per layer. This is the fast path where Transformer Engine is not
+installed; elsewhere (CPU, fp32, older torch) the segment loop runs.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,55 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_varlen_kernel() -> Optional[Callable]:
+    """torch's ``varlen_attn`` (flash attention over ``cu_seqlens``), or None before torch 2.10."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.lru_cache(maxsize=None)
+def _keywords(kernel: Callable) -> frozenset:
+    return frozenset(inspect.signature(kernel).parameters)
+
+
+def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
+                 scale: float) -> Optional[torch.Tensor]:
+    """Packed attention through ``kernel`` (``varlen_attn``), adapting to the signatures torch
+    releases gave it: 2.10 takes ``is_causal``, later ones ``window_size`` ((-1, 0) = causal);
+    ``scale`` and ``enable_gqa`` are not in every release. Returns None when this release
+    cannot compute what was asked (a non-default scale it does not take); the caller falls back.
+
+    q: [t, hq, d]; k, v: [t, hkv, d]; cu_q/cu_k: [n+1] offsets into t. Rows of q past cu_q[-1]
+    (padding) come back as zeros.
+    """
+    keywords = _keywords(kernel)
+    options = {}
+    if "window_size" in keywords:
+        options["window_size"] = (-1, 0) if causal else (-1, -1)
+    else:
+        options["is_causal"] = causal
+    if "scale" in keywords:
+        options["scale"] = scale
+    elif not math.isclose(scale, q.shape[-1] ** -0.5):
+        return None
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in keywords:
+            options["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    out = kernel(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **options)
+    # the kernel leaves rows past cu_q[-1] (trailing padding) unwritten
+    rows = torch.arange(q.shape[0], device=q.device)
+    return out.masked_fill((rows >= cu_q[-1])[:, None, None], 0)
 
 
 class SDPACoreAttention(MegatronModule):
@@ -55,6 +112,10 @@ class SDPACoreAttention(MegatronModule):
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
 
+    def _use_flash_varlen(self, query) -> bool:
+        return (query.is_cuda and query.dtype in _FLASH_DTYPES and query.shape[-1] % 8 == 0
+                and query.shape[-1] <= 256 and (self.dropout_p == 0 or not self.training))
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None, **kwargs):
         if attention_bias is not None:
@@ -79,6 +140,12 @@ class SDPACoreAttention(MegatronModule):
         """q/k/v: [t, h, d] holding several sequences back to back (``cu_seqlens``)."""
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
+        kernel = flash_varlen_kernel() if self._use_flash_varlen(query) else None
+        if kernel is not None and params.max_seqlen_q and params.max_seqlen_kv:
+            out = flash_varlen(kernel, query, key, value, cu_q, cu_k, params.max_seqlen_q,
+                               params.max_seqlen_kv, causal, self.softmax_scale)
+            if out is not None:
+                return out.reshape(out.shape[0], -1)
         bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
         out = query.new_zeros(query.shape[0], query.shape[1], value.shape[-1])
         for i in range(len(bounds_q) - 1):

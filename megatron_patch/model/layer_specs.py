@@ -4,8 +4,9 @@
   flash / cuDNN fused attention, packed ``thd`` sequences natively). Needs CUDA and the
   ``transformer_engine`` package (extra ``[gpu]``).
 * ``local``: megatron-core's own modules (tensor-parallel linears, torch norms) with
-  :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention. Runs anywhere,
-  including CPU/gloo.
+  :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA; for
+  packed sequences in bf16 on CUDA, torch's varlen flash kernel). Runs anywhere, including
+  CPU/gloo.
 
 ``resolve_backend("auto")`` picks ``te`` when both are available and otherwise falls back to
 ``local``, logging the reason once per process. ``--attention-backend te|local`` forces one

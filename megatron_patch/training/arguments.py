@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="megatron's fused vocab-parallel cross entropy; default: on with --bf16 "
                         "on CUDA (it rounds the logits' gradient to bf16, which the unfused path "
                         "does too for bf16 logits; in fp32 it would lose precision)")
+    g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
+                   help="weight gradients accumulate straight into the fp32 gradient buffer "
+                        "(Megatron-LM's default); default: on with CUDA where APEX's "
+                        "fused_weight_gradient_mlp_cuda is installed, which megatron needs for it")
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

@@ -95,10 +95,27 @@ def fused_cross_entropy(args) -> bool:
     return args.bf16 and torch.cuda.is_available()
 
 
+def gradient_accumulation_fusion(args) -> bool:
+    """--gradient-accumulation-fusion, by default on where it can run: on CUDA with APEX's
+    fused_weight_gradient_mlp_cuda, which megatron's own linears (the output layer in every
+    spec) need for it; Transformer Engine's linears fuse it themselves. It saves one read and
+    write of every weight gradient per micro-batch."""
+    from megatron.core.tensor_parallel import layers
+    available = torch.cuda.is_available() and layers._grad_accum_fusion_available
+    if args.gradient_accumulation_fusion and not available:
+        raise arguments.ArgumentError(
+            "--gradient-accumulation-fusion needs CUDA and APEX's fused_weight_gradient_mlp_cuda "
+            "(in NVIDIA's PyTorch containers); drop the flag to run without it")
+    if args.gradient_accumulation_fusion is not None:
+        return args.gradient_accumulation_fusion
+    return available
+
+
 def wrap_model(args, cfg, device: torch.device):
     """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
     extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
-                 cross_entropy_loss_fusion=fused_cross_entropy(args))
+                 cross_entropy_loss_fusion=fused_cross_entropy(args),
+                 gradient_accumulation_fusion=gradient_accumulation_fusion(args))
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity)
         if args.recompute_granularity == "full":

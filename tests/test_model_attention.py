@@ -1,0 +1,148 @@
+"""Packed (``thd``) attention in SDPACoreAttention: the per-segment SDPA loop against a dense
+masked reference, and the flash ``varlen_attn`` fast path's adapter.
+
+torch's ``varlen_attn`` runs on CUDA only, so here it is played by stand-ins with the two
+signatures torch releases gave it (2.10: ``is_causal``; later: ``window_size``, ``scale``,
+``enable_gqa``). Each stand-in computes attention its own way (a dense block-diagonal mask) and
+leaves padding rows as NaN, as the real kernel leaves them unwritten. The real kernel against the
+loop runs in tests/test_model_gpu.py.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.model import attention
+from megatron_patch.model.attention import SDPACoreAttention, flash_varlen
+
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16
+SEGMENTS = [5, 9, 1, 7]  # three samples and a one-token one
+PADDED = 26  # 22 real rows, then 4 rows of trailing padding outside every segment
+
+
+def dense_reference(q, k, v, cu, causal, scale):
+    """Softmax attention in float64 with an explicit block-diagonal (+ causal) mask."""
+    t = q.shape[0]
+    segment = torch.full((t,), -1)
+    for index, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        segment[start:end] = index
+    allowed = (segment[:, None] == segment[None, :]) & (segment[:, None] >= 0)
+    if causal:
+        allowed &= torch.ones(t, t, dtype=torch.bool).tril()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()
+    out = torch.einsum("hqk,khd->qhd", weights, v.double()).to(q.dtype)
+    out[segment < 0] = float("nan")  # what the kernel leaves in rows it does not write
+    return out
+
+
+class Kernel210:
+    """torch 2.10's signature: causality as ``is_causal``; no scale, no GQA."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
+                 return_aux=None):
+        self.calls.append(dict(cu_dtype=cu_seq_q.dtype, max_q=max_q, max_k=max_k,
+                               causal=is_causal, kv_heads=key.shape[1]))
+        assert key.shape[1] == query.shape[1], "2.10 has no GQA: heads must be repeated"
+        return dense_reference(query, key, value, cu_seq_q, is_causal, query.shape[-1] ** -0.5)
+
+
+class KernelLater:
+    """Later releases: ``window_size`` ((-1, 0) = causal), ``scale``, ``enable_gqa``."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                 scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                 block_table=None, num_splits=None):
+        causal = tuple(window_size) == (-1, 0)
+        self.calls.append(dict(cu_dtype=cu_seq_q.dtype, max_q=max_q, max_k=max_k, causal=causal,
+                               kv_heads=key.shape[1], gqa=enable_gqa, scale=scale))
+        assert enable_gqa or key.shape[1] == query.shape[1]
+        return dense_reference(query, key, value, cu_seq_q, causal, scale)
+
+
+def packed_inputs(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(PADDED, HEADS, HEAD_DIM, generator=generator)
+    k, v = (torch.randn(PADDED, GROUPS, HEAD_DIM, generator=generator) for _ in range(2))
+    cu = torch.tensor([0] + list(torch.tensor(SEGMENTS).cumsum(0)), dtype=torch.int64)
+    return q, k, v, cu
+
+
+def core_attention(mask_type):
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM,
+                               num_attention_heads=HEADS, num_query_groups=GROUPS,
+                               kv_channels=HEAD_DIM, attention_dropout=0.0)
+    return SDPACoreAttention(config, layer_number=1, attn_mask_type=mask_type,
+                             attention_type="self")
+
+
+def packed_params(cu, max_len=max(SEGMENTS)):
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segment_loop_equals_the_dense_reference(causal):
+    q, k, v, cu = packed_inputs()
+    module = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask)
+    out = module(q, k, v, None, packed_seq_params=packed_params(cu)).view(PADDED, HEADS, -1)
+    want = dense_reference(q, k, v, cu, causal, HEAD_DIM ** -0.5)
+    real = int(cu[-1])
+    torch.testing.assert_close(out[:real], want[:real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[real:], torch.zeros_like(out[real:]))  # padding rows stay zero
+
+
+@pytest.mark.parametrize("kernel_class", [Kernel210, KernelLater])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_varlen_adapter_speaks_each_torch_signature(kernel_class, causal):
+    q, k, v, cu = packed_inputs(seed=1)
+    kernel = kernel_class()
+    out = flash_varlen(kernel, q, k, v, cu, cu, 9, 9, causal, HEAD_DIM ** -0.5)
+    want = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask)._forward_packed(
+        q, k, v, packed_params(cu), causal).view(PADDED, HEADS, -1)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # padding: NaN in, zeros out
+    (call,) = kernel.calls
+    assert call["cu_dtype"] == torch.int32 and (call["max_q"], call["max_k"]) == (9, 9)
+    assert call["causal"] is causal
+    if kernel_class is KernelLater:  # GQA and scale passed through, K/V not repeated
+        assert call["gqa"] and call["kv_heads"] == GROUPS and call["scale"] == HEAD_DIM ** -0.5
+    else:
+        assert call["kv_heads"] == HEADS
+
+
+def test_a_scale_the_kernel_cannot_take_falls_back():
+    q, k, v, cu = packed_inputs()
+    kernel = Kernel210()
+    assert flash_varlen(kernel, q, k, v, cu, cu, 9, 9, True, 0.5 / math.sqrt(HEAD_DIM)) is None
+    assert kernel.calls == []
+
+
+def test_packed_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
+    q, k, v, cu = packed_inputs(seed=2)
+    module = core_attention(AttnMaskType.causal)
+    loop = module(q, k, v, None, packed_seq_params=packed_params(cu))
+    assert not module._use_flash_varlen(q)  # CPU: never
+    assert not module._use_flash_varlen(q.to(torch.bfloat16))
+
+    kernel = KernelLater()
+    monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(SDPACoreAttention, "_use_flash_varlen", lambda self, query: True)
+    fast = module(q, k, v, None, packed_seq_params=packed_params(cu))
+    assert len(kernel.calls) == 1 and fast.shape == loop.shape == (PADDED, HEADS * HEAD_DIM)
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
+    # without the maximum segment length (which the kernel needs) the loop runs
+    module(q, k, v, None, packed_seq_params=packed_params(cu, max_len=None))
+    assert len(kernel.calls) == 1
