@@ -6,9 +6,10 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_patch.data.inspect_cli import main  # noqa: E402
-
 if __name__ == "__main__":
+    # imported here: a child started with multiprocessing's "spawn" method (megatron's
+    # checkpoint writer starts one) re-imports this file, and need not import torch + megatron
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_patch.data.inspect_cli import main
+
     sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,9 @@
 """Convert LLaVA-style SFT data into WebDataset shards with an energon index (see --help)."""
 import sys
 
-from megatron_patch.data.convert_cli import main
-
 if __name__ == "__main__":
+    # imported here, as in every entry script: a child started with multiprocessing's "spawn"
+    # method re-imports this file, and need not import the package
+    from megatron_patch.data.convert_cli import main
+
     sys.exit(main())
