@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check in one batch, sized for a short lease on one GPU (about 8 minutes in all):
-# the gpu-marked tests, then the one-GPU benchmark of docs/BENCHMARKS.md ("GPU comparison",
-# megatron trainer and the plain-PyTorch baseline in one run). Each step has its own time limit
-# and a failing step does not stop the next; everything lands in $OUT (default ./gpu_results)
-# for BENCHMARKS.md, and a summary is printed last.
+# the gpu-marked tests, the packed-attention micro-benchmark, then the one-GPU benchmark of
+# docs/BENCHMARKS.md ("GPU comparison", megatron trainer and the plain-PyTorch baseline in one
+# run). Each step has its own time limit and a failing step does not stop the next; everything
+# lands in $OUT (default ./gpu_results) for BENCHMARKS.md, and a summary is printed last.
 #
 # Needs CUDA torch and this package's dependencies. On a node without PyPI, build the wheels
 # here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: they are installed
@@ -50,6 +50,12 @@ grep -E "^(torch|megatron|transformer_engine|apex|fused|flash|torch.nn)" "$OUT/e
 if [[ " $STEPS " == *" tests "* ]]; then
   step pytest_gpu 180 "$PYTHON" -m pytest -m gpu -q -rA -p no:cacheprovider tests
   tail -3 "$OUT/pytest_gpu.txt"
+fi
+
+if [[ " $STEPS " == *" bench "* ]]; then  # packed attention alone: varlen kernel vs segment loop
+  step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
+    --json "$OUT/packed_attention.json"
+  grep -E '"(loop_ms|varlen_ms|speedup|max_abs_difference)"' "$OUT/bench_attention.txt"
 fi
 
 # the LLaVA-OV-1.5 architecture with a Qwen3-1.7B-sized language model, seq 8192, packed, bf16

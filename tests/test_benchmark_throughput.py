@@ -222,3 +222,26 @@ def test_baseline_computes_our_model_given_the_same_weights():
     torch.testing.assert_close(features, expected_features, rtol=1e-4, atol=1e-5)
     assert got.shape == expected.shape and float(expected.std()) > 0.5
     torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_packed_attention_benchmark_times_a_typical_pack(tmp_path):
+    """benchmarks/bench_packed_attention.py on CPU: the loop is timed on a pack of the
+    long-tailed mix that fills the sequence (padding last); the varlen kernel needs CUDA."""
+    import importlib.util
+
+    from megatron_patch.model import attention
+    from trainer_runs import REPO
+    kernel_getter = attention.flash_varlen_kernel
+    spec = importlib.util.spec_from_file_location(
+        "bench_packed_attention", REPO / "benchmarks" / "bench_packed_attention.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "attention.json"
+    assert bench.main(["--device", "cpu", "--dtype", "float32", "--seq-length", "1024",
+                       "--heads", "4", "--groups", "2", "--head-dim", "16", "--repeats", "2",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    lengths = report["segment_lengths"]
+    assert sum(lengths) == 1024 and report["segments"] == len(lengths) > 1
+    assert report["loop_ms"] > 0 and report["varlen_ms"] is None
+    assert attention.flash_varlen_kernel is kernel_getter  # the benchmark put it back

@@ -1,0 +1,131 @@
+"""Packed attention alone: torch's varlen flash kernel against the per-segment SDPA loop.
+
+What the local (non-TE) spec's ``SDPACoreAttention`` does for one packed sequence, forward and
+backward, with the language model's head layout (Qwen3-1.7B-sized: 16 query heads, 8 KV groups,
+head_dim 128) on a typical pack planned from the long-tailed SFT length mix
+(``synthetic.long_tailed_lengths`` through ``plan_packs``, as the packing benchmark). Prints
+milliseconds per layer for each path, the ratio and their largest output difference.
+
+    python benchmarks/bench_packed_attention.py                 # CUDA, bf16
+    python benchmarks/bench_packed_attention.py --device cpu --dtype float32 --seq-length 1024
+
+The varlen kernel needs CUDA and bf16/fp16; elsewhere only the loop is timed.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from megatron_patch.benchmarking.synthetic import long_tailed_lengths  # noqa: E402
+from megatron_patch.data.packing import plan_packs  # noqa: E402
+from megatron_patch.model import attention  # noqa: E402
+
+
+def one_pack(seq_length: int, seed: int) -> list:
+    """Segment lengths of a typical pack (the median number of samples) planned from 256
+    long-tailed samples, plus trailing padding as a segment of its own (as the collator lays it
+    out). At seq 8192 that is 8 samples; the packs range from 1 to 45."""
+    lengths = long_tailed_lengths(256, seed=seed, capacity=seq_length)
+    packs = sorted(plan_packs(lengths, [1] * len(lengths), seq_length, max_images=64), key=len)
+    segments = [lengths[i] for i in packs[len(packs) // 2]]
+    padding = seq_length - sum(segments)
+    return segments + ([padding] if padding else [])
+
+
+def timed(step, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of `step()` after two warm-up calls."""
+    for _ in range(2):
+        step()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            step()
+            samples.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(samples)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--seq-length", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    segments = one_pack(args.seq_length, args.seed)
+    cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
+    config = TransformerConfig(num_layers=1, hidden_size=args.heads * args.head_dim,
+                               num_attention_heads=args.heads, num_query_groups=args.groups,
+                               kv_channels=args.head_dim, attention_dropout=0.0)
+    module = attention.SDPACoreAttention(config, layer_number=1, attn_mask_type=AttnMaskType.causal,
+                                         attention_type="self")
+    generator = torch.Generator(device).manual_seed(args.seed)
+    q = torch.randn(args.seq_length, args.heads, args.head_dim, device=device, dtype=dtype,
+                    generator=generator).requires_grad_()
+    k, v = (torch.randn(args.seq_length, args.groups, args.head_dim, device=device, dtype=dtype,
+                        generator=generator).requires_grad_() for _ in range(2))
+    grad_out = torch.randn(args.seq_length, args.heads * args.head_dim, device=device, dtype=dtype,
+                           generator=generator)
+
+    def run(kernel_getter):
+        attention.flash_varlen_kernel = kernel_getter
+        out = module(q, k, v, None, packed_seq_params=params)
+        out.backward(grad_out)
+        return out.detach()
+
+    real_kernel_getter = attention.flash_varlen_kernel
+    paths = {"loop": lambda: None}
+    if module._use_flash_varlen(q) and real_kernel_getter() is not None:
+        paths["varlen"] = real_kernel_getter
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "dtype": args.dtype, "seq_length": args.seq_length, "segments": len(segments),
+               "segment_lengths": segments, "heads": args.heads, "groups": args.groups,
+               "head_dim": args.head_dim}
+    outputs = {}
+    try:
+        for name, getter in paths.items():
+            outputs[name] = run(getter)
+            results[f"{name}_ms"] = timed(lambda: run(getter), device, args.repeats)
+    finally:
+        attention.flash_varlen_kernel = real_kernel_getter
+    if "varlen" in outputs:
+        results["speedup"] = results["loop_ms"] / results["varlen_ms"]
+        results["max_abs_difference"] = float((outputs["varlen"].float()
+                                               - outputs["loop"].float()).abs().max())
+    else:
+        results["varlen_ms"] = None  # needs CUDA, bf16/fp16 and torch >= 2.10
+    print(json.dumps(results, indent=1))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
