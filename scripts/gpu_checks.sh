@@ -36,7 +36,8 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit sta
 
 { date -u; nvidia-smi; "$PYTHON" - <<'EOF'
 import importlib, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+print("torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE")
 for name in ("megatron.core", "megatron.energon", "transformer_engine", "apex",
              "fused_weight_gradient_mlp_cuda", "flash_attn", "torch.nn.attention.varlen"):
     try:
