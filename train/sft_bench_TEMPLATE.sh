@@ -145,6 +145,10 @@ export PATH="$(dirname "$PYTHON"):$PATH"
 [ "$DEVICE" = "cpu" ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # fewer allocator retries and less fragmentation with varying packed lengths
 [ "$DEVICE" = "cuda" ] && export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+# one hardware queue per GPU: megatron's tensor-parallel linears queue the input-gradient
+# all-reduce before the weight-gradient GEMM and rely on this to overlap them (Megatron-LM's
+# scripts set it too)
+[ "$DEVICE" = "cuda" ] && export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 set +e
 "${CMD[@]}" 2>&1 | tee -ia "$LOG"   # -i: Ctrl-C must not stop the log while the run saves
 STATUS=${PIPESTATUS[0]}
