@@ -8,6 +8,7 @@ import torch
 
 from megatron_patch.benchmarking.runners import load_baseline
 from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec
+from megatron_patch.benchmarking.throughput import format_report
 from megatron_patch.benchmarking.throughput import main as benchmark_main
 from megatron_patch.model import build_model, count_parameters, get_config
 
@@ -55,6 +56,8 @@ def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
     for r in results.values():
         assert r["losses"][0] == pytest.approx(math.log(512), abs=0.2)
     assert "mfu" in report["formula"] and "flops.py" in report["formula"]["model_flops"]
+    assert results["megatron"]["kernels"]["recompute"] == "off"
+    assert "megatron kernels: attention torch SDPA" in format_report(report)
 
 
 def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):

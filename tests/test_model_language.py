@@ -136,7 +136,7 @@ def test_fused_cross_entropy_equals_the_unfused_one_for_bf16_logits():
 def test_cross_entropy_fusion_defaults_to_bf16_on_cuda(monkeypatch):
     from argparse import Namespace
 
-    from megatron_patch.training.trainer import fused_cross_entropy
+    from megatron_patch.training.kernels import fused_cross_entropy
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         for bf16 in (False, True):

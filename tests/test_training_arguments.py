@@ -75,7 +75,7 @@ def test_gradient_accumulation_fusion_is_on_where_megatron_can_run_it(paths, mon
     for it without them is an error that names what is missing."""
     from megatron.core.tensor_parallel import layers
 
-    from megatron_patch.training.trainer import gradient_accumulation_fusion
+    from megatron_patch.training.kernels import gradient_accumulation_fusion
     for cuda in (False, True):
         for apex in (False, True):
             monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -89,3 +89,23 @@ def test_gradient_accumulation_fusion_is_on_where_megatron_can_run_it(paths, mon
             else:
                 with pytest.raises(arguments.ArgumentError, match="fused_weight_gradient_mlp_cuda"):
                     gradient_accumulation_fusion(on)
+
+
+def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
+    from megatron_patch.training import kernels
+    cpu = kernels.summary(arguments.parse_args(paths + ["--bf16"]))
+    assert cpu["attention"] == "torch SDPA; packed sequences: one call per sample"
+    assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"]
+                or cpu["gradient_accumulation_fusion"])
+    assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "flash_varlen_kernel", lambda: object())  # torch >= 2.10
+    monkeypatch.setattr(kernels, "attention_backend", lambda args: "local")  # no TE here
+    gpu = kernels.summary(arguments.parse_args(
+        paths + ["--bf16", "--recompute-granularity", "full", "--no-bias-swiglu-fusion"]))
+    assert gpu["attention"] == "torch SDPA; packed sequences: torch varlen flash kernel"
+    assert gpu["fused_cross_entropy"] and not gpu["fused_swiglu"]
+    assert gpu["recompute"] == "full"
+    monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")
+    assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")

@@ -75,6 +75,8 @@ def test_console_line_and_run_files(adapter_run):
     assert logs and "iter 24/24 | loss" in logs[0].read_text()
     config = json.loads((save / "run_config.json").read_text())
     assert config["args"]["lr_adapter"] == 5e-3 and config["model"]["name"] == "tiny"
+    assert config["kernels"]["attention"] == "torch SDPA; packed sequences: one call per sample"
+    assert config["kernels"]["fused_cross_entropy"] is False  # fp32 on CPU
 
 
 def test_consecutive_nan_steps_stop_the_run(converted_demo, demo_tokenizer, tmp_path):

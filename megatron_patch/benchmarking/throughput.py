@@ -51,6 +51,7 @@ from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, r
                                                 sync as _sync)
 from megatron_patch.model import build_model, count_parameters, get_config
 from megatron_patch.training.arguments import add_model_override_arguments, model_overrides
+from megatron_patch.training import kernels
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
 
@@ -308,6 +309,7 @@ def run(args) -> Dict:
             result["peak_memory_kind"] = memory_kind
             if name == "megatron":
                 result["skipped_steps"] = runner.skipped_steps
+                result["kernels"] = kernels.summary(train_args)
             results[name] = result
             runner.close()
             del runner
@@ -346,6 +348,9 @@ def format_report(report: Dict) -> str:
     if "ratio_tokens_per_s" in report:
         lines.append(f"megatron / baseline tokens/s: {report['ratio_tokens_per_s']:.2f}x "
                      f"(same batches: {report['same_batches']})")
+    if "megatron" in report["results"]:
+        used = report["results"]["megatron"]["kernels"]
+        lines.append("megatron kernels: " + "; ".join(f"{key} {value}" for key, value in used.items()))
     first = next(iter(report["results"].values()))
     lines.append(f"per step: {first['tokens_per_step']:.0f} tokens, {first['samples_per_step']:.1f} "
                  f"samples, {first['images_per_step']:.1f} images, packing efficiency "

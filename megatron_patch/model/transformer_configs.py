@@ -20,7 +20,7 @@ Choices that hold for both and why:
   the 0.2% gradient difference measured earlier on CPU with fp32 (CPU runs it through
   torch.compile, whose results for fp32 varied between runs in our tries).
 * ``gradient_accumulation_fusion=False`` here; the trainer turns it on where megatron can run it
-  (CUDA + APEX's fused wgrad kernel, ``trainer.gradient_accumulation_fusion``).
+  (CUDA + APEX's fused wgrad kernel, ``kernels.gradient_accumulation_fusion``).
 * dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
 * ``sequence_parallel=False``: image embeddings are scattered into the token embeddings on the
   first stage; sequence parallelism would need that merge before the scatter (future work).

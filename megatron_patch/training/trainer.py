@@ -25,7 +25,7 @@ from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverl
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import build_model, get_config
 from megatron_patch.training import arguments
-from megatron_patch.training import checkpoint_paths
+from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState,
                                                    load_checkpoint, optimizer_format,
                                                    save_checkpoint)
@@ -86,46 +86,19 @@ def model_config(args, tokenizer: SFTTokenizer):
     return cfg
 
 
-def fused_cross_entropy(args) -> bool:
-    """--cross-entropy-loss-fusion, by default on for bf16 on CUDA. megatron's fused kernel
-    returns the logits' gradient in bf16 (fusions/fused_cross_entropy.py): bit-identical to the
-    unfused path for bf16 logits (tests/test_model_language.py), lossy for fp32 ones."""
-    if args.cross_entropy_loss_fusion is not None:
-        return args.cross_entropy_loss_fusion
-    return args.bf16 and torch.cuda.is_available()
-
-
-def gradient_accumulation_fusion(args) -> bool:
-    """--gradient-accumulation-fusion, by default on where it can run: on CUDA with APEX's
-    fused_weight_gradient_mlp_cuda, which megatron's own linears (the output layer in every
-    spec) need for it; Transformer Engine's linears fuse it themselves. It saves one read and
-    write of every weight gradient per micro-batch."""
-    from megatron.core.tensor_parallel import layers
-    available = torch.cuda.is_available() and layers._grad_accum_fusion_available
-    if args.gradient_accumulation_fusion and not available:
-        raise arguments.ArgumentError(
-            "--gradient-accumulation-fusion needs CUDA and APEX's fused_weight_gradient_mlp_cuda "
-            "(in NVIDIA's PyTorch containers); drop the flag to run without it")
-    if args.gradient_accumulation_fusion is not None:
-        return args.gradient_accumulation_fusion
-    return available
-
-
 def wrap_model(args, cfg, device: torch.device):
     """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
     extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
-                 cross_entropy_loss_fusion=fused_cross_entropy(args),
-                 gradient_accumulation_fusion=gradient_accumulation_fusion(args))
+                 cross_entropy_loss_fusion=kernels.fused_cross_entropy(args),
+                 gradient_accumulation_fusion=kernels.gradient_accumulation_fusion(args))
     if args.recompute_granularity:
         extra.update(recompute_granularity=args.recompute_granularity)
         if args.recompute_granularity == "full":
             extra.update(recompute_method=args.recompute_method,
                          recompute_num_layers=args.recompute_num_layers)
-    model = build_model(cfg, attention_backend={"sdpa": "local"}.get(args.attention_backend,
-                                                                      args.attention_backend),
+    model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        fused_kernels=args.bias_swiglu_fusion and torch.cuda.is_available(),
-                        **extra)
+                        fused_kernels=kernels.fused_swiglu(args), **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)
     ddp_config = DistributedDataParallelConfig(
@@ -218,7 +191,8 @@ class Trainer:
         if self.ranks.rank != 0:
             return
         record = {"args": vars(self.args), "model": self.cfg.to_dict(),
-                  "world": {"world_size": self.ranks.world_size, "data_parallel": self.ranks.dp_size}}
+                  "world": {"world_size": self.ranks.world_size, "data_parallel": self.ranks.dp_size},
+                  "kernels": kernels.summary(self.args)}
         text = json.dumps(record, indent=1, sort_keys=True, default=str)
         logger.info("configuration:\n%s", text)
         if self.args.save:

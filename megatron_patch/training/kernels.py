@@ -1,0 +1,73 @@
+"""Which fused and fast kernels a run uses, decided in one place from its arguments and what
+this machine has (CUDA, Transformer Engine, APEX, torch's varlen flash kernel).
+
+Each choice has a switch (Megatron-LM's names) whose default is "on where it runs and gives the
+same result"; :func:`summary` states the outcome, which the trainer logs and writes into
+``run_config.json`` and the benchmark into its report, so a throughput figure always comes with
+the kernels that produced it.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from megatron_patch.model.attention import flash_varlen_kernel
+from megatron_patch.model.layer_specs import resolve_backend
+from megatron_patch.training import arguments
+
+
+def attention_backend(args) -> str:
+    """The layer spec family: "te" or "local" (``--attention-backend sdpa`` is "local")."""
+    return resolve_backend({"sdpa": "local"}.get(args.attention_backend, args.attention_backend))
+
+
+def fused_swiglu(args) -> bool:
+    """megatron's fused SwiGLU in the language model: with CUDA unless --no-bias-swiglu-fusion."""
+    return args.bias_swiglu_fusion and torch.cuda.is_available()
+
+
+def fused_cross_entropy(args) -> bool:
+    """--cross-entropy-loss-fusion, by default on for bf16 on CUDA. megatron's fused kernel
+    returns the logits' gradient in bf16 (fusions/fused_cross_entropy.py): bit-identical to the
+    unfused path for bf16 logits (tests/test_model_language.py), lossy for fp32 ones."""
+    if args.cross_entropy_loss_fusion is not None:
+        return args.cross_entropy_loss_fusion
+    return args.bf16 and torch.cuda.is_available()
+
+
+def gradient_accumulation_fusion(args) -> bool:
+    """--gradient-accumulation-fusion, by default on where it can run: on CUDA with APEX's
+    fused_weight_gradient_mlp_cuda, which megatron's own linears (the output layer in every
+    spec) need for it; Transformer Engine's linears fuse it themselves. It saves one read and
+    write of every weight gradient per micro-batch."""
+    from megatron.core.tensor_parallel import layers
+    available = torch.cuda.is_available() and layers._grad_accum_fusion_available
+    if args.gradient_accumulation_fusion and not available:
+        raise arguments.ArgumentError(
+            "--gradient-accumulation-fusion needs CUDA and APEX's fused_weight_gradient_mlp_cuda "
+            "(in NVIDIA's PyTorch containers); drop the flag to run without it")
+    if args.gradient_accumulation_fusion is not None:
+        return args.gradient_accumulation_fusion
+    return available
+
+
+def summary(args) -> Dict[str, object]:
+    """What this run computes with, in words and switches (see the module docstring)."""
+    if attention_backend(args) == "te":
+        attention = "Transformer Engine (flash/cuDNN; packed sequences natively)"
+    elif torch.cuda.is_available() and args.bf16 and flash_varlen_kernel() is not None:
+        attention = "torch SDPA; packed sequences: torch varlen flash kernel"
+    else:
+        attention = "torch SDPA; packed sequences: one call per sample"
+    return {
+        "attention": attention,
+        "precision": "bf16 weights, fp32 master weights and gradients" if args.bf16 else "fp32",
+        "fused_swiglu": fused_swiglu(args),
+        "fused_cross_entropy": fused_cross_entropy(args),
+        "gradient_accumulation_fusion": gradient_accumulation_fusion(args),
+        "recompute": args.recompute_granularity or "off",
+        "distributed_optimizer": args.use_distributed_optimizer,
+        "overlap_grad_reduce": args.overlap_grad_reduce,
+        "overlap_param_gather": args.overlap_param_gather,
+    }
