@@ -43,6 +43,27 @@ def dense_reference(q, k, v, cu, causal, scale):
     return out
 
 
+class _UnwrittenGradient(torch.autograd.Function):
+    """Identity whose backward leaves NaN in the rows outside every segment, as the real
+    kernel's backward leaves them unwritten."""
+
+    @staticmethod
+    def forward(ctx, x, outside):
+        ctx.save_for_backward(outside)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (outside,) = ctx.saved_tensors
+        return grad.masked_fill(outside[:, None, None], float("nan")), None
+
+
+def kernel_like(q, k, v, cu, causal, scale):
+    outside = torch.arange(q.shape[0]) >= cu[-1]
+    q, k, v = (_UnwrittenGradient.apply(x, outside) for x in (q, k, v))
+    return dense_reference(q, k, v, cu, causal, scale)
+
+
 class Kernel210:
     """torch 2.10's signature: causality as ``is_causal``; no scale, no GQA."""
 
@@ -54,7 +75,7 @@ class Kernel210:
         self.calls.append(dict(cu_dtype=cu_seq_q.dtype, max_q=max_q, max_k=max_k,
                                causal=is_causal, kv_heads=key.shape[1]))
         assert key.shape[1] == query.shape[1], "2.10 has no GQA: heads must be repeated"
-        return dense_reference(query, key, value, cu_seq_q, is_causal, query.shape[-1] ** -0.5)
+        return kernel_like(query, key, value, cu_seq_q, is_causal, query.shape[-1] ** -0.5)
 
 
 class KernelLater:
@@ -70,7 +91,7 @@ class KernelLater:
         self.calls.append(dict(cu_dtype=cu_seq_q.dtype, max_q=max_q, max_k=max_k, causal=causal,
                                kv_heads=key.shape[1], gqa=enable_gqa, scale=scale))
         assert enable_gqa or key.shape[1] == query.shape[1]
-        return dense_reference(query, key, value, cu_seq_q, causal, scale)
+        return kernel_like(query, key, value, cu_seq_q, causal, scale)
 
 
 def packed_inputs(seed=0):
@@ -108,12 +129,19 @@ def test_segment_loop_equals_the_dense_reference(causal):
 @pytest.mark.parametrize("kernel_class", [Kernel210, KernelLater])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_varlen_adapter_speaks_each_torch_signature(kernel_class, causal):
-    q, k, v, cu = packed_inputs(seed=1)
+    q, k, v, cu = (x.requires_grad_() if x.is_floating_point() else x
+                   for x in packed_inputs(seed=1))
     kernel = kernel_class()
     out = flash_varlen(kernel, q, k, v, cu, cu, 9, 9, causal, HEAD_DIM ** -0.5)
     want = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask)._forward_packed(
         q, k, v, packed_params(cu), causal).view(PADDED, HEADS, -1)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)  # padding: NaN in, zeros out
+    # gradients too: the rows the kernel leaves unwritten (NaN here) come back as zeros
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * probe).sum(), (q, k, v))
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     (call,) = kernel.calls
     assert call["cu_dtype"] == torch.int32 and (call["max_q"], call["max_k"]) == (9, 9)
     assert call["causal"] is causal

@@ -58,8 +58,10 @@ def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, 
     ``scale`` and ``enable_gqa`` are not in every release. Returns None when this release
     cannot compute what was asked (a non-default scale it does not take); the caller falls back.
 
-    q: [t, hq, d]; k, v: [t, hkv, d]; cu_q/cu_k: [n+1] offsets into t. Rows of q past cu_q[-1]
-    (padding) come back as zeros.
+    q: [t, hq, d]; k, v: [t, hkv, d]; cu_q/cu_k: [n+1] offsets into t. The kernel neither writes
+    the output rows past cu_q[-1] (trailing padding outside every segment) nor the gradients of
+    such rows; both are zeroed here, without a host sync. (The trainer's batches end their last
+    segment at t, so the masks are a guard, three cheap elementwise passes.)
     """
     keywords = _keywords(kernel)
     options = {}
@@ -77,12 +79,14 @@ def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, 
         else:
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    q, k, v = (x.contiguous() for x in (q, k, v))
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    pad_q, pad_k = (torch.arange(x.shape[0], device=x.device)[:, None, None] >= cu[-1]
+                    for x, cu in ((q, cu_q), (k, cu_k)))
+    # masked_fill's backward zeroes the gradient rows the kernel leaves unwritten
+    q = q.masked_fill(pad_q, 0).contiguous()
+    k, v = (x.masked_fill(pad_k, 0).contiguous() for x in (k, v))
     out = kernel(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **options)
-    # the kernel leaves rows past cu_q[-1] (trailing padding) unwritten
-    rows = torch.arange(q.shape[0], device=q.device)
-    return out.masked_fill((rows >= cu_q[-1])[:, None, None], 0)
+    return out.masked_fill(pad_q, 0)
 
 
 class SDPACoreAttention(MegatronModule):
