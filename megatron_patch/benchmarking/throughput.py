@@ -50,8 +50,8 @@ from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, Synthe
 from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, reset_peak_memory,
                                                 sync as _sync)
 from megatron_patch.model import build_model, count_parameters, get_config
-from megatron_patch.training.arguments import add_model_override_arguments, model_overrides
 from megatron_patch.training import kernels
+from megatron_patch.training.arguments import add_model_override_arguments, model_overrides
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
 

@@ -17,8 +17,9 @@ megatron's ``Attention`` before this module is called, so no position logic live
 
 Packed sequences on a GPU in bf16/fp16 go through torch's own variable-length flash attention
 (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10): one kernel call per layer instead of
-one SDPA call per segment, which at seq 8192 with ~15 conversations per pack is hundreds of small
-launches and a host sync per layer. This is the fast path where Transformer Engine is not
+one SDPA call per segment (a typical 8192-token pack of long-tailed SFT data holds 7
+conversations, some up to 45: hundreds of small launches per micro-batch) and a host sync per
+layer. This is the fast path where Transformer Engine is not
 installed; elsewhere (CPU, fp32, older torch) the segment loop runs.
 """
 from __future__ import annotations
