@@ -93,27 +93,23 @@ def main(argv=None) -> int:
     grad_out = torch.randn(args.seq_length, args.heads * args.head_dim, device=device, dtype=dtype,
                            generator=generator)
 
-    def run(kernel_getter):
-        attention.flash_varlen_kernel = kernel_getter
+    def run(varlen: bool):
+        module.flash_varlen_enabled = varlen
         out = module(q, k, v, None, packed_seq_params=params)
         out.backward(grad_out)
         return out.detach()
 
-    real_kernel_getter = attention.flash_varlen_kernel
-    paths = {"loop": lambda: None}
-    if module._use_flash_varlen(q) and real_kernel_getter() is not None:
-        paths["varlen"] = real_kernel_getter
+    paths = {"loop": False}
+    if module.flash_varlen_applies(q) and attention.flash_varlen_kernel() is not None:
+        paths["varlen"] = True
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": args.dtype, "seq_length": args.seq_length, "segments": len(segments),
                "segment_lengths": segments, "heads": args.heads, "groups": args.groups,
                "head_dim": args.head_dim}
     outputs = {}
-    try:
-        for name, getter in paths.items():
-            outputs[name] = run(getter)
-            results[f"{name}_ms"] = timed(lambda: run(getter), device, args.repeats)
-    finally:
-        attention.flash_varlen_kernel = real_kernel_getter
+    for name, varlen in paths.items():
+        outputs[name] = run(varlen)
+        results[f"{name}_ms"] = timed(lambda: run(varlen), device, args.repeats)
     if "varlen" in outputs:
         results["speedup"] = results["loop_ms"] / results["varlen_ms"]
         results["max_abs_difference"] = float((outputs["varlen"].float()

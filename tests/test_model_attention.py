@@ -162,12 +162,12 @@ def test_packed_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
     q, k, v, cu = packed_inputs(seed=2)
     module = core_attention(AttnMaskType.causal)
     loop = module(q, k, v, None, packed_seq_params=packed_params(cu))
-    assert not module._use_flash_varlen(q)  # CPU: never
-    assert not module._use_flash_varlen(q.to(torch.bfloat16))
+    assert not module.flash_varlen_applies(q)  # CPU: never
+    assert not module.flash_varlen_applies(q.to(torch.bfloat16))
 
     kernel = KernelLater()
     monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: kernel)
-    monkeypatch.setattr(SDPACoreAttention, "_use_flash_varlen", lambda self, query: True)
+    monkeypatch.setattr(SDPACoreAttention, "flash_varlen_applies", lambda self, query: True)
     fast = module(q, k, v, None, packed_seq_params=packed_params(cu))
     assert len(kernel.calls) == 1 and fast.shape == loop.shape == (PADDED, HEADS * HEAD_DIM)
     torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)

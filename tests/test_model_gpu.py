@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
-from megatron_patch.model import attention, build_model, get_config  # noqa: E402
+from megatron_patch.model import build_model, get_config  # noqa: E402
 from megatron_patch.model.attention import flash_varlen_kernel  # noqa: E402
 from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402
 from megatron_patch.model.layer_specs import te_available  # noqa: E402
@@ -100,7 +100,7 @@ def test_te_flash_spec_matches_sdpa_spec_bf16_one_layer_one_step():
 
 @pytest.mark.skipif(flash_varlen_kernel() is None, reason="torch has no varlen_attn (< 2.10)")
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal, monkeypatch):
+def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal):
     """The real torch varlen flash kernel against the per-segment SDPA loop, bf16, with GQA and
     trailing padding: outputs and input gradients to bf16 tolerance, padding rows exactly zero."""
     from test_model_attention import core_attention, packed_inputs, packed_params
@@ -108,10 +108,10 @@ def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal, monkeypatch)
     q, k, v, cu = (x.to(DEV) for x in packed_inputs(seed=3))
     q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
     module = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask).to(DEV)
-    assert module._use_flash_varlen(q)
+    assert module.flash_varlen_applies(q)
     results = []
-    for kernel in (flash_varlen_kernel, lambda: None):  # the fast path, then the loop
-        monkeypatch.setattr(attention, "flash_varlen_kernel", kernel)
+    for varlen in (True, False):  # the fast path, then the loop
+        module.flash_varlen_enabled = varlen
         out = module(q, k, v, None, packed_seq_params=packed_params(cu))
         grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
         results.append((out.float(), [g.float() for g in grads]))

@@ -38,6 +38,7 @@ _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)  # asked once per layer call: import once
 def flash_varlen_kernel() -> Optional[Callable]:
     """torch's ``varlen_attn`` (flash attention over ``cu_seqlens``), or None before torch 2.10."""
     try:
@@ -93,6 +94,8 @@ def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, 
 class SDPACoreAttention(MegatronModule):
     """Drop-in ``core_attention`` submodule (same constructor/forward contract as megatron's)."""
 
+    flash_varlen_enabled = True  # False forces the per-segment loop (comparisons, benchmarks)
+
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type=None, pg_collection=None, **kwargs):
@@ -117,8 +120,9 @@ class SDPACoreAttention(MegatronModule):
             q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout_p if self.training else 0.0, scale=self.softmax_scale)
 
-    def _use_flash_varlen(self, query) -> bool:
-        return (query.is_cuda and query.dtype in _FLASH_DTYPES and query.shape[-1] % 8 == 0
+    def flash_varlen_applies(self, query) -> bool:
+        """Whether packed attention on ``query`` goes through the varlen kernel (if torch has it)."""
+        return (self.flash_varlen_enabled and query.is_cuda and query.dtype in _FLASH_DTYPES and query.shape[-1] % 8 == 0
                 and query.shape[-1] <= 256 and (self.dropout_p == 0 or not self.training))
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -145,7 +149,7 @@ class SDPACoreAttention(MegatronModule):
         """q/k/v: [t, h, d] holding several sequences back to back (``cu_seqlens``)."""
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
-        kernel = flash_varlen_kernel() if self._use_flash_varlen(query) else None
+        kernel = flash_varlen_kernel() if self.flash_varlen_applies(query) else None
         if kernel is not None and params.max_seqlen_q and params.max_seqlen_kv:
             out = flash_varlen(kernel, query, key, value, cu_q, cu_k, params.max_seqlen_q,
                                params.max_seqlen_kv, causal, self.softmax_scale)
