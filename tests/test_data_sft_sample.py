@@ -57,3 +57,23 @@ def test_packing_restarts_positions_and_marks_boundaries(tokenizer):
     assert batch.tokens.shape == (2, row) and batch.loss_mask[:, -3:].sum() == 0
     assert batch.image_grid_thw.shape == (1, 3) and batch.num_samples == 3
     assert batch.max_seqlen == max(a.length, b.length, row - b.length)
+
+
+def test_batches_round_up_to_a_multiple_for_sequence_parallelism(tokenizer):
+    """Sequence parallelism splits every row over the TP ranks: the padded length is the next
+    multiple of TP, and the added padding is out of the loss and (packed) in its own segment."""
+    a = encode_sample(tokenizer, conversation(), [Image.new("RGB", (56, 56))], GEOMETRY, 512)
+    b = encode_sample(tokenizer, conversation("what", "blue"), [], GEOMETRY, 512)
+    longest = max(a.length, b.length)
+    plain = collate([a, b], pad_id=tokenizer.pad_id)
+    for multiple in (2, 4, 8):
+        batch = collate([a, b], pad_id=tokenizer.pad_id, multiple_of=multiple)
+        length = batch.tokens.shape[1]
+        assert length % multiple == 0 and longest <= length < longest + multiple
+        assert torch.equal(batch.tokens[:, :longest], plain.tokens)
+        assert torch.equal(batch.loss_mask[:, :longest], plain.loss_mask)
+        assert batch.loss_mask[:, longest:].sum() == 0
+    packed = collate([pack_samples([a, b])], pad_id=tokenizer.pad_id, packed=True, multiple_of=8)
+    length = packed.tokens.shape[1]
+    assert length % 8 == 0 and packed.cu_seqlens.tolist()[-1] == length
+    assert packed.cu_seqlens.tolist()[:3] == [0, a.length, a.length + b.length]

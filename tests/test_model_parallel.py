@@ -1,5 +1,6 @@
-"""Same weights, same batch: TP=2, PP=2 (even and uneven), and TP=2 x PP=2 give the loss and the
-gradient norm of TP=1, through megatron's own pipeline schedules over gloo on CPU."""
+"""Same weights, same batch: TP=2 (with and without sequence parallelism), PP=2 (even and
+uneven), and TP=2 x PP=2 give the loss and the gradient norm of TP=1, through megatron's own
+pipeline schedules over gloo on CPU."""
 from __future__ import annotations
 
 import json
@@ -33,15 +34,16 @@ def _micro_batches(cfg):
     return out
 
 
-def run_step(full_sd, first_stage_layers=None):
+def run_step(full_sd, first_stage_layers=None, sequence_parallel=False):
     """One forward/backward over N_MICRO micro-batches on the current parallel state.
-    Returns (mean loss, global grad norm), identical on every rank."""
+    Returns the mean loss, the global grad norm and the first stage's replicated gradients
+    (see `_replicated_gradients`), identical on every rank."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_patch.model.sharding import load_full_state_dict
 
     cfg = get_config("tiny", {"decoder_first_pipeline_num_layers": first_stage_layers})
-    model = build_model(cfg, attention_backend="local")
+    model = build_model(cfg, attention_backend="local", sequence_parallel=sequence_parallel)
     load_full_state_dict(model, full_sd)
     losses = []
 
@@ -63,9 +65,11 @@ def run_step(full_sd, first_stage_layers=None):
 
     if ps.get_tensor_model_parallel_world_size() > 1:
         # as the trainer's finalize_model_grads does: q/k layernorm weights are shared by all
-        # heads, so each TP rank holds only its own heads' share of their gradient
+        # heads, so each TP rank holds only its own heads' share of their gradient; under
+        # sequence parallelism the norms marked `sequence_parallel` saw only this rank's tokens
         for name, p in model.named_parameters():
-            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+            if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name
+                                       or getattr(p, "sequence_parallel", False)):
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     tp_rank = ps.get_tensor_model_parallel_rank()
     sq = torch.zeros(1, dtype=torch.float64)
@@ -78,7 +82,32 @@ def run_step(full_sd, first_stage_layers=None):
     if dist.get_world_size() > 1:
         dist.all_reduce(sq)
         dist.all_reduce(loss)
-    return loss.item(), math.sqrt(sq.item())
+    norms, mismatch = _replicated_gradients(model)
+    return dict(loss=loss.item(), grad_norm=math.sqrt(sq.item()), replicated_grad_norms=norms,
+                replica_mismatch=mismatch)
+
+
+def _replicated_gradients(model):
+    """The vision tower's and adapter's parameters that every TP rank holds whole: the norm of
+    each one's gradient, and the largest difference between the TP ranks' copies of it (TP
+    ranks must take the same step on them, or their replicas drift apart). A part of the
+    gradient that only one rank's heads see (the class token's rotary angles) shows in both."""
+    from megatron.core import parallel_state as ps
+
+    norms, mismatch = {}, torch.zeros(1, dtype=torch.float64)
+    for name, p in model.named_parameters():
+        if not name.startswith(("vision_model.", "adapter.")) or p.grad is None \
+                or getattr(p, "tensor_model_parallel", False):
+            continue
+        norms[name] = p.grad.double().norm().item()
+        first = p.grad.clone()
+        dist.broadcast(first, ps.get_tensor_model_parallel_src_rank(),
+                       group=ps.get_tensor_model_parallel_group())
+        mismatch = torch.maximum(mismatch, (first - p.grad).abs().max().double())
+    dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, norms)
+    return {k: v for part in gathered for k, v in part.items()}, mismatch.item()
 
 
 def _worker(rank, world, port, sd_path, layouts, out_path):
@@ -87,9 +116,9 @@ def _worker(rank, world, port, sd_path, layouts, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     full_sd = torch.load(sd_path)
     results = []
-    for tp, pp, first in layouts:
+    for tp, pp, first, sequence_parallel in layouts:
         init_parallel(tp, pp)
-        results.append(run_step(full_sd, first))
+        results.append(run_step(full_sd, first, sequence_parallel))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -106,9 +135,10 @@ def reference(tmp_path_factory):
     full_sd = {n: p.detach().clone() for n, p in model.named_parameters()}
     path = tmp_path_factory.mktemp("par") / "full.pt"
     torch.save(full_sd, path)
-    loss, gnorm = run_step(full_sd)
-    assert math.isfinite(loss) and gnorm > 0
-    return path, loss, gnorm
+    result = run_step(full_sd)
+    assert math.isfinite(result["loss"]) and result["grad_norm"] > 0
+    assert result["replicated_grad_norms"]["vision_model.class_pos_emb"] > 0
+    return path, result
 
 
 def _spawn(world, layouts, sd_path, tmp_path):
@@ -118,20 +148,24 @@ def _spawn(world, layouts, sd_path, tmp_path):
     return json.loads(out.read_text())
 
 
-def _check(results, layouts, loss, gnorm):
-    for (tp, pp, first), (l, g) in zip(layouts, results):
-        assert l == pytest.approx(loss, rel=1e-5), (tp, pp, first)
-        assert g == pytest.approx(gnorm, rel=1e-5), (tp, pp, first)
+def _check(results, layouts, reference):
+    for layout, result in zip(layouts, results):
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5), layout
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5), layout
+        assert result["replicated_grad_norms"] == pytest.approx(
+            reference["replicated_grad_norms"], rel=1e-5), layout
+        assert result["replica_mismatch"] == 0, layout
 
 
 def test_tp2_and_pp2_match_tp1(reference, tmp_path):
-    sd_path, loss, gnorm = reference
-    layouts = [(2, 1, None), (1, 2, None), (1, 2, 1)]  # TP=2; PP=2 even; PP=2 with 1+3 layers
-    _check(_spawn(2, layouts, sd_path, tmp_path), layouts, loss, gnorm)
+    sd_path, expected = reference
+    # (TP, PP, layers on the first stage, sequence parallel)
+    layouts = [(2, 1, None, False), (2, 1, None, True), (1, 2, None, False), (1, 2, 1, False)]
+    _check(_spawn(2, layouts, sd_path, tmp_path), layouts, expected)
 
 
 @pytest.mark.slow
 def test_tp2_x_pp2_matches_tp1(reference, tmp_path):
-    sd_path, loss, gnorm = reference
-    layouts = [(2, 2, None)]
-    _check(_spawn(4, layouts, sd_path, tmp_path), layouts, loss, gnorm)
+    sd_path, expected = reference
+    layouts = [(2, 2, None, False), (2, 2, None, True)]
+    _check(_spawn(4, layouts, sd_path, tmp_path), layouts, expected)

@@ -36,10 +36,21 @@ def test_derived_values(paths):
     (["--overlap-param-gather"], 1, "add --use-distributed-optimizer"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
+    (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,
+     "--seq-length 1022 is not divisible by 4"),
 ])
 def test_invalid_combinations(paths, extra, world, message):
     with pytest.raises(arguments.ArgumentError, match=message.replace("+", r"\+")):
         validate(paths + extra, world)
+
+
+def test_sequence_parallel_is_on_only_with_tensor_parallelism(paths):
+    """As in Megatron-LM: the flag is dropped at TP 1 (nothing to split over), so one script
+    serves every TP size."""
+    assert not validate(paths + ["--sequence-parallel"]).sequence_parallel
+    assert validate(paths + ["--sequence-parallel", "--tensor-model-parallel-size", "2"],
+                    2).sequence_parallel
+    assert not validate(paths + ["--tensor-model-parallel-size", "2"], 2).sequence_parallel
 
 
 def test_model_divisibility(paths):
@@ -98,6 +109,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"]
                 or cpu["gradient_accumulation_fusion"])
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
+    assert not cpu["sequence_parallel"]
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernels, "flash_varlen_kernel", lambda: object())  # torch >= 2.10

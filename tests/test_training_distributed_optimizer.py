@@ -217,16 +217,21 @@ def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> 
     return args
 
 
-def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(converted_demo, demo_tokenizer,
-                                                              tmp_path):
+@pytest.mark.parametrize("script, layout", [
+    ("sft_4b_1node_8gpu.sh", ()),  # DP 2: the overlapped reduce and gather have peers
+    ("sft_8b_2node.sh", ("--tensor-model-parallel-size", 2)),  # the script's TP, with its SP
+], ids=["4b-dp2", "8b-tp2"])
+def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, converted_demo,
+                                                              demo_tokenizer, tmp_path):
     """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
-    grad reduce and param gather, full recompute, packing) on CPU: the checkpoint holds bf16
-    weights and a resume continues bit for bit."""
-    recipe = example_script_args()
+    grad reduce and param gather, full recompute, packing; sequence parallelism at TP 2) on CPU:
+    the checkpoint holds bf16 weights and a resume continues bit for bit."""
+    recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
     assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather",
             "--recompute-granularity"} <= set(recipe)
+    assert ("--sequence-parallel" in recipe) == bool(layout)
     run = ("--train-iters", 4, "--save-interval", 2, "--global-batch-size", 4,
-           "--micro-batch-size", 1, "--seq-length", 384, *recipe)
+           "--micro-batch-size", 1, "--seq-length", 384, *layout, *recipe)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_trainer(converted_demo, demo_tokenizer, reference, *run, nproc=2)
     run_trainer(converted_demo, demo_tokenizer, resumed, *run,

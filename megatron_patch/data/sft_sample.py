@@ -118,10 +118,11 @@ class SFTBatch:
 
 
 def collate(samples: Sequence[EncodedSample], pad_id: int, pad_to: Optional[int] = None,
-            packed: bool = False) -> SFTBatch:
-    """Right-pads to `pad_to` (default: the longest); padding has loss_mask 0 and, when packed,
-    forms its own segment in cu_seqlens so no real token attends to it."""
-    length = pad_to or max(s.length for s in samples)
+            packed: bool = False, multiple_of: int = 1) -> SFTBatch:
+    """Right-pads to `pad_to` (default: the longest), rounded up to a multiple of `multiple_of`;
+    padding has loss_mask 0 and, when packed, forms its own segment in cu_seqlens so no real
+    token attends to it."""
+    length = -(-(pad_to or max(s.length for s in samples)) // multiple_of) * multiple_of
     batch = len(samples)
     tokens = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), pad_id, dtype=torch.long)

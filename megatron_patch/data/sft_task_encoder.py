@@ -80,6 +80,7 @@ class EncoderSettings:
     max_images_per_pack: int = 16
     packing_buffer_size: int = 64        # samples energon buffers to choose packs from
     pad_to_seq_length: bool = False      # pad every micro-batch to seq_length (PP > 1, packing)
+    pad_to_multiple_of: int = 1          # sequence parallelism splits the length over TP ranks
     max_consecutive_drops: int = 1000    # then AllSamplesOverlong/-Bad instead of spinning forever
 
     def __post_init__(self):
@@ -89,6 +90,10 @@ class EncoderSettings:
             raise ValueError(f"seq_length must be positive, not {self.seq_length}")
         if self.packing and (self.max_images_per_pack < 1 or self.packing_buffer_size < 1):
             raise ValueError("packing needs max_images_per_pack >= 1 and packing_buffer_size >= 1")
+        if self.pad_to_multiple_of < 1 or (self.pads_to_seq_length
+                                           and self.seq_length % self.pad_to_multiple_of):
+            raise ValueError(f"pad_to_multiple_of {self.pad_to_multiple_of} must be positive and "
+                             f"divide seq_length {self.seq_length} when padding to it")
 
     @property
     def pads_to_seq_length(self) -> bool:
@@ -224,7 +229,7 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
         settings = self.settings
         pad_to = settings.seq_length if settings.pads_to_seq_length else None
         collated = collate([s.encoded for s in samples], self.tokenizer.pad_id, pad_to=pad_to,
-                           packed=settings.packing)
+                           packed=settings.packing, multiple_of=settings.pad_to_multiple_of)
         dropped, self._dropped_since_batch = self._dropped_since_batch, 0
         bad, self._bad_since_batch = self._bad_since_batch, 0
         sources = tuple(src for s in samples for src in (s.__sources__ or ()))

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.compat import apply_cpu_redirects
 from megatron_patch.model.configs import LlavaOVConfig
-from megatron_patch.model.layer_specs import language_layer_spec, resolve_backend, vision_layer_spec
+from megatron_patch.model.layer_specs import language_block_spec, resolve_backend, vision_layer_spec
 from megatron_patch.model.llava_ov import LlavaOVModel
 from megatron_patch.model.transformer_configs import (language_transformer_config,
                                                       vision_transformer_config)
@@ -25,12 +25,14 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 post_process: Optional[bool] = None, attention_backend: str = "auto",
                 params_dtype: torch.dtype = torch.float32, vp_stage: Optional[int] = None,
                 use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
-                fused_kernels: Optional[bool] = None,
+                fused_kernels: Optional[bool] = None, sequence_parallel: bool = False,
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
     rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
-    language model's fused SwiGLU and cross entropy. Extra keyword arguments go to both megatron
-    ``TransformerConfig``s (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
+    language model's fused SwiGLU and cross entropy. ``sequence_parallel`` applies to the language
+    model only: the vision tower's images are short and each runs whole on every TP rank. Extra
+    keyword arguments go to both megatron ``TransformerConfig``s (e.g. ``recompute_granularity``,
+    ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
@@ -46,10 +48,11 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                   perform_initialization=perform_initialization, **transformer_config_extra)
     vision_config = vision_transformer_config(cfg, **common)
     language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp,
-                                                  fused_kernels=fused_kernels, **common)
+                                                  fused_kernels=fused_kernels,
+                                                  sequence_parallel=sequence_parallel, **common)
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
-                         language_layer_spec(backend), pre_process=pre_process,
-                         post_process=post_process, vp_stage=vp_stage)
+                         language_block_spec(backend, language_config, vp_stage),
+                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
     if params_dtype != torch.float32:
         model.to(params_dtype)  # plain nn modules (patch embed, norms, class token) follow megatron's
     return model

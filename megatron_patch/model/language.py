@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.gpt.gpt_model import GPTModel
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.configs import LanguageConfig
@@ -46,11 +46,14 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def build_language_model(lcfg: LanguageConfig, config: TransformerConfig, layer_spec: ModuleSpec,
-                         pre_process: bool, post_process: bool, vp_stage=None) -> GPTModel:
+def build_language_model(lcfg: LanguageConfig, config: TransformerConfig,
+                         block_spec: TransformerBlockSubmodules, pre_process: bool,
+                         post_process: bool, vp_stage=None) -> GPTModel:
+    """The embedding is not scattered over sequence-parallel ranks here: image features replace
+    the ``<|image_pad|>`` embeddings first, and ``LlavaOVModel.forward`` scatters after that."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec,
+        transformer_layer_spec=block_spec,
         vocab_size=padded_vocab_size(lcfg.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=lcfg.max_position_embeddings,
         pre_process=pre_process,
@@ -60,6 +63,7 @@ def build_language_model(lcfg: LanguageConfig, config: TransformerConfig, layer_
         position_embedding_type="mrope",
         rotary_percent=1.0,
         rotary_base=lcfg.rope_theta,
+        scatter_embedding_sequence_parallel=False,
         vp_stage=vp_stage,
     )
 

@@ -3,9 +3,10 @@
 * ``te``: Transformer Engine modules (fused LayerNorm+Linear, TE DotProductAttention which uses
   flash / cuDNN fused attention, packed ``thd`` sequences natively). Needs CUDA and the
   ``transformer_engine`` package (extra ``[gpu]``).
-* ``local``: megatron-core's own modules (tensor-parallel linears, torch norms) with
-  :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA; for
-  packed sequences in bf16 on CUDA, torch's varlen flash kernel). Runs anywhere, including
+* ``local``: megatron-core's own modules (tensor-parallel linears) with torch norms
+  (:class:`~megatron_patch.model.norms.TorchNorm`, which also runs under sequence parallelism)
+  and :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA;
+  for packed sequences in bf16 on CUDA, torch's varlen flash kernel). Runs anywhere, including
   CPU/gloo.
 
 ``resolve_backend("auto")`` picks ``te`` when both are available and otherwise falls back to
@@ -30,6 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_patch.model.attention import SDPACoreAttention
+from megatron_patch.model.norms import TorchNorm
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,27 @@ def language_layer_spec(backend: str) -> ModuleSpec:
     if backend == "te":
         return gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     spec = gls.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm
+    attention.q_layernorm = attention.k_layernorm = TorchNorm
+    attention.core_attention = SDPACoreAttention
     return spec
+
+
+def language_block_spec(backend: str, config, vp_stage: Optional[int] = None):
+    """This pipeline stage's decoder layers and the final norm. Given a layer spec alone,
+    megatron would pick Transformer Engine's final norm whenever TE is installed, whichever
+    spec the layers use, and otherwise one that refuses sequence parallelism."""
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = TorchNorm
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[language_layer_spec(backend)] * layers,
+                                      layer_norm=final_norm)
 
 
 def vision_layer_spec(backend: str) -> ModuleSpec:

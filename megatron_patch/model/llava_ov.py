@@ -20,16 +20,24 @@ Forward inputs (per micro-batch), matching the HF model and the data encoder:
 * ``packed_seq_params``: ``PackedSeqParams(qkv_format='thd', cu_seqlens_q/kv=...)`` for packed
   samples (``b == 1``); attention stays inside each segment. ``cu_seqlens[-1]`` must equal ``s``
   (put trailing padding in a segment of its own).
+
+Sequence parallelism (language config ``sequence_parallel``; needs ``s`` divisible by the TP
+size): each TP rank keeps ``s / TP`` tokens of the hidden states between the tensor-parallel
+linears, so norms, residuals and the activations recompute keeps shrink by the TP size. The
+first stage embeds and merges the image features over the whole sequence, then scatters;
+stage boundaries carry ``[s / TP, b, hidden]``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.adapter import VisionAdapter
@@ -41,7 +49,8 @@ from megatron_patch.model.vision import RiceVisionModel
 class LlavaOVModel(MegatronModule):
     def __init__(self, cfg: LlavaOVConfig, vision_config: TransformerConfig,
                  language_config: TransformerConfig, vision_spec: ModuleSpec,
-                 language_spec: ModuleSpec, pre_process: bool = True, post_process: bool = True,
+                 language_spec: TransformerBlockSubmodules, pre_process: bool = True,
+                 post_process: bool = True,
                  vp_stage: Optional[int] = None):
         super().__init__(config=language_config)
         self.cfg = cfg
@@ -92,7 +101,13 @@ class LlavaOVModel(MegatronModule):
                 labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None,
                 packed_seq_params: Optional[PackedSeqParams] = None) -> torch.Tensor:
-        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, pixel_values, image_grid_thw)
+            if self.config.sequence_parallel:
+                # clone: the slice is a view that would keep the whole sequence alive
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
+                    decoder_input).clone()
         return self.language_model(
             input_ids=input_ids,
             position_ids=rope_position_ids(position_ids),

@@ -22,8 +22,10 @@ Choices that hold for both and why:
 * ``gradient_accumulation_fusion=False`` here; the trainer turns it on where megatron can run it
   (CUDA + APEX's fused wgrad kernel, ``kernels.gradient_accumulation_fusion``).
 * dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
-* ``sequence_parallel=False``: image embeddings are scattered into the token embeddings on the
-  first stage; sequence parallelism would need that merge before the scatter (future work).
+* ``sequence_parallel=False`` unless the caller asks (the trainer's ``--sequence-parallel``),
+  and then only for the language model: the model merges image features into the token
+  embeddings before scattering the sequence (``llava_ov.py``), and the vision tower's images
+  run whole on every TP rank.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ from typing import List, Tuple
 
 import torch
 from torch import nn
+from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -97,7 +98,9 @@ class RiceVisionModel(MegatronModule):
     def _with_class_tokens(self, x, angles, lengths: List[int]) -> Tuple[torch.Tensor, ...]:
         """Prepend the class token (and its learned angles) to every image's patches."""
         cls = self.class_embedding.to(x.dtype).unsqueeze(0)
-        cls_ang = self.class_pos_emb.float()
+        # each TP rank rotates only its own heads by these angles, so their gradient must be
+        # summed over the TP ranks (identity forward, all-reduce backward), as a TP=1 run has it
+        cls_ang = tensor_parallel.copy_to_tensor_model_parallel_region(self.class_pos_emb).float()
         xs, angs = [], []
         for xi, ai in zip(x.split(lengths), angles.split(lengths)):
             xs += [cls, xi]

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism and batch")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="with TP > 1: split the language model's norms, residuals and stored "
+                        "activations over the TP ranks along the sequence (Megatron-LM's flag; "
+                        "same communication volume as plain TP, activations / TP). Needs "
+                        "--seq-length divisible by TP; ignored at TP 1, as in Megatron-LM")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, help="default: micro batch x data parallel")
     g.add_argument("--seq-length", type=int, default=2048)
@@ -186,6 +191,11 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
             f"global batch {args.global_batch_size} is not divisible by micro batch x data parallel "
             f"= {args.micro_batch_size} x {args.data_parallel_size}; use a multiple of {per_step}")
     args.num_microbatches = args.global_batch_size // per_step
+    args.sequence_parallel = args.sequence_parallel and tp > 1
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ArgumentError(f"--sequence-parallel splits each sequence over the {tp} TP ranks; "
+                            f"--seq-length {args.seq_length} is not divisible by {tp}, use a "
+                            "multiple of it")
     if model_config is not None:
         _check_model_divisibility(model_config, tp, pp)
     if args.lr_warmup_fraction is not None:

@@ -67,6 +67,7 @@ def summary(args) -> Dict[str, object]:
         "fused_cross_entropy": fused_cross_entropy(args),
         "gradient_accumulation_fusion": gradient_accumulation_fusion(args),
         "recompute": args.recompute_granularity or "off",
+        "sequence_parallel": args.sequence_parallel,
         "distributed_optimizer": args.use_distributed_optimizer,
         "overlap_grad_reduce": args.overlap_grad_reduce,
         "overlap_param_gather": args.overlap_param_gather,

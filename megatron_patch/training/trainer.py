@@ -98,7 +98,8 @@ def wrap_model(args, cfg, device: torch.device):
                          recompute_num_layers=args.recompute_num_layers)
     model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        fused_kernels=kernels.fused_swiglu(args), **extra)
+                        fused_kernels=kernels.fused_swiglu(args),
+                        sequence_parallel=args.sequence_parallel, **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)
     ddp_config = DistributedDataParallelConfig(
@@ -134,7 +135,8 @@ def encoder_settings(args) -> EncoderSettings:
         seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
         packing_buffer_size=args.packing_buffer_size,
-        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1)
+        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1,
+        pad_to_multiple_of=args.tensor_model_parallel_size if args.sequence_parallel else 1)
 
 
 class Trainer:
