@@ -2,6 +2,7 @@
 plain-PyTorch baseline trainer (benchmarks/baseline_llava.py)."""
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -248,3 +249,19 @@ def test_packed_attention_benchmark_times_a_typical_pack(tmp_path):
     assert sum(lengths) == 1024 and report["segments"] == len(lengths) > 1
     assert report["loop_ms"] > 0 and report["varlen_ms"] is None
     assert attention.flash_varlen_kernel is kernel_getter  # the benchmark put it back
+
+
+def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_path):
+    """benchmarks/bench_activation_memory.py under torchrun (TP=2): the bytes autograd keeps
+    per decoder layer shrink with TP and, with --sequence-parallel, to half of TP=1's (every
+    activation of a layer is then split over the 2 ranks)."""
+    from trainer_runs import REPO, run_process_group, subprocess_env
+    out = tmp_path / "memory.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "benchmarks" / "bench_activation_memory.py"), "--seq-length", "512",
+               "--json", str(out)]
+    result = run_process_group(command, dict(subprocess_env(), OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TP=2 + SP" in result.stdout
+    tp1, tp2, sp = [row["decoder_per_layer"] for row in json.loads(out.read_text())["rows"]]
+    assert tp1 > tp2 > sp == pytest.approx(tp1 / 2, rel=0.02)

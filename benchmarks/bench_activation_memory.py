@@ -1,0 +1,126 @@
+"""Activation memory per tensor-parallel rank: TP=1, plain TP, and TP with --sequence-parallel.
+
+Counts the bytes autograd keeps for the backward pass (saved tensors, parameters excluded, each
+storage once) during the forward of one packed micro-batch, split into the language model's
+decoder layers (per layer: what grows with depth, x36 for the 4B) and everything else (vision
+tower, adapter, embedding, output layer and loss). That is the memory
+``--sequence-parallel`` and recompute are for, counted exactly rather than read off an
+allocator, so the figures are the same on CPU and GPU for the same spec (the local spec; TE's
+fused layers save somewhat different tensors) and need no GPU to compare layouts.
+
+    torchrun --nproc-per-node 2 benchmarks/bench_activation_memory.py --seq-length 4096
+    torchrun --nproc-per-node 2 benchmarks/bench_activation_memory.py --model llava-ov-1.5-4b \\
+        --num-layers 2 --vision-num-layers 2 --seq-length 8192 --bf16
+
+The tensor-parallel size is the number of processes; TP=1 runs on every rank alike.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec  # noqa: E402
+from megatron_patch.model import build_model, get_config  # noqa: E402
+from megatron_patch.training import arguments  # noqa: E402
+from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
+from megatron_patch.training.train_step import model_inputs  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    arguments.add_model_override_arguments(p)
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--recompute-granularity", choices=("full", "selective"))
+    p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
+    p.add_argument("--image-size-max", type=int, default=224, help="pixels, multiple of 28")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", help="write the results here (rank 0)")
+    return p.parse_args(argv)
+
+
+def saved_activation_bytes(model, inputs) -> dict:
+    """Bytes of the distinct storages autograd saves during one forward, parameters excluded:
+    ``{"decoder_per_layer": ..., "other": ...}``."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    decoder = model.language_model.decoder
+    region = ["other"]
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved.setdefault(storage.data_ptr(), (region[0], storage.nbytes()))
+        return tensor
+
+    enter = decoder.register_forward_pre_hook(lambda *_: region.__setitem__(0, "decoder"))
+    leave = decoder.register_forward_hook(lambda *_: region.__setitem__(0, "other"))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**inputs)
+    finally:
+        enter.remove()
+        leave.remove()
+    del loss
+    totals = {"decoder": 0, "other": 0}
+    for where, nbytes in saved.values():
+        totals[where] += nbytes
+    return {"decoder_per_layer": totals["decoder"] / len(decoder.layers), "other": totals["other"]}
+
+
+def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device) -> dict:
+    initialize(tp, 1, args.seed)
+    extra = {}
+    if args.recompute_granularity:
+        extra = dict(recompute_granularity=args.recompute_granularity, recompute_method="uniform",
+                     recompute_num_layers=1)
+    model = build_model(cfg, attention_backend="local",
+                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                        sequence_parallel=sequence_parallel, **extra).to(device)
+    inputs = model_inputs(batch, device)
+    inputs.pop("loss_mask")
+    return saved_activation_bytes(model, inputs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = get_config(args.model, arguments.model_overrides(args))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    initialize(1, 1, args.seed)
+    world = torch.distributed.get_world_size()
+    vision = cfg.vision
+    batch = SyntheticPackedBatches(SyntheticSpec(
+        vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
+        seq_length=args.seq_length, patch_dim=vision.patch_dim, merge_size=vision.spatial_merge_size,
+        patch_size=vision.patch_size, image_side_min=args.image_size_min,
+        image_side_max=args.image_size_max, seed=args.seed)).take(1)[0]
+    layouts = [(1, False)] + ([(world, False), (world, True)] if world > 1 else [])
+    rows = []
+    for tp, sequence_parallel in layouts:
+        saved = measure(args, cfg, batch, tp, sequence_parallel, device)
+        rows.append(dict(tp=tp, sequence_parallel=sequence_parallel, **saved))
+    if torch.distributed.get_rank() == 0:
+        base = rows[0]["decoder_per_layer"]
+        print(f"model {args.model}, seq {args.seq_length}, {batch.num_samples} samples / "
+              f"{batch.num_images} images in the pack, recompute "
+              f"{args.recompute_granularity or 'off'}, {'bf16' if args.bf16 else 'fp32'}")
+        print(f"{'layout':<12} {'MiB/rank per decoder layer':>27} {'vs TP=1':>8} "
+              f"{'MiB/rank other':>15}")
+        for row in rows:
+            name = f"TP={row['tp']}" + (" + SP" if row["sequence_parallel"] else "")
+            print(f"{name:<12} {row['decoder_per_layer'] / 2 ** 20:>27.2f} "
+                  f"{row['decoder_per_layer'] / base:>8.3f} {row['other'] / 2 ** 20:>15.1f}")
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(dict(args=vars(args), samples=batch.num_samples,
+                               images=batch.num_images, rows=rows), handle, indent=1)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
