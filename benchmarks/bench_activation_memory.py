@@ -3,7 +3,7 @@
 Counts the bytes autograd keeps for the backward pass (saved tensors, parameters excluded, each
 storage once) during the forward of one packed micro-batch, split into the language model's
 decoder layers (per layer: what grows with depth, x36 for the 4B) and everything else (vision
-tower, adapter, embedding, output layer and loss). That is the memory
+tower, adapter, embedding, final norm, output layer and loss). That is the memory
 ``--sequence-parallel`` and recompute are for, counted exactly rather than read off an
 allocator, so the figures are the same on CPU and GPU for the same spec (the local spec; TE's
 fused layers save somewhat different tensors) and need no GPU to compare layouts.
@@ -58,14 +58,21 @@ def saved_activation_bytes(model, inputs) -> dict:
             saved.setdefault(storage.data_ptr(), (region[0], storage.nbytes()))
         return tensor
 
-    enter = decoder.register_forward_pre_hook(lambda *_: region.__setitem__(0, "decoder"))
-    leave = decoder.register_forward_hook(lambda *_: region.__setitem__(0, "other"))
+    def switch_to(name):
+        return lambda *_: region.__setitem__(0, name)
+
+    # the decoder's layers, without its final norm (one per model, not per layer)
+    hooks = [decoder.register_forward_pre_hook(switch_to("decoder")),
+             decoder.register_forward_hook(switch_to("other"))]
+    if decoder.final_layernorm is not None:
+        hooks += [decoder.final_layernorm.register_forward_pre_hook(switch_to("other")),
+                  decoder.final_layernorm.register_forward_hook(switch_to("decoder"))]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             loss = model(**inputs)
     finally:
-        enter.remove()
-        leave.remove()
+        for hook in hooks:
+            hook.remove()
     del loss
     totals = {"decoder": 0, "other": 0}
     for where, nbytes in saved.values():
