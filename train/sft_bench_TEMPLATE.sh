@@ -14,7 +14,7 @@ DATA_PATH="${DATA_PATH:-/data/${DATA_NAME}_wds}"  # output of tools/stage2_sftda
 CHECKPOINT_PATH="${CHECKPOINT_PATH:-}"          # weights to start from: tools/convert_hf_to_mcore.py output or an earlier stage's run dir (weights only); empty = random init
 TOKENIZER_PATH="${TOKENIZER_PATH:-/models/LLaVA-OneVision-1.5-4B-Instruct}"  # dir with tokenizer.json
 MODEL="${MODEL:-llava-ov-1.5-4b}"               # tiny | llava-ov-1.5-4b | llava-ov-1.5-8b
-TP="${TP:-1}"                                   # tensor parallel: 1 for 4B on 80 GB GPUs, 2 for 8B at long seq
+TP="${TP:-1}"                                   # tensor parallel: 1 for 4B on 80 GB GPUs, 2 for 8B at long seq (with TP > 1 add --sequence-parallel to EXTRA_ARGS)
 PP="${PP:-1}"                                   # pipeline parallel: raise only when TP alone does not fit
 SEQ_LEN="${SEQ_LEN:-8192}"                      # tokens per sequence (text + image tokens); 8192 is common
 MBS="${MBS:-1}"                                 # micro batch per GPU; with packing keep 1
