@@ -53,6 +53,17 @@ def test_sequence_parallel_is_on_only_with_tensor_parallelism(paths):
     assert not validate(paths + ["--tensor-model-parallel-size", "2"], 2).sequence_parallel
 
 
+def test_sequence_parallel_batches_pad_to_a_multiple_of_tp(paths):
+    """Unpacked micro-batches are as long as their longest row; under sequence parallelism
+    that length must split evenly over the TP ranks."""
+    from megatron_patch.training.trainer import encoder_settings
+    sp = encoder_settings(validate(paths + ["--sequence-parallel", "--tensor-model-parallel-size",
+                                            "4"], 4))
+    assert sp.pad_to_multiple_of == 4
+    assert encoder_settings(validate(paths + ["--tensor-model-parallel-size", "4"],
+                                     4)).pad_to_multiple_of == 1
+
+
 def test_model_divisibility(paths):
     tiny = get_config("tiny")  # 4 heads, 2 KV heads, 4 layers
     with pytest.raises(arguments.ArgumentError, match=r"query groups \(KV heads\) \(2\) are not "
