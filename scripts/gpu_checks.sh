@@ -9,7 +9,8 @@
 # here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: they are installed
 # into a private directory first (nothing of the node's own packages is replaced).
 #   OUT=/path bash scripts/gpu_checks.sh                 # tests + benchmark
-#   WHEELS=.whl STEPS="tests" bash scripts/gpu_checks.sh # only the tests ("bench", "recompute")
+#   WHEELS=.whl STEPS="tests" bash scripts/gpu_checks.sh # only the tests ("bench", "recompute",
+#                                                        # "ckpt": checkpoint save stall)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -72,5 +73,13 @@ if [[ " $STEPS " == *" recompute "* ]]; then
   step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
     --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
   tail -8 "$OUT/bench_recompute.txt"
+fi
+if [[ " $STEPS " == *" ckpt "* ]]; then  # how long a save stops training: sync vs --async-save
+  step bench_checkpoint 240 "$PYTHON" benchmarks/bench_checkpoint_save.py \
+    --save-dir /tmp/gpu_checks_ckpt --model llava-ov-1.5-4b --num-layers 8 --hidden-size 2048 \
+    --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 4096 \
+    --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer \
+    --json "$OUT/checkpoint_save.json"
+  tail -5 "$OUT/bench_checkpoint.txt"
 fi
 cat "$OUT/summary.txt" 2>/dev/null

@@ -114,6 +114,28 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(point, reference_run, 
     assert_reproduces_reference(save, reference_run)
 
 
+def test_async_save_trains_while_writing_and_a_kill_loses_only_the_write_in_flight(
+        reference_run, converted_demo, demo_tokenizer, tmp_path):
+    """--async-save: iter_2 and iter_4 are written in the background and published; the writer
+    of iter_6 never finishes while training goes on, and a kill at step 7 loses only iter_6.
+    A resumed run (writing in the background too) reproduces the synchronous reference."""
+    save = tmp_path / "run"
+    killed = run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 2,
+                         "--async-save", check=False,
+                         env={"LLAVA_FAULT": "save:background@6:hang,step@7"})
+    assert killed.returncode == -signal.SIGKILL, output(killed)[-3000:]
+    assert "iter_0000006: state copied in" in killed.stdout  # and step 7 ran while it was written
+    assert f"saved {save / 'iter_0000004'} (written in the background in" in killed.stdout
+    assert checkpoint_paths.complete_iterations(save) == [2, 4]
+    assert [name for name in os.listdir(save) if name.startswith("iter_0000006.partial-")]
+    assert max(metrics(save)) == 6
+
+    result = resume(converted_demo, demo_tokenizer, save, "--async-save")
+    assert "resuming from" in result.stdout and "at iteration 4" in result.stdout
+    assert not [name for name in os.listdir(save) if ".partial-" in name]
+    assert_reproduces_reference(save, reference_run)  # iter_8 was written in the background
+
+
 # ------------------------------------------------------------------ signals
 def test_sigterm_finishes_the_step_saves_and_exits_15(reference_run, converted_demo,
                                                       demo_tokenizer, tmp_path):
@@ -177,12 +199,17 @@ def test_signal_reaching_one_rank_stops_both_at_the_same_step(reference_run, con
 
 
 # ------------------------------------------------------------------ disk full / read-only
-@pytest.mark.parametrize("fault, reason", [("save:after_model@8:enospc", "No space left"),
-                                           ("save:start@8:eacces", "Permission denied")])
-def test_failed_save_stops_cleanly_with_the_last_checkpoint_intact(fault, reason, converted_demo,
+@pytest.mark.parametrize("fault, reason, extra", [
+    ("save:after_model@8:enospc", "No space left", ()),
+    ("save:start@8:eacces", "Permission denied", ()),
+    # a background writer that dies (killed, out of memory) fails the save on every rank
+    ("save:background@8:kill", "the background writer failed (rank 0: RuntimeError",
+     ("--async-save",))])
+def test_failed_save_stops_cleanly_with_the_last_checkpoint_intact(fault, reason, extra,
+                                                                   converted_demo,
                                                                    demo_tokenizer, tmp_path):
     save = tmp_path / "run"
-    failed = run_with_fault(converted_demo, demo_tokenizer, save, fault)
+    failed = run_with_fault(converted_demo, demo_tokenizer, save, fault, *extra)
     text = output(failed)
     assert failed.returncode == 1
     assert "rank 0 failed: CheckpointSaveError: could not write checkpoint" in text

@@ -72,6 +72,23 @@ def _export_to_hf(checkpoint, out) -> dict:
     return tensors
 
 
+def data_parallel_write_shares(checkpoint_dir) -> dict:
+    """Bytes of tensor data each rank wrote (torch_dist names its files __<rank>_<n>.distcp)."""
+    shares = {}
+    for path in checkpoint_dir.glob("__*_*.distcp"):
+        rank = int(path.name.split("_")[2])
+        shares[rank] = shares.get(rank, 0) + path.stat().st_size
+    return shares
+
+
+def test_data_parallel_replicas_share_the_checkpoint_writes(plain_run):
+    """--ckpt-fully-parallel-save (the default): with the plain optimizer every tensor is held by
+    both DP ranks; each writes about half (without it rank 0 writes all, rank 1 nothing)."""
+    shares = data_parallel_write_shares(plain_run / "iter_0000003")
+    assert sorted(shares) == [0, 1]
+    assert min(shares.values()) > 0.3 * sum(shares.values()), shares
+
+
 def test_a_distributed_optimizer_checkpoint_exports_to_hf(plain_run, overlapped_run, tmp_path):
     """The exporter reads weights only, whatever the optimizer state's layout."""
     exported = _export_to_hf(overlapped_run / "iter_0000003", tmp_path / "overlapped")
@@ -224,10 +241,11 @@ def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> 
 def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, converted_demo,
                                                               demo_tokenizer, tmp_path):
     """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
-    grad reduce and param gather, full recompute, packing; sequence parallelism at TP 2) on CPU:
-    the checkpoint holds bf16 weights and a resume continues bit for bit."""
+    grad reduce and param gather, checkpoints written in the background, full recompute,
+    packing; sequence parallelism at TP 2) on CPU: the checkpoint holds bf16 weights and a
+    resume continues bit for bit."""
     recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
-    assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather",
+    assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather", "--async-save",
             "--recompute-granularity"} <= set(recipe)
     assert ("--sequence-parallel" in recipe) == bool(layout)
     run = ("--train-iters", 4, "--save-interval", 2, "--global-batch-size", 4,

@@ -24,7 +24,7 @@ EPOCHS="${EPOCHS:-1}"                           # passes over the train split
 GPUS_PER_NODE="${GPUS_PER_NODE:-auto}"          # auto = every GPU nvidia-smi lists; no GPU = CPU processes
 LR="${LR:-1e-5}"                                # peak learning rate (anchor recipe: 1e-5, cosine to MIN_LR)
 MIN_LR="${MIN_LR:-1e-6}"
-SAVE_INTERVAL="${SAVE_INTERVAL:-0}"             # steps between checkpoints; 0 = about 10 per run
+SAVE_INTERVAL="${SAVE_INTERVAL:-0}"             # steps between checkpoints; 0 = about 10 per run (--async-save in EXTRA_ARGS writes them while training goes on)
 NUM_WORKERS="${NUM_WORKERS:-4}"                 # data loader processes per GPU
 EXTRA_ARGS="${EXTRA_ARGS:-}"                    # anything else for the trainer, e.g. "--packing --bf16"
 # ====================================================================

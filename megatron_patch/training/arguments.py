@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --use-distributed-optimizer: save the optimizer state per parameter "
                         "(gathered over data parallel ranks) so a resume may change TP/PP; the "
                         "default keeps megatron's per-rank buffers (faster save, same TP/PP only)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process: training continues once the "
+                        "state is copied to host memory, and the checkpoint is published when "
+                        "every rank has written its part (a run that dies before keeps the "
+                        "previous one)")
+    g.add_argument("--ckpt-fully-parallel-save", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="data-parallel replicas split the writing of the tensors they share "
+                        "(Megatron-LM's default); --no-ckpt-fully-parallel-save leaves it all to "
+                        "the first replica")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)
@@ -254,8 +264,9 @@ def _check_paths(args) -> None:
         raise ArgumentError(f"--tokenizer-path {args.tokenizer_path} does not exist")
     if args.load and not os.path.exists(args.load):
         raise ArgumentError(f"--load {args.load} does not exist")
-    if args.save_interval and not args.save:
-        raise ArgumentError("--save-interval needs --save")
+    for flag, given in (("--save-interval", args.save_interval), ("--async-save", args.async_save)):
+        if given and not args.save:
+            raise ArgumentError(f"{flag} needs --save")
     if args.save:
         _check_writable(args.save)
     for name in args.exit_signals:

@@ -25,6 +25,12 @@ run killed mid-save never leaves a checkpoint that looks complete. A write that 
 read-only disk) on any rank fails the save on every rank, removes the partial folder and raises
 `CheckpointSaveError` naming the path, the free space and the space a checkpoint needs; the
 previous checkpoint stays as it was.
+
+With ``background`` (the trainer's --async-save) a forked process writes the shards while
+training goes on, and the publishing runs later, once every rank's writer is done
+(background_saves). Tensors held by several data-parallel replicas are written by all of them,
+a share each (``fully_parallel``, Megatron-LM's --ckpt-fully-parallel-save), not all by the
+first replica.
 """
 import json
 import logging
@@ -38,10 +44,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import \
+    FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.training import checkpoint_paths
+from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.parallel_setup import Ranks
 
@@ -148,18 +158,35 @@ def mirrored_dataloader_file(directory: str, dp_rank: int) -> str:
     return os.path.join(directory, f"train_dataloader_dprank{dp_rank:03d}.pt")
 
 
+def save_strategy(fully_parallel: bool):
+    """megatron's torch_dist writer; with `fully_parallel`, the tensors replicated over the
+    data-parallel ranks are split among them for writing (each rank writes a share instead of
+    the first replica writing all), so a save takes about 1/DP of the time where each node
+    writes to its own storage bandwidth."""
+    strategy = get_default_save_sharded_strategy()
+    if not fully_parallel:
+        return strategy
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(strategy, group)
+
+
 def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunState,
                     loader_state: Any, ranks: Ranks, args_dict: dict,
                     dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None,
-                    layout: str = REPLICATED) -> str:
+                    layout: str = REPLICATED, fully_parallel: bool = True,
+                    background: Optional[BackgroundSaves] = None) -> str:
     """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
 
-    Raises CheckpointSaveError on every rank when any rank fails to write (see the module doc).
+    With `background`, returns once the shards are copied to host memory and their writer is
+    started; the checkpoint is published later by `background` (see background_saves).
+    Raises CheckpointSaveError on every rank when any rank fails to write (see the module doc),
+    in the background case from `background`'s poll or wait.
     """
     iteration, rank = state.iteration, ranks.rank
     partial = checkpoint_paths.partial_dir(save, iteration, _shared_tag())
     final = os.path.join(save, checkpoint_paths.iteration_dir_name(iteration))
     need = estimated_checkpoint_bytes(save, model_chunks, ranks) if rank == 0 else 0
+    request = None
 
     def start():
         fault_point("save:start", iteration, rank)
@@ -168,12 +195,15 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
             os.makedirs(partial, exist_ok=False)
 
     def write_shards():
+        nonlocal request
         sharded = _model_sharded_state_dict(model_chunks)
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded,
                                                             metadata=_optimizer_metadata(layout))
         sharded["opt_param_scheduler"] = scheduler.state_dict()
         sharded["run_state"] = asdict(state)
-        dist_checkpointing.save(sharded, partial)
+        request = dist_checkpointing.save(sharded, partial,
+                                          sharded_strategy=save_strategy(fully_parallel),
+                                          async_sharded_save=background is not None)
         fault_point("save:after_model", iteration, rank)
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
         torch.save(_rng_state(), os.path.join(partial, "rng", f"rank_{rank:05d}.pt"))
@@ -201,12 +231,21 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
             save, partial, iteration,
             after_rename=lambda: fault_point("save:after_rename", iteration, rank))
 
-    for phase in (start, write_shards, publish):
+    def publish_and_prune():
+        _run_on_all_ranks(publish, save, partial, final, need)
+        if rank == 0 and keep_last:
+            for removed in checkpoint_paths.remove_old_checkpoints(save, keep_last):
+                logger.info("removed old checkpoint %s (--keep-last %d)", removed, keep_last)
+        dist.barrier()
+
+    for phase in (start, write_shards):
         _run_on_all_ranks(phase, save, partial, final, need)
-    if rank == 0 and keep_last:
-        for removed in checkpoint_paths.remove_old_checkpoints(save, keep_last):
-            logger.info("removed old checkpoint %s (--keep-last %d)", removed, keep_last)
-    dist.barrier()
+    if background is None:
+        publish_and_prune()
+        return final
+    request.add_finalize_fn(publish_and_prune)
+    background.schedule(request, iteration, final, rank,
+                        on_failure=lambda cause: _save_failed(save, partial, final, need, cause))
     return final
 
 
@@ -220,20 +259,25 @@ def _run_on_all_ranks(phase, save: str, partial: str, final: str, need: int) -> 
         failure = error
     failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if not int(failed):
-        return
+    if int(failed):
+        cause = f"{failure}" if failure is not None else "another rank could not write its part"
+        raise _save_failed(save, partial, final, need, cause) from failure
+
+
+def _save_failed(save: str, partial: str, final: str, need: int, cause: str) -> CheckpointSaveError:
+    """Removes the partial folder (rank 0) and returns the error every rank raises: what
+    failed (`cause`), the free space, the space needed and the checkpoint a rerun resumes from."""
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
-    cause = f"{failure}" if failure is not None else "another rank could not write its part"
     free = _free_bytes(save)
     previous = checkpoint_paths.complete_iterations(save)
     kept = (f"the previous checkpoint {checkpoint_paths.iteration_dir_name(previous[-1])} is "
             "intact" if previous else "there is no earlier checkpoint")
-    raise CheckpointSaveError(
+    return CheckpointSaveError(
         f"could not write checkpoint {final}: {cause}. {save} has {_gib(free)} free; a "
         f"checkpoint needs about {_gib(need) if need else 'as much as the previous one'}. "
         f"Nothing was published and {kept}: free space (or point --save to a writable disk) "
-        "and rerun the same command to resume") from failure
+        "and rerun the same command to resume")
 
 
 def estimated_checkpoint_bytes(save: str, model_chunks, ranks: Ranks) -> int:

@@ -11,7 +11,8 @@ points:  ``step`` (after the optimizer step of that iteration) and, inside a che
          that iteration, ``save:start``, ``save:after_model`` (dist-checkpoint written),
          ``save:after_extras`` (RNG and loader states written), ``save:before_publish`` (all in
          the .partial folder, not yet renamed), ``save:after_rename`` (renamed, tracker not yet
-         updated)
+         updated); with --async-save also ``save:background`` (in the forked writer, before it
+         writes: a kill there is a writer that dies, ``hang`` one that never finishes)
 actions: ``kill`` (default; SIGKILL to this process: no handler, no cleanup, like a lost node),
          ``enospc`` / ``eacces`` (raise the OSError a full or read-only disk gives),
          ``hang`` (sleep forever: a stuck rank), ``SIG<NAME>`` (send that signal to this
@@ -28,7 +29,7 @@ from typing import List, Optional
 
 ENV_VAR = "LLAVA_FAULT"
 POINTS = ("step", "save:start", "save:after_model", "save:after_extras", "save:before_publish",
-          "save:after_rename")
+          "save:after_rename", "save:background")
 ACTIONS = ("kill", "enospc", "eacces", "hang")
 
 

@@ -26,6 +26,7 @@ from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import build_model, get_config
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
+from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState,
                                                    load_checkpoint, optimizer_format,
                                                    save_checkpoint)
@@ -186,6 +187,7 @@ class Trainer:
         self.peak_flops = peak_flops_per_device(
             torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         self.stop_request = StopRequest([signal_from_name(name) for name in args.exit_signals])
+        self.background_saves = BackgroundSaves() if args.async_save else None
         self.started = time.time()
 
     # ------------------------------------------------------------------ setup helpers
@@ -212,6 +214,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
+        """Runs the iterations; returns the exit status once every checkpoint is written."""
+        try:
+            code = self.run_iterations()
+        except BaseException:
+            if self.background_saves:
+                self.background_saves.abort()  # it cannot be published without this run
+            raise
+        if self.background_saves:
+            self.background_saves.wait()
+        return code
+
+    def run_iterations(self) -> int:
         args, state = self.args, self.state
         stats, timer = IntervalStats(), StepTimer()
         interval_start, consecutive_skips = time.time(), 0
@@ -237,6 +251,8 @@ class Trainer:
             stats.iterations += 1
             stats.last_grad_norm = outcome.grad_norm
             fault_point("step", state.iteration, self.ranks.rank)
+            if self.background_saves:
+                self.background_saves.poll()  # publishes a checkpoint whose writes finished
 
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                 self.log_interval(stats, timer, time.time() - interval_start)
@@ -407,14 +423,28 @@ class Trainer:
                     or (args.save_interval and iteration % args.save_interval == 0))
 
     def save(self) -> None:
-        started = time.time()
+        """Saves this iteration; with --async-save it blocks only while the state is copied
+        (after waiting for a previous checkpoint still being written)."""
+        started, background = time.time(), self.background_saves
+        if background and background.busy:
+            logger.info("iteration %d: the previous checkpoint is still being written; "
+                        "waiting for it (a longer --save-interval avoids this)",
+                        self.state.iteration)
+            background.wait()
         with parameters_gathered(self.model):
             path = save_checkpoint(
                 self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
                 save_loader_state(self.train_loader), self.ranks, vars(self.args),
                 dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last,
-                layout=self.optimizer_layout)
-        logger.info("saved %s in %.1f s", path, time.time() - started)
+                layout=self.optimizer_layout, fully_parallel=self.args.ckpt_fully_parallel_save,
+                background=background)
+        blocked = time.time() - started
+        if background:
+            logger.info("%s: state copied in %.1f s, being written in the background", path,
+                        blocked)
+        else:
+            logger.info("saved %s in %.1f s", path, blocked)
+        self.metrics.scalars(self.state.iteration, {"time/save_blocking_sec": blocked})
         self.metrics.flush()
 
 
