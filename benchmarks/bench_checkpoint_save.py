@@ -39,8 +39,8 @@ from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, Synthe
 from megatron_patch.model import get_config  # noqa: E402
 from megatron_patch.training import arguments  # noqa: E402
 from megatron_patch.training.background_saves import BackgroundSaves  # noqa: E402
-from megatron_patch.training.checkpointing import (RunState, optimizer_format,  # noqa: E402
-                                                   save_checkpoint)
+from megatron_patch.training.checkpointing import (RunState, directory_bytes,  # noqa: E402
+                                                   optimizer_format, save_checkpoint)
 from megatron_patch.training.optimizer import build_scheduler  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 
@@ -108,17 +108,11 @@ def fresh_directory(path: str, rank: int) -> str:
     return path
 
 
-def directory_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(path) for name in names)
-
-
 def measure(loop: Loop, mode: str, save_dir: str, keep: bool) -> dict:
     """One save in `mode`; the loop keeps training until the checkpoint is published. The
     checkpoint is removed afterwards unless `keep` (disks hold few of a large model's)."""
     directory = fresh_directory(os.path.join(save_dir, mode), loop.ranks.rank)
     background = BackgroundSaves() if mode == "async" else None
-    dist.barrier()
     started = time.perf_counter()
     path = loop.save(directory, background, fully_parallel=mode != "sync-first-replica")
     blocked = time.perf_counter() - started

@@ -29,7 +29,6 @@ logger = logging.getLogger("megatron_patch.train")
 
 @dataclass
 class _InFlight:
-    iteration: int
     path: str
     started: float
     on_failure: Callable[[str], BaseException]
@@ -56,7 +55,7 @@ class BackgroundSaves:
         assert not self.busy, "wait() for the save in flight first"
         if request.async_fn is not None:
             request = request._replace(async_fn=_with_fault_point(request.async_fn, iteration, rank))
-        self.in_flight = _InFlight(iteration, path, time.time(), on_failure)
+        self.in_flight = _InFlight(path, time.time(), on_failure)
         self.queue.schedule_async_request(request)
 
     def poll(self) -> None:
@@ -84,11 +83,10 @@ class BackgroundSaves:
         pending = self.in_flight
         try:
             finished = self.queue.maybe_finalize_async_calls(blocking=blocking)
-        except CheckpointException as error:  # a rank's writer failed: raised on all ranks
+        except BaseException as error:
             self.in_flight = None
-            raise pending.on_failure(_describe(error)) from error
-        except BaseException:
-            self.in_flight = None
+            if isinstance(error, CheckpointException):  # a rank's writer failed: on all ranks
+                raise pending.on_failure(_describe(error)) from error
             raise
         if finished:
             self.in_flight = None

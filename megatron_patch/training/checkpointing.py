@@ -285,7 +285,7 @@ def estimated_checkpoint_bytes(save: str, model_chunks, ranks: Ranks) -> int:
     parameters x 3 (weights and Adam's two moments in fp32) across model-parallel ranks."""
     previous = checkpoint_paths.complete_iterations(save)
     if previous:
-        return _directory_bytes(os.path.join(save, checkpoint_paths.iteration_dir_name(previous[-1])))
+        return directory_bytes(os.path.join(save, checkpoint_paths.iteration_dir_name(previous[-1])))
     local = sum(p.numel() for chunk in _unwrap(model_chunks) for p in chunk.parameters())
     model_parallel = ranks.world_size // max(ranks.dp_size, 1)
     return 3 * 4 * local * model_parallel
@@ -305,7 +305,7 @@ def _free_bytes(path: str) -> Optional[int]:
         return None
 
 
-def _directory_bytes(path: str) -> int:
+def directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)
 
