@@ -331,11 +331,13 @@ def test_a_dead_or_stuck_rank_ends_the_job_within_the_timeout(action, converted_
     save = tmp_path / "run"
     started = time.monotonic()
     result = run_with_fault(converted_demo, demo_tokenizer, save, f"step@3:{action}:rank1",
-                            "--distributed-timeout-minutes", 0.25, nproc=2,
-                            launcher=("--shutdown-timeout", "5"))
+                            "--distributed-timeout-minutes", 0.25, nproc=2)
     elapsed = time.monotonic() - started
     assert result.returncode != 0
-    assert elapsed < 120, elapsed  # startup ~20 s + timeout 15 s + shutdown 5 s, not a hang
+    # startup ~20 s + timeout 15 s + the 30 s torchrun grants the stuck rank after SIGTERM (its
+    # fixed grace once a worker failed: --shutdown-timeout only applies when torchrun is
+    # signalled); not a hang
+    assert elapsed < 120, elapsed
     assert checkpoint_paths.complete_iterations(save) == []
     if action == "hang":  # rank 0 gave up on its collective by itself
         assert "rank 0 failed" in output(result)

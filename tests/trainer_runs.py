@@ -16,9 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "train" / "pretrain_llava_ov.py"
 
 
-def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None, launcher=()):
-    """Runs the trainer on the demo data (tiny model); `env` adds variables (e.g. LLAVA_FAULT),
-    `launcher` adds torchrun options."""
+def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None):
+    """Runs the trainer on the demo data (tiny model); `env` adds variables (e.g. LLAVA_FAULT)."""
     args = ["--model", "tiny", "--data-path", str(data), "--tokenizer-path", str(tokenizer),
             "--save", str(save), "--seq-length", "256", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",
@@ -28,7 +27,7 @@ def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None, la
         command = [sys.executable, str(ENTRY), *args]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", *launcher, str(ENTRY), *args]
+                   f"--nproc-per-node={nproc}", str(ENTRY), *args]
     env = dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
     result = run_process_group(command, env)
     if check and result.returncode != 0:
