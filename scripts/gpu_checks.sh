@@ -11,6 +11,10 @@
 #   OUT=/path bash scripts/gpu_checks.sh                 # tests + benchmark
 #   WHEELS=.whl STEPS="tests" bash scripts/gpu_checks.sh # only the tests ("bench", "recompute",
 #                                                        # "ckpt": checkpoint save stall)
+#   OUT=/tmp/g ARCHIVE=/results/gpu.tgz bash ...         # also pack $OUT into one file (for
+#                                                        # runners that return only a few files)
+# $OUT/node_packages.txt is the node's own `pip list` (before WHEELS): the input of
+# scripts/offline_wheelhouse.sh for the next time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
@@ -18,6 +22,7 @@ STEPS=${STEPS:-"tests bench"}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+"$PYTHON" -m pip list --format=freeze --disable-pip-version-check > "$OUT/node_packages.txt" 2>&1
 
 if [ -n "${WHEELS:-}" ]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -83,3 +88,7 @@ if [[ " $STEPS " == *" ckpt "* ]]; then  # how long a save stops training: sync 
   tail -5 "$OUT/bench_checkpoint.txt"
 fi
 cat "$OUT/summary.txt" 2>/dev/null
+if [ -n "${ARCHIVE:-}" ]; then
+  mkdir -p "$(dirname "$ARCHIVE")" && tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+    && echo "[gpu_checks] packed $OUT into $ARCHIVE"
+fi
