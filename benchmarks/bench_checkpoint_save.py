@@ -2,7 +2,7 @@
 several data-parallel ranks, the writes split over the replicas (--ckpt-fully-parallel-save, the
 default) against the first replica writing everything.
 
-Builds the objects the trainer saves (``trainer.wrap_model``, ``optimizer.build_optimizer``,
+Builds the objects the trainer saves (``components.wrap_model``, ``optimizer.build_optimizer``,
 ``build_scheduler``), steps them on synthetic packed batches and saves with
 ``checkpointing.save_checkpoint`` into a fresh directory per mode. Per mode it reports:
 

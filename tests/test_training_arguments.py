@@ -57,7 +57,7 @@ def test_sequence_parallel_is_on_only_with_tensor_parallelism(paths):
 def test_sequence_parallel_batches_pad_to_a_multiple_of_tp(paths):
     """Unpacked micro-batches are as long as their longest row; under sequence parallelism
     that length must split evenly over the TP ranks."""
-    from megatron_patch.training.trainer import encoder_settings
+    from megatron_patch.training.components import encoder_settings
     sp = encoder_settings(validate(paths + ["--sequence-parallel", "--tensor-model-parallel-size",
                                             "4"], 4))
     assert sp.pad_to_multiple_of == 4
@@ -84,7 +84,7 @@ def test_missing_paths(tmp_path, paths):
 
 def test_model_config_takes_overrides_and_the_tokenizers_image_token(paths, demo_tokenizer):
     from megatron_patch.data.tokenizer import SFTTokenizer
-    from megatron_patch.training.trainer import model_config
+    from megatron_patch.training.components import model_config
     tokenizer = SFTTokenizer(demo_tokenizer)
     args = arguments.parse_args(paths + ["--model", "tiny", "--rotary-base", "5e6",
                                          "--num-layers", "2"])

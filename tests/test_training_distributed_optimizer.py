@@ -144,7 +144,7 @@ def _step_worker(rank: int, world: int, port: int, overlap: bool, out: str) -> N
     from megatron.core.transformer import TransformerConfig
 
     from megatron_patch.compat import apply_cpu_redirects, apply_torch_adam_fixes
-    from megatron_patch.training.trainer import parameters_gathered
+    from megatron_patch.training.components import parameters_gathered
     apply_cpu_redirects()
     apply_torch_adam_fixes()
     parallel_state.initialize_model_parallel()

@@ -1,10 +1,11 @@
 """The two trainers the throughput benchmark measures, behind one ``step(micro_batches)`` call.
 
 * :class:`MegatronRunner` is the real trainer's step: the model built by
-  ``trainer.wrap_model`` (megatron DDP, recompute, attention backend, bf16 params), the optimizer
-  from ``optimizer.build_optimizer`` (megatron mixed precision, fp32 master weights), then
-  ``train_step.run_micro_batches`` + ``guarded_optimizer_step`` -- the calls ``Trainer.train_step``
-  makes, minus the statistics and the LR scheduler (a constant LR costs the same).
+  ``components.wrap_model`` (megatron DDP, recompute, attention backend, bf16 params), the
+  optimizer from ``optimizer.build_optimizer`` (megatron mixed precision, fp32 master weights),
+  then ``train_step.run_micro_batches`` + ``guarded_optimizer_step`` -- the calls
+  ``Trainer.train_step`` makes, minus the statistics and the LR scheduler (a constant LR costs
+  the same).
 * the baseline (``benchmarks/baseline_llava.py``, outside the package) is loaded from the
   repository checkout by path.
 """
@@ -18,9 +19,9 @@ from types import ModuleType
 import torch
 
 from megatron_patch.training import arguments
+from megatron_patch.training.components import wrap_model
 from megatron_patch.training.optimizer import build_optimizer
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
-from megatron_patch.training.trainer import wrap_model
 
 BASELINE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "benchmarks", "baseline_llava.py")

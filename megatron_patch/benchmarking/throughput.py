@@ -214,7 +214,7 @@ def _real_data(args, train_args):
     from megatron_patch.data.sft_loader import build_train_loader, check_manifest, close_loader
     from megatron_patch.data.sft_task_encoder import SFTTaskEncoder
     from megatron_patch.data.tokenizer import SFTTokenizer
-    from megatron_patch.training.trainer import encoder_settings, model_config
+    from megatron_patch.training.components import encoder_settings, model_config
 
     check_manifest(args.data_path)
     tokenizer = SFTTokenizer(args.tokenizer_path)

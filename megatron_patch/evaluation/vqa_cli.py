@@ -14,8 +14,8 @@ from megatron_patch.evaluation.vqa import GreedyAnswerer, evaluate
 from megatron_patch.model import build_model
 from megatron_patch.training.arguments import add_model_override_arguments
 from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.components import model_config
 from megatron_patch.training.parallel_setup import initialize, shutdown
-from megatron_patch.training.trainer import model_config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -132,3 +132,13 @@ def remove_unfinished_saves(save: str) -> List[str]:
             shutil.rmtree(os.path.join(save, name), ignore_errors=True)
             removed.append(os.path.join(save, name))
     return removed
+
+
+def resume_hint(save: str) -> str:
+    """Where a failed run can continue from: the newest complete checkpoint in `save`."""
+    complete = complete_iterations(save)
+    if not complete:
+        return f"no complete checkpoint in {save} yet: a rerun starts from the beginning"
+    newest = os.path.join(save, iteration_dir_name(complete[-1]))
+    return (f"last complete checkpoint: {newest} (iteration {complete[-1]}); rerunning the same "
+            "command resumes from it")

@@ -1,12 +1,17 @@
 """Step metrics to TensorBoard (and W&B when installed and WANDB_API_KEY is set) and one
-readable console/log line per --log-interval, from rank 0."""
+readable console/log line per --log-interval, from rank 0; the console and $SAVE/run_*.log
+setup; $SAVE/metrics.jsonl kept to one record per iteration across resumes."""
+import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Dict, Optional
 
 logger = logging.getLogger("megatron_patch.train")
+
+METRICS_FILE = "metrics.jsonl"  # one JSON record per logged iteration, in $SAVE
 
 
 def format_duration(seconds: float) -> str:
@@ -104,3 +109,35 @@ class StepTimer:
         self.stop()
         phases, self.phases = self.phases, {}
         return phases
+
+
+def setup_logging(save: Optional[str], rank: int) -> None:
+    """INFO on rank 0 (console and $SAVE/run_<time>.log), warnings and errors on every rank."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if save and rank == 0:
+        os.makedirs(save, exist_ok=True)
+        log_file = logging.FileHandler(os.path.join(save, time.strftime("run_%Y%m%d-%H%M%S.log")))
+        log_file.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(log_file)
+
+
+def truncate_metrics_file(path: str, iteration: int) -> None:
+    """Drops records past `iteration` (written by a run that died after its last checkpoint), so
+    each iteration appears once: the resumed run writes them again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as handle:
+        lines = handle.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration]
+    if len(kept) == len(lines):
+        return
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        handle.writelines(kept)
+    os.replace(temporary, path)

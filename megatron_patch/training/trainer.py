@@ -4,46 +4,42 @@ Reads top-down: `main` validates arguments (cheap, before any process group or m
 parallelism, builds tokenizer -> model -> optimizer -> checkpoint -> data, then `Trainer.train`
 runs iterations until --train-iters, a signal, --exit-interval or --exit-duration-in-mins.
 """
-import contextlib
 import json
 import logging
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                       finalize_model_grads)
 
 from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loader,
                                             build_val_loader, check_manifest, close_loader,
                                             restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverlong,
-                                                  EncoderSettings, SFTTaskEncoder)
+                                                  SFTTaskEncoder)
 from megatron_patch.data.tokenizer import SFTTokenizer
-from megatron_patch.model import build_model, get_config
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState,
                                                    load_checkpoint, optimizer_format,
                                                    save_checkpoint)
+from megatron_patch.training.components import (encoder_settings, model_config,
+                                                parameters_gathered, wrap_model)
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
                                                     model_shapes)
-from megatron_patch.training.metrics import MetricsLogger, StepTimer
-from megatron_patch.training.optimizer import (build_optimizer, build_scheduler, freeze_modules,
+from megatron_patch.training.metrics import (METRICS_FILE, MetricsLogger, StepTimer,
+                                             setup_logging, truncate_metrics_file)
+from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
                                                learning_rates_by_module)
 from megatron_patch.training.parallel_setup import Ranks, initialize, shutdown
 from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
 
 logger = logging.getLogger("megatron_patch.train")
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -56,88 +52,6 @@ class TooManyBadSamples(RuntimeError):
 
 class DataReadError(RuntimeError):
     """The data loader failed (an unreadable shard, not a single bad sample)."""
-
-
-def setup_logging(save: Optional[str], rank: int) -> None:
-    """INFO on rank 0 (console and $SAVE/run_<time>.log), warnings and errors on every rank."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(f"[%(asctime)s rank {rank}] %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if save and rank == 0:
-        os.makedirs(save, exist_ok=True)
-        log_file = logging.FileHandler(os.path.join(save, time.strftime("run_%Y%m%d-%H%M%S.log")))
-        log_file.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
-        root.addHandler(log_file)
-
-
-def model_config(args, tokenizer: SFTTokenizer):
-    """The named config + size overrides, with the tokenizer's image token (any namespace with
-    the override attributes works: the evaluator passes its own)."""
-    overrides = arguments.model_overrides(args)
-    overrides["image_token_id"] = tokenizer.image_pad_id
-    cfg = get_config(args.model, overrides)
-    if tokenizer.vocab_size > cfg.language.vocab_size:
-        raise arguments.ArgumentError(
-            f"tokenizer {args.tokenizer_path} has {tokenizer.vocab_size} tokens but model "
-            f"{args.model} only {cfg.language.vocab_size} embeddings; use the model's own tokenizer")
-    return cfg
-
-
-def wrap_model(args, cfg, device: torch.device):
-    """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
-    extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
-                 cross_entropy_loss_fusion=kernels.fused_cross_entropy(args),
-                 gradient_accumulation_fusion=kernels.gradient_accumulation_fusion(args))
-    if args.recompute_granularity:
-        extra.update(recompute_granularity=args.recompute_granularity)
-        if args.recompute_granularity == "full":
-            extra.update(recompute_method=args.recompute_method,
-                         recompute_num_layers=args.recompute_num_layers)
-    model = build_model(cfg, attention_backend=kernels.attention_backend(args),
-                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        fused_kernels=kernels.fused_swiglu(args),
-                        sequence_parallel=args.sequence_parallel, **extra)
-    trainable = freeze_modules(model, args.trainable_modules)
-    model.to(device)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-        overlap_param_gather=args.overlap_param_gather)
-    ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.no_sync_func = ddp.no_sync
-    return ddp, trainable
-
-
-@contextlib.contextmanager
-def parameters_gathered(model):
-    """Up-to-date parameters for evaluation and saving under --overlap-param-gather.
-
-    With that flag the distributed optimizer's step leaves each rank's updated shard in place;
-    the all-gather runs bucket by bucket in forward pre-hooks of the next training step. An
-    evaluation or a checkpoint in between would see (and save) the previous step's weights, so
-    the hooks are removed with a forced all-gather first and put back after."""
-    if not getattr(model, "use_forward_hook", False):
-        yield
-        return
-    model.disable_forward_pre_hook(param_sync=True)
-    try:
-        yield
-    finally:
-        model.enable_forward_pre_hook()
-
-
-def encoder_settings(args) -> EncoderSettings:
-    return EncoderSettings(
-        seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
-        packing_buffer_size=args.packing_buffer_size,
-        pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1,
-        pad_to_multiple_of=args.tensor_model_parallel_size if args.sequence_parallel else 1)
 
 
 class Trainer:
@@ -465,33 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BaseException as error:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
         if ranks.rank == 0 and args.save and not isinstance(error, CheckpointLayoutError):
-            logger.error("%s", resume_hint(args.save))
+            logger.error("%s", checkpoint_paths.resume_hint(args.save))
         raise
     finally:
         shutdown()
-
-
-def resume_hint(save: str) -> str:
-    """Where a failed run can continue from: the newest complete checkpoint in `save`."""
-    complete = checkpoint_paths.complete_iterations(save)
-    if not complete:
-        return f"no complete checkpoint in {save} yet: a rerun starts from the beginning"
-    newest = os.path.join(save, checkpoint_paths.iteration_dir_name(complete[-1]))
-    return (f"last complete checkpoint: {newest} (iteration {complete[-1]}); rerunning the same "
-            "command resumes from it")
-
-
-def truncate_metrics_file(path: str, iteration: int) -> None:
-    """Drops records past `iteration` (written by a run that died after its last checkpoint), so
-    each iteration appears once: the resumed run writes them again."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as handle:
-        lines = handle.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["iteration"] <= iteration]
-    if len(kept) == len(lines):
-        return
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
-        handle.writelines(kept)
-    os.replace(temporary, path)
