@@ -25,9 +25,23 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandab
 "$PYTHON" -m pip list --format=freeze --disable-pip-version-check > "$OUT/node_packages.txt" 2>&1
 
 if [ -n "${WHEELS:-}" ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/gpu_checks_site "$WHEELS"/*.whl > "$OUT/install.txt" 2>&1 \
-    || { echo "installing $WHEELS failed: see $OUT/install.txt"; tail -5 "$OUT/install.txt"; }
+  # only what the node lacks: a wheel of a package it has (a stale list) would shadow its own
+  # build, which its torch may depend on (numpy's ABI, say)
+  mapfile -t missing < <("$PYTHON" - "$WHEELS" <<'EOF'
+import importlib.metadata, pathlib, re, sys
+key = lambda name: re.sub(r"[-_.]+", "-", name or "").lower()
+have = {key(dist.metadata["Name"]) for dist in importlib.metadata.distributions()}
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    if key(wheel.name.split("-")[0]) not in have:
+        print(wheel)
+EOF
+)
+  echo "[gpu_checks] installing ${#missing[@]} wheels of $WHEELS (the node has the others)"
+  if [ ${#missing[@]} -gt 0 ]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/gpu_checks_site "${missing[@]}" > "$OUT/install.txt" 2>&1 \
+      || { echo "installing $WHEELS failed: see $OUT/install.txt"; tail -5 "$OUT/install.txt"; }
+  fi
   export PYTHONPATH=/tmp/gpu_checks_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
