@@ -257,8 +257,8 @@ def _run_on_all_ranks(phase, save: str, partial: str, final: str, need: int) -> 
         phase()
     except OSError as error:
         failure = error
-    failed = torch.tensor([0 if failure is None else 1], dtype=torch.int32)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = all_reduce_host(torch.tensor([0 if failure is None else 1], dtype=torch.int32),
+                             op=dist.ReduceOp.MAX)
     if int(failed):
         cause = f"{failure}" if failure is not None else "another rank could not write its part"
         raise _save_failed(save, partial, final, need, cause) from failure

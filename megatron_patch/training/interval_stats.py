@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_patch.training.flops import LanguageShape, VisionShape, training_flops
+from megatron_patch.training.parallel_setup import all_reduce_host
 
 _FIELDS = ("loss_sum", "loss_tokens", "real_tokens", "capacity", "sequences", "samples", "images",
            "dropped_overlong", "bad_samples", "truncated", "model_flops", "hardware_flops")
@@ -65,11 +66,10 @@ class IntervalStats:
 
     def reduce(self) -> Dict[str, float]:
         """Global sums (every rank gets them) plus the peak memory over ranks, in GiB."""
-        vector = torch.tensor([self.counts[name] for name in _FIELDS], dtype=torch.float64)
-        memory = torch.tensor([peak_memory_gib()], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vector)
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        vector = all_reduce_host(
+            torch.tensor([self.counts[name] for name in _FIELDS], dtype=torch.float64))
+        memory = all_reduce_host(torch.tensor([peak_memory_gib()], dtype=torch.float64),
+                                 op=dist.ReduceOp.MAX)
         totals = dict(zip(_FIELDS, vector.tolist()))
         totals["peak_memory_gib"] = float(memory)
         return totals

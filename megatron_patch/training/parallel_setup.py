@@ -83,6 +83,24 @@ def current_ranks() -> Ranks:
         is_first_stage=ps.is_pipeline_first_stage(), is_last_stage=ps.is_pipeline_last_stage())
 
 
+def collective_device() -> torch.device:
+    """Where the trainer's own small collectives (stop flags, counters, loss sums) put their
+    tensors: NCCL, the backend with CUDA, reduces CUDA tensors only, gloo host ones."""
+    if dist.is_initialized() and dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """``values`` (a host tensor) reduced over every rank, as a new host tensor. Also runs in a
+    world of one, so a single-GPU run goes through the same NCCL path as a cluster job."""
+    if not dist.is_initialized():
+        return values.clone()
+    buffer = values.to(collective_device(), copy=True)
+    dist.all_reduce(buffer, op=op)
+    return buffer.cpu()
+
+
 def shutdown() -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()

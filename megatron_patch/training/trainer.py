@@ -11,7 +11,6 @@ import time
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loader,
                                             build_val_loader, check_manifest, close_loader,
@@ -35,7 +34,7 @@ from megatron_patch.training.metrics import (METRICS_FILE, MetricsLogger, StepTi
                                              setup_logging, truncate_metrics_file)
 from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
                                                learning_rates_by_module)
-from megatron_patch.training.parallel_setup import Ranks, initialize, shutdown
+from megatron_patch.training.parallel_setup import Ranks, all_reduce_host, initialize, shutdown
 from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
 
@@ -297,8 +296,7 @@ class Trainer:
                     total += pair
         self.model.train()
         close_loader(loader)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(total)
+        total = all_reduce_host(total)
         if total[1] == 0:
             logger.info("evaluation: the val split gave no full batch at this batch size")
             return None
@@ -310,10 +308,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping and saving
     def all_ranks_have(self, flag: bool) -> bool:
-        value = torch.tensor([0 if flag else 1], dtype=torch.int32)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(value)
-        return int(value) == 0
+        return int(all_reduce_host(torch.tensor([0 if flag else 1], dtype=torch.int32))) == 0
 
     def stop_reason(self) -> Optional[str]:
         args, state = self.args, self.state
