@@ -53,7 +53,7 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
-from megatron_patch.training.parallel_setup import Ranks
+from megatron_patch.training.parallel_setup import Ranks, all_reduce_host
 
 logger = logging.getLogger("megatron_patch.train")
 
@@ -367,6 +367,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     model.load_state_dict(loaded["model"], strict=True)
     notes = list(choice.notes)
     if not resume:
+        if optimizer is not None:  # its fp32 master weights were copied from the initial ones
+            optimizer.reload_model_params()
         why = "weights only (--finetune)" if record is not None else "a base model"
         notes.append(f"loaded {choice.path}: {why}; starting at iteration 0")
         return LoadResult(choice.path, False, RunState(), notes=notes)
