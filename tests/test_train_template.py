@@ -41,6 +41,26 @@ def test_dry_run_prints_the_plan_and_command(converted_demo, tokenizer_dir, tmp_
     assert not (tmp_path / "run").exists()  # nothing launched, nothing created
 
 
+def test_cpu_processes_hide_the_gpus(converted_demo, tokenizer_dir, tmp_path):
+    """With GPUS_PER_NODE=0 on a GPU node the trainer must not see the GPUs (it would pick NCCL
+    and a GPU per process)."""
+    bin_dir = tmp_path / "bin"  # the template puts $PYTHON's folder first on PATH
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "torchrun").write_text(
+        '#!/bin/sh\necho "trainer sees CUDA_VISIBLE_DEVICES=[${CUDA_VISIBLE_DEVICES-unset}]"\n')
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    environment = {key: value for key, value in os.environ.items()
+                   if key != "CUDA_VISIBLE_DEVICES"}
+    result = subprocess.run(["bash", TEMPLATE], capture_output=True, text=True, timeout=120, env={
+        **environment, "PYTHON": str(bin_dir / "python"), "DRY_RUN": "0", "GPUS_PER_NODE": "0",
+        "MODEL": "tiny", "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
+        "SAVE_CKPT_PATH": str(tmp_path / "run")})
+    assert result.returncode == 0, result.stderr
+    assert "trainer sees CUDA_VISIBLE_DEVICES=[]" in result.stdout
+
+
 def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_demo, tokenizer_dir,
                                                                     tmp_path):
     """CHECKPOINT_PATH (a base model or an earlier stage's run) is loaded with --finetune, so

@@ -143,6 +143,9 @@ fi
 mkdir -p "$SAVE_CKPT_PATH"
 export PATH="$(dirname "$PYTHON"):$PATH"
 [ "$DEVICE" = "cpu" ] && export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# CPU processes on a GPU node (GPUS_PER_NODE=0): hide the GPUs, or the trainer would pick NCCL
+# and put every process on a GPU
+[ "$DEVICE" = "cpu" ] && export CUDA_VISIBLE_DEVICES=""
 # fewer allocator retries and less fragmentation with varying packed lengths
 [ "$DEVICE" = "cuda" ] && export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 # one hardware queue per GPU: megatron's tensor-parallel linears queue the input-gradient
