@@ -81,15 +81,26 @@ def test_overrides():
 def test_backend_falls_back_to_local_once_and_te_can_be_forced(caplog):
     layer_specs._LOGGED.clear()
     with caplog.at_level(logging.WARNING, logger=layer_specs.__name__):
-        assert layer_specs.resolve_backend("auto") == "local"
-        assert layer_specs.resolve_backend("auto") == "local"
+        assert layer_specs.resolve_backend("auto", torch.bfloat16) == "local"
+        assert layer_specs.resolve_backend("auto", torch.bfloat16) == "local"
     lines = [r for r in caplog.records if "using local megatron-core modules" in r.getMessage()]
     assert len(lines) == 1 and "CUDA is not available" in lines[0].getMessage()
     assert layer_specs.resolve_backend("local") == "local"
-    with pytest.raises(RuntimeError, match="te requested"):
-        layer_specs.resolve_backend("te")
+    with pytest.raises(RuntimeError, match="te requested but CUDA is not available"):
+        layer_specs.resolve_backend("te", torch.bfloat16)
     with pytest.raises(ValueError):
         layer_specs.resolve_backend("flash")
+
+
+def test_fp32_weights_never_get_the_te_spec(caplog):
+    """TE's fp32 attention refuses packed input (the vision tower's), on any machine."""
+    layer_specs._LOGGED.clear()
+    with caplog.at_level(logging.WARNING, logger=layer_specs.__name__):
+        assert layer_specs.resolve_backend("auto", torch.float32) == "local"
+    assert "no torch.float32 attention for packed (thd)" in caplog.text
+    with pytest.raises(RuntimeError, match="train with --bf16"):
+        layer_specs.resolve_backend("te", torch.float32)
+    assert layer_specs.te_dtype_problem(torch.bfloat16) is None
 
 
 def test_model_provider_builds_the_requested_stage():

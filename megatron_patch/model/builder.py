@@ -42,7 +42,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                                                              vp_stage=vp_stage)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    backend = resolve_backend(attention_backend)
+    backend = resolve_backend(attention_backend, params_dtype)
     common = dict(tensor_model_parallel_size=tp, params_dtype=params_dtype,
                   use_cpu_initialization=use_cpu_initialization,
                   perform_initialization=perform_initialization, **transformer_config_extra)

@@ -1,16 +1,17 @@
 """Layer specs for the language model and the vision tower, two families chosen at run time.
 
 * ``te``: Transformer Engine modules (fused LayerNorm+Linear, TE DotProductAttention which uses
-  flash / cuDNN fused attention, packed ``thd`` sequences natively). Needs CUDA and the
-  ``transformer_engine`` package (extra ``[gpu]``).
+  flash / cuDNN fused attention, packed ``thd`` sequences natively). Needs CUDA, the
+  ``transformer_engine`` package (extra ``[gpu]``) and bf16/fp16 weights.
 * ``local``: megatron-core's own modules (tensor-parallel linears) with torch norms
   (:class:`~megatron_patch.model.norms.TorchNorm`, which also runs under sequence parallelism)
   and :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA;
   for packed sequences in bf16 on CUDA, torch's varlen flash kernel). Runs anywhere, including
   CPU/gloo.
 
-``resolve_backend("auto")`` picks ``te`` when both are available and otherwise falls back to
-``local``, logging the reason once per process. ``--attention-backend te|local`` forces one
+``resolve_backend("auto", params_dtype)`` picks ``te`` when both are available and the weights
+are bf16/fp16 (:func:`te_dtype_problem`), and otherwise falls back to ``local``, logging the
+reason once per process. ``--attention-backend te|local`` forces one
 (forcing ``te`` without TE is an error, not a silent fallback).
 
 Both families give the same parameter *roles*; their names differ only where TE fuses the
@@ -58,13 +59,22 @@ def te_available() -> Optional[str]:
     return None
 
 
-def resolve_backend(requested: str = "auto") -> str:
+def te_dtype_problem(params_dtype: torch.dtype) -> Optional[str]:
+    """TE's only fp32 attention (its unfused one) refuses packed ``thd`` input, and the vision
+    tower always packs its images that way: TE needs bf16 or fp16 weights here."""
+    if params_dtype in (torch.bfloat16, torch.float16):
+        return None
+    return (f"Transformer Engine has no {params_dtype} attention for packed (thd) sequences, "
+            "which the vision tower always uses (train with --bf16)")
+
+
+def resolve_backend(requested: str = "auto", params_dtype: torch.dtype = torch.float32) -> str:
     """Return ``"te"`` or ``"local"``; ``auto`` falls back to ``local`` with one log line."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "local":
         return "local"
-    reason = te_available()
+    reason = te_dtype_problem(params_dtype) or te_available()
     if requested == "te":
         if reason:
             raise RuntimeError(f"--attention-backend te requested but {reason}")

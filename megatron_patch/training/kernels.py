@@ -19,7 +19,8 @@ from megatron_patch.training import arguments
 
 def attention_backend(args) -> str:
     """The layer spec family: "te" or "local" (``--attention-backend sdpa`` is "local")."""
-    return resolve_backend({"sdpa": "local"}.get(args.attention_backend, args.attention_backend))
+    return resolve_backend({"sdpa": "local"}.get(args.attention_backend, args.attention_backend),
+                           torch.bfloat16 if args.bf16 else torch.float32)
 
 
 def fused_swiglu(args) -> bool:
