@@ -1,12 +1,17 @@
-"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo).
+"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo), and two fixes for GPU too.
 
 Call :func:`apply_cpu_redirects` once, before building models or optimizers. It is a no-op
 when CUDA is available, so entry points can call it unconditionally.
+
+:func:`apply_packed_rope_fast_path` (CPU and GPU) keeps megatron's packed-sequence RoPE from
+reading ``cu_seqlens`` on the host in every attention layer (see compat/packed_rope.py).
 
 The distributed optimizer over torch's Adam (no TE/Apex, CPU or GPU) needs
 :func:`apply_torch_adam_fixes` to resume from a checkpoint (see compat/torch_adam.py).
 """
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
+from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
 
-__all__ = ["apply_cpu_redirects", "apply_torch_adam_fixes", "is_applied"]
+__all__ = ["apply_cpu_redirects", "apply_packed_rope_fast_path", "apply_torch_adam_fixes",
+           "is_applied"]

@@ -1,0 +1,76 @@
+"""compat/packed_rope.py: packed-sequence RoPE with one angle per token is rotated in one pass,
+without megatron's per-segment host reads, and gives megatron's result bit for bit. The towers'
+packed forwards against independent references (test_model_language, test_model_vision) run
+through it too."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_patch.compat.packed_rope import per_token_rotation
+from megatron_patch.model import build_model, get_config
+from test_model_reference import image_batch, init_parallel
+
+CONFIG = SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False,
+                         multi_latent_attention=False)
+ONE_RANK = SimpleNamespace(size=lambda: 1, rank=lambda: 0)  # a context-parallel group of one
+CU = torch.tensor([0, 5, 13, 16], dtype=torch.int32)
+
+
+def rope_inputs(positions: int):
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(int(CU[-1]), 3, 8, generator=g, requires_grad=True)
+    freqs = torch.randn(positions, 1, 1, 8, generator=g)
+    return t, freqs
+
+
+@pytest.mark.parametrize("positions", [16, 13], ids=["angle per token", "angle per position"])
+def test_same_rotation_and_gradient_as_megatron(positions):
+    """Per token (our towers): the fast path; per position (megatron's other layout): megatron's
+    own function. Both equal megatron's result exactly."""
+    fast = per_token_rotation(rope_utils.apply_rotary_pos_emb)
+    results = []
+    for function in (rope_utils.apply_rotary_pos_emb, fast):
+        t, freqs = rope_inputs(positions)
+        out = function(t, freqs, CONFIG, cu_seqlens=CU, cp_group=ONE_RANK)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out) / out.numel())
+        results.append((out.detach(), t.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+
+
+def test_only_the_per_token_case_skips_megatron():
+    calls = []
+    fast = per_token_rotation(lambda *args, **kwargs: calls.append(kwargs) or "megatron")
+    t, freqs = rope_inputs(16)
+    assert isinstance(fast(t, freqs, CONFIG, cu_seqlens=CU, cp_group=ONE_RANK), torch.Tensor)
+    two_ranks = SimpleNamespace(size=lambda: 2, rank=lambda: 0)
+    assert fast(t, freqs, CONFIG, cu_seqlens=CU, cp_group=two_ranks) == "megatron"
+    assert fast(t, freqs, SimpleNamespace(**{**vars(CONFIG), "apply_rope_fusion": True}),
+                cu_seqlens=CU, cp_group=ONE_RANK) == "megatron"
+    assert fast(t, freqs[:13], CONFIG, cu_seqlens=CU, cp_group=ONE_RANK) == "megatron"
+    assert len(calls) == 3
+
+
+def test_both_towers_take_the_fast_path(monkeypatch):
+    """A packed language-model forward and the vision tower (images packed as segments) never
+    reach megatron's per-segment function."""
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    model = build_model(cfg, attention_backend="local").eval()
+
+    def per_segment(*args, **kwargs):
+        raise AssertionError("megatron's per-segment packed RoPE was called")
+
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", per_segment)
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0])
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=14, max_seqlen_kv=14)
+    with torch.no_grad():
+        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
+                       packed_seq_params=packed)
+    assert logits.shape[:2] == (1, 24) and torch.isfinite(logits).all()
