@@ -18,7 +18,8 @@ Both families give the same parameter *roles*; their names differ only where TE 
 pre-norm into the next linear (``input_layernorm.weight`` vs
 ``self_attention.linear_qkv.layer_norm_weight``). megatron's ``sharded_state_dict_keys_map`` on
 the local spec maps the local names to the TE names, so distributed checkpoints are
-interchangeable between the two.
+interchangeable between the two. (TE's norms also keep an ``_extra_state``, FP8 metadata that a
+local-spec checkpoint lacks; loading skips those: ``training/checkpointing.py``.)
 """
 from __future__ import annotations
 

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.serialization import (get_default_save_sharded_strategy,
+                                                            load_sharded_metadata)
 from megatron.core.dist_checkpointing.strategies.fully_parallel import \
     FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -343,6 +344,30 @@ def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str
     return saved
 
 
+def _extra_states_absent_from(path: str, model_sharded: dict) -> List[str]:
+    """The model's ``_extra_state`` entries (Transformer Engine modules' FP8 metadata) that the
+    checkpoint lacks: one written with the local spec, as the HF converter writes, has none.
+    Without FP8 they hold nothing, so such a checkpoint still loads. Reads the checkpoint's
+    metadata only when the model has extra states (the TE spec)."""
+    wanted = [name for name in model_sharded if name.endswith("_extra_state")]
+    if not wanted:
+        return []
+    present = {item.key for item in load_sharded_metadata(path).values()}
+    return [name for name in wanted if model_sharded[name].key not in present]
+
+
+def _load_model_state(model, state: dict, absent_extra_states: List[str]) -> None:
+    """``load_state_dict(strict=True)``, except for the extra states the checkpoint lacks."""
+    if not absent_extra_states:
+        model.load_state_dict(state, strict=True)
+        return
+    result = model.load_state_dict(state, strict=False)
+    missing = sorted(set(result.missing_keys) - set(absent_extra_states))
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, "
+                           f"unexpected {sorted(result.unexpected_keys)}")
+
+
 def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
                     weights_only: bool = False, layout: str = REPLICATED) -> LoadResult:
     """Loads the newest complete checkpoint under `load` (or that iter_* dir).
@@ -362,10 +387,16 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
         saved_layout = readable_optimizer_layout(record, layout, ranks, choice.path)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded, is_loading=True, metadata=_optimizer_metadata(saved_layout))
+    absent_extra_states = _extra_states_absent_from(choice.path, sharded["model"])
+    for name in absent_extra_states:
+        del sharded["model"][name]
     loaded = dist_checkpointing.load(sharded, choice.path)
     (model,) = _unwrap(model_chunks)
-    model.load_state_dict(loaded["model"], strict=True)
+    _load_model_state(model, loaded["model"], absent_extra_states)
     notes = list(choice.notes)
+    if absent_extra_states:
+        notes.append(f"{len(absent_extra_states)} Transformer Engine _extra_state entries are not "
+                     "in the checkpoint (saved without TE); those modules keep their defaults")
     if not resume:
         if optimizer is not None:  # its fp32 master weights were copied from the initial ones
             optimizer.reload_model_params()

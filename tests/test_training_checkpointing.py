@@ -1,0 +1,41 @@
+"""Loading checkpoints in-process: a model whose modules keep an ``_extra_state`` (as Transformer
+Engine's do) loads a checkpoint written without them (the local spec's, e.g. the HF
+converter's). TE is not installed here, so torch's RMSNorm is given an extra state instead."""
+import torch
+
+from megatron_patch.model import build_model, get_config
+from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.parallel_setup import current_ranks
+from test_model_reference import init_parallel
+
+
+def _load(checkpoint):
+    model = build_model(get_config("tiny"), attention_backend="local")
+    loaded = load_checkpoint(str(checkpoint), [model], None, None, current_ranks(),
+                             weights_only=True)
+    return model, loaded
+
+
+def test_a_checkpoint_without_extra_states_loads_into_a_model_with_them(reference_run,
+                                                                        monkeypatch):
+    init_parallel(1, 1)
+    checkpoint = reference_run / "iter_0000004"
+    plain, _ = _load(checkpoint)
+
+    restored = []
+    monkeypatch.setattr(torch.nn.RMSNorm, "get_extra_state", lambda self: torch.tensor([7.0]),
+                        raising=False)
+    monkeypatch.setattr(torch.nn.RMSNorm, "set_extra_state",
+                        lambda self, state: restored.append(state), raising=False)
+    with_states, loaded = _load(checkpoint)
+    # megatron's own linears keep an (empty) extra state, saved with them; the norms' are new
+    norms = [name for name, module in with_states.named_modules()
+             if isinstance(module, torch.nn.RMSNorm)]
+    assert len(norms) == 17  # 4 layers x (input, pre-MLP, q, k) + the final norm
+    assert f"{len(norms)} Transformer Engine _extra_state entries are not in the checkpoint" in \
+        " ".join(loaded.notes)
+    assert restored == []  # nothing to restore: those modules keep their defaults
+    expected, actual = ({name: value for name, value in model.state_dict().items()
+                         if not name.endswith("_extra_state")} for model in (plain, with_states))
+    assert actual.keys() == expected.keys()
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
