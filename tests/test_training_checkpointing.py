@@ -1,6 +1,7 @@
-"""Loading checkpoints in-process: a model whose modules keep an ``_extra_state`` (as Transformer
+"""Loading checkpoints in-process. A model whose modules keep an ``_extra_state`` (as Transformer
 Engine's do) loads a checkpoint written without them (the local spec's, e.g. the HF
-converter's). TE is not installed here, so torch's RMSNorm is given an extra state instead."""
+converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
+states cross between CPU and GPU runs."""
 import torch
 
 from megatron_patch.model import build_model, get_config
@@ -39,3 +40,29 @@ def test_a_checkpoint_without_extra_states_loads_into_a_model_with_them(referenc
                          if not name.endswith("_extra_state")} for model in (plain, with_states))
     assert actual.keys() == expected.keys()
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
+
+
+def test_device_rng_states_are_restored_only_on_the_device_kind_they_came_from():
+    """A CPU run's tracker states are CPU generator states, which a CUDA generator refuses
+    (and the reverse): resuming on the other kind of device restores the host generators only."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron_patch.training.checkpointing import _rng_state, _set_rng_state
+
+    init_parallel(1, 1)
+    tracker = get_cuda_rng_tracker()
+    saved = _rng_state()
+    assert saved["tracker"]  # megatron seeded its tracker (init_parallel)
+    torch.rand(3)
+    expected_draw = torch.rand(3)
+
+    from_gpu = {**saved, "cuda": torch.zeros(16, dtype=torch.uint8),
+                "tracker": {name: torch.zeros(16, dtype=torch.uint8) for name in saved["tracker"]}}
+    before = {name: state.clone() for name, state in tracker.get_states().items()}
+    assert _set_rng_state(from_gpu) is False
+    assert all(torch.equal(tracker.get_states()[name], before[name]) for name in before)
+    torch.rand(3)
+    assert torch.equal(torch.rand(3), expected_draw)  # the host generator was restored
+
+    assert _set_rng_state(saved) is True
+    assert all(torch.equal(tracker.get_states()[name], saved["tracker"][name])
+               for name in saved["tracker"])

@@ -129,13 +129,20 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict) -> bool:
+    """Restores the generators; the device ones (CUDA's and megatron's tracker, whose states are
+    CPU generator states on CPU) only when saved on the same kind of device, as a CPU state does
+    not fit a CUDA generator. Returns whether those were restored too."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    saved_on_cuda = "cuda" in state
+    if saved_on_cuda != torch.cuda.is_available():
+        return False
     get_cuda_rng_tracker().set_states(state["tracker"])
-    if torch.cuda.is_available() and "cuda" in state:
+    if saved_on_cuda:
         torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -414,7 +421,8 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     state = RunState(**loaded["run_state"])
     rng_file = os.path.join(choice.path, "rng", f"rank_{ranks.rank:05d}.pt")
     if record.get("world_size") == ranks.world_size and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        if not _set_rng_state(torch.load(rng_file, weights_only=False)):
+            notes.append("device RNG states not restored (saved on another kind of device)")
     else:
         notes.append("RNG states not restored (different world size)")
     loader_file = dataloader_file(os.path.join(choice.path, "dataloader"), ranks.dp_rank)
