@@ -148,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="with --use-distributed-optimizer: save the optimizer state per parameter "
                         "(gathered over data parallel ranks) so a resume may change TP/PP; the "
-                        "default keeps megatron's per-rank buffers (faster save, same TP/PP only)")
+                        "default keeps megatron's per-rank buffers (faster save, same TP/PP only). "
+                        "While saving, each GPU rank holds 12 bytes per parameter / (TP x PP) in "
+                        "host memory")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints in a background process: training continues once the "
                         "state is copied to host memory, and the checkpoint is published when "
