@@ -30,7 +30,8 @@ def model_inputs(batch, device: torch.device) -> dict:
         pixel_values=None, image_grid_thw=None, packed_seq_params=None)
     if batch.image_grid_thw.numel():
         inputs["pixel_values"] = batch.pixel_values.to(device, non_blocking=True)
-        inputs["image_grid_thw"] = batch.image_grid_thw.to(device, non_blocking=True)
+        inputs["image_grid_thw"] = batch.image_grid_thw  # stays on the host: the vision tower
+        # reads it there (patch positions, segment offsets); on the GPU it would cost a sync
     if batch.cu_seqlens is not None:
         cu = batch.cu_seqlens.to(device=device, dtype=torch.int32)
         inputs["packed_seq_params"] = PackedSeqParams(
