@@ -35,3 +35,20 @@ def test_gpu_configuration_trains_saves_and_resumes(converted_demo, demo_tokeniz
     for iteration in range(5, 9):
         assert actual[iteration]["train/loss"] == pytest.approx(
             expected[iteration]["train/loss"], rel=2e-2), iteration
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", 2, "--sequence-parallel"),
+                                    ("--pipeline-model-parallel-size", 2)], ids=["tp2-sp", "pp2"])
+def test_two_gpus_train_as_one(layout, converted_demo, demo_tokenizer, tmp_path):
+    """NCCL across ranks: the trainer's own collectives (stop flag, counters, eval loss, save
+    vote) and megatron's, with the same losses as one GPU to bf16 noise (data parallel size 1,
+    so both read the same samples)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_trainer(converted_demo, demo_tokenizer, one, *GPU_RUN)
+    run_trainer(converted_demo, demo_tokenizer, two, *GPU_RUN, *layout, nproc=2)
+    expected, actual = metrics(one), metrics(two)
+    for iteration in range(1, 9):
+        assert actual[iteration]["train/loss"] == pytest.approx(
+            expected[iteration]["train/loss"], rel=2e-2), iteration
+    assert (two / "iter_0000008").is_dir()
