@@ -61,6 +61,27 @@ def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
     assert "megatron kernels: attention torch SDPA" in format_report(report)
 
 
+def test_a_trainer_that_fails_keeps_the_others_figures(tmp_path, monkeypatch):
+    """On a GPU the baseline may run out of memory after megatron's figures are in: those are
+    reported and written, the failure is named, and the tool exits 1."""
+    from megatron_patch.benchmarking import throughput
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+    monkeypatch.setattr(throughput, "baseline_runner", out_of_memory)
+    out = tmp_path / "bench.json"
+    argv = SMALL + ["--num-layers", "1", "--vision-num-layers", "1", "--warmup-steps", "0",
+                    "--steps", "1", "--trainer", "both", "--json", str(out)]
+    assert benchmark_main(argv) == 1
+    report = json.loads(out.read_text())
+    assert report["results"]["megatron"]["tokens_per_s_per_device"] > 0
+    assert report["results"]["baseline"] == {
+        "error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 14.00 GiB"}
+    assert "ratio_tokens_per_s" not in report
+    assert "baseline | failed: OutOfMemoryError" in format_report(report)
+
+
 def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     argv = SMALL + ["--num-layers", "1", "--vision-num-layers", "1", "--warmup-steps", "0",

@@ -278,49 +278,70 @@ def run(args) -> Dict:
         report["data"] = {"source": args.data_path, "num_workers": args.num_workers,
                           "packing": args.packing}
 
-    from megatron_patch.training.parallel_setup import initialize, seed_everything, shutdown
+    from megatron_patch.training.parallel_setup import initialize, shutdown
     initialize(1, 1, args.seed)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_device(
         torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     report["peak_tflops"] = peak / 1e12 if peak else None
     shapes = model_shapes(cfg)
     results, batch_keys = {}, {}
+    report["results"] = results
     try:
         for name in TRAINERS[args.trainer]:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            memory_kind = reset_peak_memory(device)
-            seed_everything(args.seed)
-            runner = (MegatronRunner(train_args, cfg, device) if name == "megatron"
-                      else baseline_runner(train_args, cfg, device))
-            parameters = runner.parameter_count()
-            logger.info("%s: %d parameters; %d warm-up + %d timed steps of %d micro-batches",
-                        name, parameters, args.warmup_steps, args.steps, num_micro)
-            batches, close_batches = open_batches()
             try:
-                result, batch_keys[name] = measure(
-                    runner, batches, args.warmup_steps, args.steps, num_micro, device,
-                    shapes, args.recompute_granularity == "full", peak)
-            finally:
-                close_batches()  # no idle loader workers competing with the next trainer
-            result["parameters"] = parameters
-            result["peak_memory_gib"] = peak_memory_gib(device)
-            result["peak_memory_kind"] = memory_kind
-            if name == "megatron":
-                result["skipped_steps"] = runner.skipped_steps
-                result["kernels"] = kernels.summary(train_args)
-            results[name] = result
-            runner.close()
-            del runner
+                results[name], batch_keys[name] = _measure_trainer(
+                    name, args, train_args, cfg, device, open_batches, shapes, peak)
+            except Exception as error:  # noqa: BLE001 - one trainer running out of memory must
+                # not lose the other's figures
+                logger.exception("%s failed", name)
+                results[name] = {"error": f"{type(error).__name__}: {error}"}
+            if args.json:  # written after each trainer: a run killed later keeps this one
+                write_json(args.json, report)
     finally:
         shutdown()
-    report["results"] = results
-    if len(results) == 2:
+    if batch_keys.keys() == {"megatron", "baseline"}:  # both measured
         report["same_batches"] = batch_keys["megatron"] == batch_keys["baseline"]
         report["ratio_tokens_per_s"] = (results["megatron"]["tokens_per_s_per_device"]
                                         / results["baseline"]["tokens_per_s_per_device"])
     return report
+
+
+def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, shapes, peak):
+    """Builds one trainer on a clean device, measures it, frees it: (result, batch keys)."""
+    from megatron_patch.training.parallel_setup import seed_everything
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    memory_kind = reset_peak_memory(device)
+    seed_everything(args.seed)
+    runner = (MegatronRunner(train_args, cfg, device) if name == "megatron"
+              else baseline_runner(train_args, cfg, device))
+    try:
+        parameters = runner.parameter_count()
+        logger.info("%s: %d parameters; %d warm-up + %d timed steps of %d micro-batches",
+                    name, parameters, args.warmup_steps, args.steps, train_args.num_microbatches)
+        batches, close_batches = open_batches()
+        try:
+            result, keys = measure(runner, batches, args.warmup_steps, args.steps,
+                                   train_args.num_microbatches, device, shapes,
+                                   args.recompute_granularity == "full", peak)
+        finally:
+            close_batches()  # no idle loader workers competing with the next trainer
+        result["parameters"] = parameters
+        result["peak_memory_gib"] = peak_memory_gib(device)
+        result["peak_memory_kind"] = memory_kind
+        if name == "megatron":
+            result["skipped_steps"] = runner.skipped_steps
+            result["kernels"] = kernels.summary(train_args)
+        return result, keys
+    finally:
+        runner.close()
+
+
+def write_json(path: str, report: Dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
 
 
 # ---------------------------------------------------------------------- output
@@ -338,7 +359,11 @@ def format_report(report: Dict) -> str:
     header = ("trainer", "tokens/s/dev", "samples/s", "step s", "TFLOP/s", "MFU", "HFU",
               "peak GiB", "data wait", "loss first->last")
     lines.append(" | ".join(header))
+    measured = {name: r for name, r in report["results"].items() if "error" not in r}
     for name, r in report["results"].items():
+        if name not in measured:
+            lines.append(f"{name} | failed: {r['error']}")
+            continue
         lines.append(" | ".join([
             name, _fmt(r["tokens_per_s_per_device"], ",.0f"), _fmt(r["samples_per_s_per_device"], ".2f"),
             _fmt(r["step_time_s"], ".3f"), _fmt(r["model_tflops_per_s_per_device"], ".3g"),
@@ -348,10 +373,12 @@ def format_report(report: Dict) -> str:
     if "ratio_tokens_per_s" in report:
         lines.append(f"megatron / baseline tokens/s: {report['ratio_tokens_per_s']:.2f}x "
                      f"(same batches: {report['same_batches']})")
-    if "megatron" in report["results"]:
-        used = report["results"]["megatron"]["kernels"]
+    if "megatron" in measured:
+        used = measured["megatron"]["kernels"]
         lines.append("megatron kernels: " + "; ".join(f"{key} {value}" for key, value in used.items()))
-    first = next(iter(report["results"].values()))
+    if not measured:
+        return "\n".join(lines)
+    first = next(iter(measured.values()))
     lines.append(f"per step: {first['tokens_per_step']:.0f} tokens, {first['samples_per_step']:.1f} "
                  f"samples, {first['images_per_step']:.1f} images, packing efficiency "
                  f"{100 * first['packing_efficiency']:.1f}%")
@@ -365,10 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = run(args)
     print(format_report(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1, default=str)
-    return 0
+        write_json(args.json, report)
+    return 1 if any("error" in r for r in report.get("results", {}).values()) else 0
 
 
 __all__ = ["FORMULA", "build_parser", "format_report", "main", "measure", "parse_args", "run"]
