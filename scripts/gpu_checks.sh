@@ -1,29 +1,61 @@
 #!/usr/bin/env bash
-# Every GPU check in one batch, sized for a short lease on one GPU (about 8 minutes in all):
-# the gpu-marked tests, the packed-attention micro-benchmark, then the one-GPU benchmark of
-# docs/BENCHMARKS.md ("GPU comparison", megatron trainer and the plain-PyTorch baseline in one
-# run). Each step has its own time limit and a failing step does not stop the next; everything
-# lands in $OUT (default ./gpu_results) for BENCHMARKS.md, and a summary is printed last.
+# Every GPU check in one batch, sized for a short lease on one GPU: a preflight of what the
+# rest needs (CUDA, NCCL, torch.compile, the varlen flash kernel), then the steps of $STEPS in
+# that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
+# one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
+# baseline in one run), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
+# a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
+# BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
+# FILE after every step (a run killed from outside keeps what the finished steps wrote).
 #
 # Needs CUDA torch and this package's dependencies. On a node without PyPI, build the wheels
-# here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: they are installed
-# into a private directory first (nothing of the node's own packages is replaced).
+# here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: the ones the node
+# lacks are installed into a private directory first (none of its own packages is replaced).
 #   OUT=/path bash scripts/gpu_checks.sh                 # tests + benchmark
-#   WHEELS=.whl STEPS="tests" bash scripts/gpu_checks.sh # only the tests ("bench", "recompute",
-#                                                        # "ckpt": checkpoint save stall)
-#   OUT=/tmp/g ARCHIVE=/results/gpu.tgz bash ...         # also pack $OUT into one file (for
-#                                                        # runners that return only a few files)
+#   WHEELS=.whl STEPS="bench tests" bash scripts/gpu_checks.sh
+#   ARCHIVE=$OUT/gpu.tgz OUT=/tmp/g bash ...             # for runners that return a few files
+#                                                        # from their $OUT: ARCHIVE first, as
+#                                                        # bash expands left to right
 # $OUT/node_packages.txt is the node's own `pip list` (before WHEELS): the input of
 # scripts/offline_wheelhouse.sh for the next time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_results}
 STEPS=${STEPS:-"tests bench"}
+BUDGET=${BUDGET:-540}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-"$PYTHON" -m pip list --format=freeze --disable-pip-version-check > "$OUT/node_packages.txt" 2>&1
 
+pack() {  # $OUT -> $ARCHIVE (written outside $OUT, then moved: never a half-written archive)
+  [ -n "${ARCHIVE:-}" ] || return 0
+  local partial="${TMPDIR:-/tmp}/gpu_checks_archive.$$.tgz"
+  mkdir -p "$(dirname "$ARCHIVE")"
+  tar czf "$partial" --exclude="$(basename "$ARCHIVE")" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
+    && mv -f "$partial" "$ARCHIVE"
+}
+
+step() {  # step NAME SECONDS COMMAND...: runs it within what is left of $BUDGET, keeps its output
+  local name=$1 seconds=$2; shift 2
+  local left=$((BUDGET - SECONDS - 15))  # 15 s for the interrupt, cleanup and packing
+  if [ "$left" -lt 30 ]; then
+    echo "$name skipped: ${left}s of the ${BUDGET}s budget left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  [ "$seconds" -gt "$left" ] && seconds=$left
+  echo "[gpu_checks] $name (limit ${seconds}s)"
+  local started=$SECONDS
+  # SIGINT first: python unwinds (pytest's finally blocks stop the trainers it started in
+  # sessions of their own); SIGKILL 10 s later if that hangs
+  timeout -s INT -k 10 "$seconds" "$@" > "$OUT/$name.txt" 2>&1
+  local status=$?
+  pkill -KILL -f "train/pretrain_llava_ov.py" 2>/dev/null  # no trainer keeps the GPU
+  echo "$name exit=$status seconds=$((SECONDS - started))" | tee -a "$OUT/summary.txt"
+  pack
+}
+
+"$PYTHON" -m pip list --format=freeze --disable-pip-version-check > "$OUT/node_packages.txt" 2>&1
 if [ -n "${WHEELS:-}" ]; then
   # only what the node lacks: a wheel of a package it has (a stale list) would shadow its own
   # build, which its torch may depend on (numpy's ABI, say)
@@ -45,17 +77,9 @@ EOF
   export PYTHONPATH=/tmp/gpu_checks_site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output and exit status
-  local name=$1 seconds=$2; shift 2
-  echo "[gpu_checks] $name (limit ${seconds}s)"
-  local started=$SECONDS
-  timeout "$seconds" "$@" > "$OUT/$name.txt" 2>&1
-  local status=$?
-  echo "$name exit=$status seconds=$((SECONDS - started))" | tee -a "$OUT/summary.txt"
-}
-
-{ date -u; nvidia-smi; "$PYTHON" - <<'EOF'
-import importlib, torch
+# what is here, and a preflight of each thing the steps rely on (one line each)
+{ date -u; nvidia-smi; timeout 120 "$PYTHON" - <<'EOF'
+import importlib, socket, time, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE")
 for name in ("megatron.core", "megatron.energon", "transformer_engine", "apex",
@@ -64,45 +88,81 @@ for name in ("megatron.core", "megatron.energon", "transformer_engine", "apex",
         print(name, getattr(importlib.import_module(name), "__version__", "present"))
     except Exception as error:  # noqa: BLE001 - report whatever is missing
         print(name, "missing:", type(error).__name__, error)
+
+
+def nccl_world_of_one():
+    import torch.distributed as dist
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    value = torch.ones(1, device="cuda")
+    dist.all_reduce(value)
+    dist.destroy_process_group()
+    assert value.item() == 1
+
+
+def compiled_silu():
+    x = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(torch.compile(torch.nn.functional.silu)(x),
+                               torch.nn.functional.silu(x))
+
+
+def varlen_forward_backward():
+    from torch.nn.attention.varlen import varlen_attn
+    q, k, v = (torch.randn(96, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    cu = torch.tensor([0, 40, 96], device="cuda", dtype=torch.int32)
+    varlen_attn(q, k, v, cu, cu, 56, 56).sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def cuda_tensor():
+    assert torch.ones(1, device="cuda").item() == 1
+
+
+for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward):
+    started = time.time()
+    try:
+        check()
+        print(f"preflight {check.__name__}: ok ({time.time() - started:.1f} s)")
+    except Exception as error:  # noqa: BLE001 - one line per failure, the steps go on
+        print(f"preflight {check.__name__}: FAILED {type(error).__name__}: {str(error)[:300]}")
 EOF
 } > "$OUT/environment.txt" 2>&1
-grep -E "^(torch|megatron|transformer_engine|apex|fused|flash|torch.nn)" "$OUT/environment.txt"
-
-if [[ " $STEPS " == *" tests "* ]]; then
-  step pytest_gpu 180 "$PYTHON" -m pytest -m gpu -q -rA -p no:cacheprovider tests
-  tail -3 "$OUT/pytest_gpu.txt"
-fi
-
-if [[ " $STEPS " == *" bench "* ]]; then  # packed attention alone: varlen kernel vs segment loop
-  step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
-    --json "$OUT/packed_attention.json"
-  grep -E '"(loop_ms|varlen_ms|speedup|max_abs_difference)"' "$OUT/bench_attention.txt"
-fi
+grep -E "^(torch|megatron|transformer_engine|apex|fused|flash|preflight)" "$OUT/environment.txt"
+pack
 
 # the LLaVA-OV-1.5 architecture with a Qwen3-1.7B-sized language model, seq 8192, packed, bf16
 COMMON=(--model llava-ov-1.5-4b --num-layers 28 --hidden-size 2048 --ffn-hidden-size 6144
         --num-attention-heads 16 --num-query-groups 8 --rotary-base 1000000 --seq-length 8192
         --micro-batch-size 1 --grad-accum 8 --warmup-steps 3 --steps 8 --bf16)
-if [[ " $STEPS " == *" bench "* ]]; then
-  step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
-    --json "$OUT/seq8k_both.json"
-  tail -12 "$OUT/bench_both.txt"
-fi
-if [[ " $STEPS " == *" recompute "* ]]; then
-  step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
-    --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
-  tail -8 "$OUT/bench_recompute.txt"
-fi
-if [[ " $STEPS " == *" ckpt "* ]]; then  # how long a save stops training: sync vs --async-save
-  step bench_checkpoint 240 "$PYTHON" benchmarks/bench_checkpoint_save.py \
-    --save-dir /tmp/gpu_checks_ckpt --model llava-ov-1.5-4b --num-layers 8 --hidden-size 2048 \
-    --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 4096 \
-    --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer \
-    --json "$OUT/checkpoint_save.json"
-  tail -5 "$OUT/bench_checkpoint.txt"
-fi
+for name in $STEPS; do
+  case $name in
+    tests)
+      step pytest_gpu 240 "$PYTHON" -m pytest -m gpu -q -rA -p no:cacheprovider tests
+      tail -3 "$OUT/pytest_gpu.txt" ;;
+    bench)  # packed attention alone (varlen kernel vs segment loop), then both trainers
+      step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
+        --json "$OUT/packed_attention.json"
+      grep -E '"(loop_ms|varlen_ms|speedup|max_abs_difference)"' "$OUT/bench_attention.txt"
+      step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
+        --json "$OUT/seq8k_both.json"
+      tail -12 "$OUT/bench_both.txt" ;;
+    recompute)
+      step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
+      tail -8 "$OUT/bench_recompute.txt" ;;
+    ckpt)  # how long a save stops training: sync vs --async-save
+      step bench_checkpoint 240 "$PYTHON" benchmarks/bench_checkpoint_save.py \
+        --save-dir /tmp/gpu_checks_ckpt --model llava-ov-1.5-4b --num-layers 8 --hidden-size 2048 \
+        --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 4096 \
+        --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer \
+        --json "$OUT/checkpoint_save.json"
+      tail -5 "$OUT/bench_checkpoint.txt" ;;
+    *) echo "unknown step $name (tests, bench, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
+  esac
+done
 cat "$OUT/summary.txt" 2>/dev/null
-if [ -n "${ARCHIVE:-}" ]; then
-  mkdir -p "$(dirname "$ARCHIVE")" && tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
-    && echo "[gpu_checks] packed $OUT into $ARCHIVE"
-fi
+pack && [ -n "${ARCHIVE:-}" ] && echo "[gpu_checks] packed $OUT into $ARCHIVE"
+exit 0
