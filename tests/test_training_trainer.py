@@ -176,4 +176,4 @@ def test_bf16_run_steps_from_the_loaded_weights(reference_run, converted_demo, d
     assert loaded.keys() == stepped.keys()
     for key, value in loaded.items():  # a step of lr 1e-9 moves no weight past bf16 rounding
         torch.testing.assert_close(stepped[key].float(), value.bfloat16().float(), rtol=1e-2,
-                                   atol=1e-3, msg=key)
+                                   atol=1e-3, msg=lambda detail, key=key: f"{key}: {detail}")
