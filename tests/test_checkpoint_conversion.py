@@ -145,6 +145,20 @@ def test_round_trip_is_bit_identical(hf_dir, converted, tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
 
 
+def test_export_keeps_the_sources_informational_fields():
+    """max_position_embeddings and the image token id differ between releases (the 8B's context
+    is not the 4B's): an export writes the source's own values, the architecture from the model."""
+    from megatron_patch.checkpoint_conversion.hf_config import hf_config_for
+    cfg = get_config("tiny")
+    source = published_config(cfg, image_token_id=7)
+    source["text_config"]["max_position_embeddings"] = 40960
+    source["text_config"]["num_hidden_layers"] = 99  # architecture: the model's value wins
+    exported = hf_config_for(cfg, "bfloat16", source)
+    assert exported["text_config"]["max_position_embeddings"] == 40960
+    assert exported["image_token_id"] == 7
+    assert exported["text_config"]["num_hidden_layers"] == cfg.language.num_layers
+
+
 def test_nested_bf16_checkpoint_keeps_its_layout_and_dtype(demo_tokenizer, tmp_path):
     original = write_hf_checkpoint(tmp_path / "hf", demo_tokenizer, seed=1, dtype=torch.bfloat16, nested=True)
     convert_hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "mcore"), progress=False)  # preset inferred

@@ -163,7 +163,9 @@ def config_from_dict(data: Dict[str, Any]) -> LlavaOVConfig:
 def hf_config_for(cfg: LlavaOVConfig, dtype: str, template: Optional[Dict[str, Any]] = None,
                   special_ids: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
     """config.json for ``cfg``: the ``template`` (the source checkpoint's own config.json) with
-    every architecture field set from ``cfg``, or a complete one with the published names."""
+    every architecture field set from ``cfg`` (the informational SOFT_FIELDS keep the source's
+    values: the presets cannot know them for every release), or a complete one with the
+    published names."""
     hf = json.loads(json.dumps(template)) if template else _fresh_config(cfg)
     for field, path in FIELDS + SOFT_FIELDS:
         *parents, leaf = path.split(".")
@@ -172,6 +174,8 @@ def hf_config_for(cfg: LlavaOVConfig, dtype: str, template: Optional[Dict[str, A
             node = node.setdefault(key, {})
         if leaf == "rope_theta" and "rope_parameters" in node and leaf not in node:
             node = node["rope_parameters"]
+        if (field, path) in SOFT_FIELDS and leaf in node:
+            continue
         node[leaf] = _get(cfg, field)
     hf["text_config"]["tie_word_embeddings"] = False
     hf["vision_config"]["embed_dim"] = cfg.vision.hidden_size

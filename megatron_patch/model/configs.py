@@ -115,7 +115,7 @@ def _ov_8b() -> LlavaOVConfig:
         name="llava-ov-1.5-8b",
         language=LanguageConfig(num_layers=36, hidden_size=4096, ffn_hidden_size=12288,
                                 num_attention_heads=32, num_query_groups=8, head_dim=128,
-                                rope_theta=1_000_000.0),
+                                rope_theta=1_000_000.0, max_position_embeddings=40960),
     )
 
 
