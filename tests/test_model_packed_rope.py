@@ -1,7 +1,7 @@
-"""compat/packed_rope.py: packed-sequence RoPE with one angle per token is rotated in one pass,
-without megatron's per-segment host reads, and gives megatron's result bit for bit. The towers'
-packed forwards against independent references (test_model_language, test_model_vision) run
-through it too."""
+"""compat/packed_rope.py: packed-sequence RoPE with one angle per token (and no gradient for the
+angles) is rotated in one pass, without megatron's per-segment host reads, and gives megatron's
+result bit for bit. The towers' packed forwards against independent references
+(test_model_language, test_model_vision) run through it too."""
 from types import SimpleNamespace
 
 import pytest
@@ -51,12 +51,14 @@ def test_only_the_per_token_case_skips_megatron():
     assert fast(t, freqs, SimpleNamespace(**{**vars(CONFIG), "apply_rope_fusion": True}),
                 cu_seqlens=CU, cp_group=ONE_RANK) == "megatron"
     assert fast(t, freqs[:13], CONFIG, cu_seqlens=CU, cp_group=ONE_RANK) == "megatron"
-    assert len(calls) == 3
+    # learned angles (a trainable vision tower's class token): megatron's gradient order
+    assert fast(t, freqs.requires_grad_(), CONFIG, cu_seqlens=CU, cp_group=ONE_RANK) == "megatron"
+    assert len(calls) == 4
 
 
 def test_both_towers_take_the_fast_path(monkeypatch):
-    """A packed language-model forward and the vision tower (images packed as segments) never
-    reach megatron's per-segment function."""
+    """A packed language-model forward and the vision tower (images packed as segments, its
+    angles without gradient here) never reach megatron's per-segment function."""
     init_parallel(1, 1)
     cfg = get_config("tiny")
     model = build_model(cfg, attention_backend="local").eval()
@@ -74,3 +76,31 @@ def test_both_towers_take_the_fast_path(monkeypatch):
         logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
                        packed_seq_params=packed)
     assert logits.shape[:2] == (1, 24) and torch.isfinite(logits).all()
+
+
+def test_training_gradients_equal_megatrons_bit_for_bit(monkeypatch):
+    """Every parameter's gradient, the vision tower's learned class-token angle included, is
+    what megatron's own RoPE gives: a trainer's trajectory does not move (the demo's accuracy
+    depends on it to the last bit)."""
+    from megatron.core.transformer import attention
+
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, attention_backend="local").train()
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=1)
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=14, max_seqlen_kv=14)
+    gradients = []
+    for rope in (attention.apply_rotary_pos_emb, rope_utils.apply_rotary_pos_emb):
+        monkeypatch.setattr(attention, "apply_rotary_pos_emb", rope)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
+                       packed_seq_params=packed)
+        (logits.float() ** 2).mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    ours, megatrons = gradients
+    assert ours.keys() == megatrons.keys() and "vision_model.class_pos_emb" in ours
+    assert [name for name in ours if not torch.equal(ours[name], megatrons[name])] == []
