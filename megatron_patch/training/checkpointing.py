@@ -354,8 +354,9 @@ def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str
 def _extra_states_absent_from(path: str, model_sharded: dict) -> List[str]:
     """The model's ``_extra_state`` entries (Transformer Engine modules' FP8 metadata) that the
     checkpoint lacks: one written with the local spec, as the HF converter writes, has none.
-    Without FP8 they hold nothing, so such a checkpoint still loads. Reads the checkpoint's
-    metadata only when the model has extra states (the TE spec)."""
+    Without FP8 they hold nothing, so such a checkpoint still loads. Costs one read of the
+    checkpoint's metadata file per load (megatron's own linears keep an extra state too, so
+    every model of ours asks)."""
     wanted = [name for name in model_sharded if name.endswith("_extra_state")]
     if not wanted:
         return []
