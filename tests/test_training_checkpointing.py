@@ -66,3 +66,54 @@ def test_device_rng_states_are_restored_only_on_the_device_kind_they_came_from()
     assert _set_rng_state(saved) is True
     assert all(torch.equal(tracker.get_states()[name], saved["tracker"][name])
                for name in saved["tracker"])
+
+
+def _save_and_load_one_tensor(directory):
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    saved = torch.arange(6.0).reshape(2, 3)
+    directory.mkdir()
+    dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", saved)}, str(directory))
+    loaded = dist_checkpointing.load(
+        {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(2, 3))}, str(directory))
+    return saved, loaded["w"]
+
+
+def test_writer_warmup_leaves_megatrons_result_queue_empty_for_the_save(tmp_path, monkeypatch):
+    """The warm-up passes a dummy result through megatron's queue; a save after it must read its
+    own results, not the dummy (else the checkpoint's metadata would be wrong)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_patch.compat import checkpoint_writer
+
+    init_parallel(1, 1)
+    monkeypatch.setattr(checkpoint_writer, "_warmup", None)
+    checkpoint_writer.start()
+    first = checkpoint_writer._warmup
+    checkpoint_writer.start()
+    assert checkpoint_writer._warmup is first  # once per process
+    checkpoint_writer.wait()
+    assert not first.is_alive()
+    queue = filesystem_async._results_queue
+    assert queue is not None and queue.empty()
+    saved, loaded = _save_and_load_one_tensor(tmp_path / "ckpt")
+    assert torch.equal(loaded, saved)
+    assert filesystem_async._results_queue is queue and queue.empty()  # the warmed one was used
+
+
+def test_a_failed_writer_warmup_changes_nothing(tmp_path, monkeypatch, caplog):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_patch.compat import checkpoint_writer
+
+    def refuse():
+        raise OSError("no process for you")
+
+    init_parallel(1, 1)
+    monkeypatch.setattr(checkpoint_writer, "_warmup", None)
+    monkeypatch.setattr(filesystem_async, "_get_write_results_queue", refuse)
+    with caplog.at_level("DEBUG", logger=checkpoint_writer.__name__):
+        checkpoint_writer.start()
+        checkpoint_writer.wait()
+    assert "warm-up skipped: OSError: no process for you" in caplog.text
+    monkeypatch.undo()
+    saved, loaded = _save_and_load_one_tensor(tmp_path / "ckpt")
+    assert torch.equal(loaded, saved)

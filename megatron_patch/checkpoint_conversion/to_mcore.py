@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from megatron_patch.checkpoint_conversion import hf_stream, runtime
+from megatron_patch.compat import checkpoint_writer
 from megatron_patch.checkpoint_conversion.errors import ConversionError
 from megatron_patch.checkpoint_conversion.hf_config import check_config, read_hf_config
 from megatron_patch.checkpoint_conversion.hf_files import (copy_side_files, dtype_name, human_bytes,
@@ -89,6 +90,7 @@ def convert_hf_to_mcore(hf_dir: str, out: str, model: Union[str, LlavaOVConfig, 
         logger.info("config: %s", note)
     special_ids = _tokenizer_special_ids(hf_dir, hf_config, cfg.language.vocab_size)
     _check_output(out, overwrite)
+    checkpoint_writer.start()  # its 2-3 s of setup overlap the reading below
 
     shapes = {n: tuple(p.shape) for n, p in
               runtime.build_unsharded_model(cfg, torch.float32, meta=True).named_parameters()}
@@ -153,6 +155,7 @@ def _save_base_checkpoint(model: torch.nn.Module, out: str, record: Dict[str, An
     logger.info("writing the dist-checkpoint to %s", partial)
     sharded = model.sharded_state_dict()
     _release_factory_views(sharded)
+    checkpoint_writer.wait()
     dist_checkpointing.save({"model": sharded}, partial)
     write_record(partial, record)
     return checkpoint_paths.publish(out, partial, BASE_ITERATION)

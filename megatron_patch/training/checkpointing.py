@@ -51,6 +51,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import \
     FullyParallelSaveStrategyWrapper
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from megatron_patch.compat import checkpoint_writer
 from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
@@ -209,6 +210,7 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
                                                             metadata=_optimizer_metadata(layout))
         sharded["opt_param_scheduler"] = scheduler.state_dict()
         sharded["run_state"] = asdict(state)
+        checkpoint_writer.wait()
         request = dist_checkpointing.save(sharded, partial,
                                           sharded_strategy=save_strategy(fully_parallel),
                                           async_sharded_save=background is not None)

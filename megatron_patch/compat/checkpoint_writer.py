@@ -1,0 +1,55 @@
+"""Warming up megatron's checkpoint-result queue before the first save.
+
+megatron-core's torch_dist writer (FileSystemWriterAsync, used for synchronous saves too) hands
+each save's write results back through a queue served by a process that it starts with the
+"spawn" method on first use. That process imports torch when it unpickles the first results,
+which made the first save of every run 2-3 s slower than the rest (measured on 2 CPU cores:
+2.2 s against 0.2 s for the tiny model's iter_4 and iter_8).
+
+:func:`start` does that first round trip in a background thread, so the import overlaps the
+model, optimizer and data setup; :func:`wait` (called before a save) makes sure it is over
+before megatron uses the queue. A failure here only costs the time it was meant to save:
+megatron creates the queue itself as before.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+_warmup: Optional[threading.Thread] = None
+
+
+def start() -> None:
+    """Starts the warm-up once per process (later calls do nothing)."""
+    global _warmup
+    if _warmup is None:
+        _warmup = threading.Thread(target=_round_trip, name="checkpoint-writer-warmup",
+                                   daemon=True)
+        _warmup.start()
+
+
+def wait() -> None:
+    """Blocks until the warm-up (if started) is over; megatron's queue is then safe to use."""
+    if _warmup is not None:
+        _warmup.join()
+
+
+def _round_trip() -> None:
+    """Creates megatron's queue and passes one result of the kind a save returns through it,
+    which makes the serving process import the classes (and torch) a save needs."""
+    try:
+        from megatron.core.dist_checkpointing.strategies.filesystem_async import \
+            _get_write_results_queue
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+        from torch.distributed.checkpoint.storage import WriteResult
+
+        results = _get_write_results_queue()
+        results.put({0: [WriteResult(index=MetadataIndex("warmup"), size_in_bytes=0,
+                                     storage_data=_StorageInfo("warmup", 0, 0))]})
+        results.get()
+    except Exception as error:  # an optimisation only: the save works without it
+        logger.debug("checkpoint writer warm-up skipped: %s: %s", type(error).__name__, error)
