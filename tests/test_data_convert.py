@@ -170,6 +170,39 @@ def test_every_bad_record_class_is_skipped_with_line_and_reason(tmp_path):
     assert report["skipped"] == len(kinds) and sum(report["skipped_by_kind"].values()) == len(kinds)
 
 
+def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_path):
+    """One syntax error in a pretty-printed array: one skip naming its line, not one per line
+    (the file used to be re-read as JSON Lines), and the records before it converted."""
+    records = [{"id": f"r{i}", "conversations": [turn("human", "q"), turn("gpt", f"a{i}")]}
+               for i in range(4)]
+    text = json.dumps(records, indent=1).replace('"id": "r2",', '"id": "r2",,', 1)
+    path = write(str(tmp_path / "broken.json"), text)
+    second_comma = text.index(",,") + 1
+    line = text[:second_comma].count("\n") + 1
+    column = second_comma - text.rindex("\n", 0, second_comma)
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == EXIT_SKIPPED
+    [entry] = skipped(out)
+    assert entry["kind"] == "invalid_json" and entry["source"] == f"{path}:{line}"
+    assert f"line {line} column {column}: Expecting property name" in entry["reason"]
+    assert "the 2 record(s) before it were read" in entry["reason"]
+    converted = samples_by_id(out)
+    assert set(converted) == {"r0", "r1"}
+    opening_line = text[:text.index('"id": "r1"')].count("\n")  # the "{" above the id
+    assert converted["r1"][0]["source"] == f"{path}#1 (line {opening_line})"
+
+
+def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path):
+    lines = [json.dumps({"id": f"r{i}", "conversations": [turn("human", "q"), turn("gpt", "a")]})
+             for i in range(3)]
+    path = write(str(tmp_path / "actually_lines.json"), "\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == 0
+    converted = samples_by_id(out)
+    assert {key: record["source"] for key, (record, _) in converted.items()} == \
+        {f"r{i}": f"{path}:{i + 1}" for i in range(3)}
+
+
 def test_strict_makes_a_skip_an_error_and_publishes_no_index(tmp_path):
     path, _ = _bad_records(tmp_path)
     out = str(tmp_path / "out")

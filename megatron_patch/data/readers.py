@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from megatron_patch.data.errors import BadRecord
+from megatron_patch.data.json_stream import JsonStream, JsonSyntaxError
 
 CONTAINER_FORMATS = ("json", "jsonl", "parquet", "folder")
 _SIBLING_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -20,7 +21,7 @@ _PARQUET_MESSAGE_COLUMNS = ("messages", "conversations")
 @dataclass
 class RawRecord:
     """One record as read; `search_dirs` are where its relative image paths may live."""
-    source: str                      # "file:line" or "file#index", for reports
+    source: str                      # "file:line" or "file#index (line N)", for reports
     record: Any = None
     search_dirs: tuple = ()
     error: Optional[BadRecord] = None
@@ -65,23 +66,45 @@ def _search_dirs(path: str, options: ReaderOptions) -> tuple:
 
 
 def _read_json(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
+    """A JSON array, read one record at a time (json_stream), or a single object. A file of one
+    object per line named .json is read as JSON Lines. A syntax error ends the file with one
+    bad record naming its line; the records before it are converted."""
     dirs = _search_dirs(path, options)
+    name, count = os.path.basename(path), 0
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        if error.lineno > 1:  # a JSON Lines file named .json: read it line by line instead
-            yield from _read_jsonl(path, options)
-            return
-        yield RawRecord(f"{path}:{error.lineno}", search_dirs=dirs,
-                        error=BadRecord(f"file is not valid JSON: {error}", "invalid_json"))
-        return
+            stream = JsonStream(handle)
+            if stream.peek() == "[":
+                for count, (line, record) in enumerate(stream.array_items(), start=1):
+                    index = count - 1
+                    yield RawRecord(f"{path}#{index} (line {line})", record, dirs,
+                                    fallback_id=f"{name}#{index}")
+                if stream.peek():
+                    raise stream.syntax_error("extra data after the array's closing ']'")
+                return
+            record = stream.value()
+            if stream.line == 1 and stream.peek():
+                yield from _read_jsonl(path, options)  # one object per line
+                return
+            if stream.peek():
+                raise stream.syntax_error("extra data after the first value (a JSON file holds "
+                                          "one array; for one record per line name it .jsonl)")
+            count = 1
+            yield RawRecord(f"{path}#0 (line 1)", record, dirs, fallback_id=f"{name}#0")
+    except JsonSyntaxError as error:
+        yield RawRecord(f"{path}:{error.line}", search_dirs=dirs, error=BadRecord(
+            f"file is not valid JSON at {error}; {_read_so_far(count)}", "invalid_json"))
     except UnicodeDecodeError as error:
-        yield RawRecord(path, error=BadRecord(f"file is not UTF-8 text: {error}", "invalid_json"))
-        return
-    records = data if isinstance(data, list) else [data]
-    for index, record in enumerate(records):
-        yield RawRecord(f"{path}#{index}", record, dirs, fallback_id=f"{os.path.basename(path)}#{index}")
+        yield RawRecord(path, search_dirs=dirs, error=BadRecord(
+            f"file is not UTF-8 text (byte {error.object[error.start:error.start + 1]!r}: "
+            f"{error.reason}); {_read_so_far(count)}", "invalid_json"))
+
+
+def _read_so_far(count: int) -> str:
+    if not count:
+        return "no record was read from it (fix the file and convert again)"
+    return (f"the {count} record(s) before it were read, the rest of the file was not (fix the "
+            "file and convert again)")
 
 
 def _read_jsonl(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
