@@ -117,3 +117,32 @@ def test_a_failed_writer_warmup_changes_nothing(tmp_path, monkeypatch, caplog):
     monkeypatch.undo()
     saved, loaded = _save_and_load_one_tensor(tmp_path / "ckpt")
     assert torch.equal(loaded, saved)
+
+
+RUN_ENDING_DURING_THE_WARMUP = """
+import multiprocessing, sys, time
+if __name__ == "__main__":
+    from megatron.core.dist_checkpointing.strategies import filesystem_async  # noqa: F401
+    from megatron_patch.compat import checkpoint_writer
+    checkpoint_writer.start()
+    while not multiprocessing.active_children():  # the queue's server is starting
+        time.sleep(0.001)
+    sys.exit(3)  # as a run that fails at startup does
+"""
+
+
+def test_a_run_ending_during_the_writer_warmup_exits(tmp_path):
+    """Without waiting for the server's start at exit, multiprocessing's exit handler waited
+    forever for a server that nobody would stop (a trainer failing at startup hung)."""
+    import subprocess
+    import sys
+
+    from trainer_runs import REPO, run_process_group, subprocess_env
+    script = tmp_path / "ends_early.py"
+    script.write_text(RUN_ENDING_DURING_THE_WARMUP)
+    env = dict(subprocess_env(), PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    try:
+        result = run_process_group([sys.executable, str(script)], env, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the process did not exit within 120 s") from None
+    assert result.returncode == 3, result.stderr[-2000:]

@@ -13,6 +13,7 @@ megatron creates the queue itself as before.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from typing import Optional
@@ -20,21 +21,33 @@ from typing import Optional
 logger = logging.getLogger(__name__)
 
 _warmup: Optional[threading.Thread] = None
+_queue_started = threading.Event()
 
 
 def start() -> None:
-    """Starts the warm-up once per process (later calls do nothing)."""
+    """Starts the warm-up once per process (later calls do nothing).
+
+    A process that ends meanwhile (a run failing at startup) first waits until the queue's
+    server has started: multiprocessing's exit handler joins every child process, and one
+    started but not yet registered for shutdown would be waited for forever. atexit runs the
+    handlers last in, first out, so this one runs before multiprocessing's, which then stops
+    the server (and with it a round trip still under way)."""
     global _warmup
     if _warmup is None:
         _warmup = threading.Thread(target=_round_trip, name="checkpoint-writer-warmup",
                                    daemon=True)
         _warmup.start()
+        atexit.register(_wait_for_server_start)
 
 
 def wait() -> None:
     """Blocks until the warm-up (if started) is over; megatron's queue is then safe to use."""
     if _warmup is not None:
         _warmup.join()
+
+
+def _wait_for_server_start() -> None:
+    _queue_started.wait()
 
 
 def _round_trip() -> None:
@@ -47,9 +60,14 @@ def _round_trip() -> None:
         from torch.distributed.checkpoint.metadata import MetadataIndex
         from torch.distributed.checkpoint.storage import WriteResult
 
-        results = _get_write_results_queue()
+        try:
+            results = _get_write_results_queue()
+        finally:
+            _queue_started.set()
         results.put({0: [WriteResult(index=MetadataIndex("warmup"), size_in_bytes=0,
                                      storage_data=_StorageInfo("warmup", 0, 0))]})
         results.get()
     except Exception as error:  # an optimisation only: the save works without it
         logger.debug("checkpoint writer warm-up skipped: %s: %s", type(error).__name__, error)
+    finally:
+        _queue_started.set()
