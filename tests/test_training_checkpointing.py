@@ -1,7 +1,8 @@
-"""Loading checkpoints in-process. A model whose modules keep an ``_extra_state`` (as Transformer
-Engine's do) loads a checkpoint written without them (the local spec's, e.g. the HF
+"""Loading and saving checkpoints in-process. A model whose modules keep an ``_extra_state`` (as
+Transformer Engine's do) loads a checkpoint written without them (the local spec's, e.g. the HF
 converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
-states cross between CPU and GPU runs."""
+states cross between CPU and GPU runs. The checkpoint writer's warm-up (compat/checkpoint_writer)
+leaves megatron's result queue clean and never keeps a process from exiting."""
 import torch
 
 from megatron_patch.model import build_model, get_config

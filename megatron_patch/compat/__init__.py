@@ -1,10 +1,13 @@
-"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo), and two fixes for GPU too.
+"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo), and three fixes for GPU too.
 
 Call :func:`apply_cpu_redirects` once, before building models or optimizers. It is a no-op
 when CUDA is available, so entry points can call it unconditionally.
 
 :func:`apply_packed_rope_fast_path` (CPU and GPU) keeps megatron's packed-sequence RoPE from
 reading ``cu_seqlens`` on the host in every attention layer (see compat/packed_rope.py).
+
+``compat.checkpoint_writer`` starts megatron's checkpoint-result queue in the background, so the
+first save of a run costs what the others do.
 
 The distributed optimizer over torch's Adam (no TE/Apex, CPU or GPU) needs
 :func:`apply_torch_adam_fixes` to resume from a checkpoint (see compat/torch_adam.py).
