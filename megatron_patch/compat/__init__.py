@@ -1,4 +1,4 @@
-"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo), and fixes that serve GPU runs too.
+"""What megatron-core 0.16 needs to run without CUDA (CPU + gloo), and fixes for GPU runs too.
 
 Call :func:`apply_cpu_redirects` once, before building models or optimizers. It is a no-op
 when CUDA is available, so entry points can call it unconditionally.
