@@ -203,6 +203,24 @@ def test_json_lines_in_a_json_file_are_read_line_by_line(tmp_path):
         {f"r{i}": f"{path}:{i + 1}" for i in range(3)}
 
 
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl", "folder"])
+def test_a_byte_order_mark_is_not_a_bad_record(name, tmp_path):
+    records = [{"id": f"r{i}", "conversations": [turn("human", "q"), turn("gpt", "a")]}
+               for i in range(2)]
+    bom = "\ufeff"
+    if name == "data.json":
+        path = write(str(tmp_path / name), bom + json.dumps(records))
+    elif name == "data.jsonl":
+        path = write(str(tmp_path / name), bom + "\n".join(map(json.dumps, records)) + "\n")
+    else:
+        path = str(tmp_path / name)
+        for record in records:
+            write(os.path.join(path, record["id"] + ".json"), bom + json.dumps(record))
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == 0
+    assert set(samples_by_id(out)) == {"r0", "r1"}
+
+
 def test_strict_makes_a_skip_an_error_and_publishes_no_index(tmp_path):
     path, _ = _bad_records(tmp_path)
     out = str(tmp_path / "out")

@@ -3,6 +3,7 @@
 A reader never raises for a bad record: a line that is not JSON comes out as a RawRecord with an
 `error`, so the converter can skip it, report it with its file and line, and go on. Containers:
 `.json` (a list, or one object), `.jsonl`, `.parquet`, and a folder of per-sample `.json` files.
+Text is UTF-8, with or without the byte-order mark some Windows tools write.
 """
 import json
 import os
@@ -72,7 +73,7 @@ def _read_json(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
     dirs = _search_dirs(path, options)
     name, count = os.path.basename(path), 0
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             stream = JsonStream(handle)
             if stream.peek() == "[":
                 for count, (line, record) in enumerate(stream.array_items(), start=1):
@@ -109,7 +110,7 @@ def _read_so_far(count: int) -> str:
 
 def _read_jsonl(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
     dirs = _search_dirs(path, options)
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -184,7 +185,7 @@ def _read_folder(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
         dirs = tuple(d for d in (options.image_root, os.path.dirname(json_path)) if d)
         fallback = os.path.relpath(json_path, path)
         try:
-            with open(json_path, encoding="utf-8") as handle:
+            with open(json_path, encoding="utf-8-sig") as handle:
                 record = json.load(handle)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             yield RawRecord(json_path, search_dirs=dirs,
