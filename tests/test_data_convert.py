@@ -185,7 +185,7 @@ def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_pat
     [entry] = skipped(out)
     assert entry["kind"] == "invalid_json" and entry["source"] == f"{path}:{line}"
     assert f"line {line} column {column}: Expecting property name" in entry["reason"]
-    assert "the 2 record(s) before it were read" in entry["reason"]
+    assert "2 record(s) were read from it, the rest of the file was not" in entry["reason"]
     converted = samples_by_id(out)
     assert set(converted) == {"r0", "r1"}
     opening_line = text[:text.index('"id": "r1"')].count("\n")  # the "{" above the id

@@ -104,8 +104,8 @@ def _read_json(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
 def _read_so_far(count: int) -> str:
     if not count:
         return "no record was read from it (fix the file and convert again)"
-    return (f"the {count} record(s) before it were read, the rest of the file was not (fix the "
-            "file and convert again)")
+    return (f"{count} record(s) were read from it, the rest of the file was not (fix the file "
+            "and convert again)")
 
 
 def _read_jsonl(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
