@@ -41,9 +41,10 @@ class JsonStream:
             self._read_more()
 
     def expect(self, character: str, what: str) -> None:
-        if self.peek() != character:
-            found = repr(self.peek()) if self.peek() else "the end of the file"
-            raise self.syntax_error(f"expected {what}, found {found}")
+        found = self.peek()
+        if found != character:
+            raise self.syntax_error(
+                f"expected {what}, found {repr(found) if found else 'the end of the file'}")
         self._advance(self._pos + 1)
 
     def syntax_error(self, message: str) -> JsonSyntaxError:
@@ -90,12 +91,19 @@ class JsonStream:
         return (len(self._text) - error.pos <= _LONGEST_CUT
                 or error.msg.startswith("Unterminated string"))
 
-    def _advance(self, position: int) -> None:
+    def _line_at(self, position: int) -> Tuple[int, int]:
+        """The line of text offset `position` (at or after the current one) and the file
+        offset where that line starts."""
         newlines = self._text.count("\n", self._pos, position)
-        if newlines:
-            self.line += newlines
-            self._line_start = self._base + self._text.rindex("\n", self._pos, position) + 1
-        self._pos = position
+        if not newlines:
+            return self.line, self._line_start
+        return (self.line + newlines,
+                self._base + self._text.rindex("\n", self._pos, position) + 1)
+
+    def _advance(self, position: int) -> None:
+        if position != self._pos:
+            self.line, self._line_start = self._line_at(position)
+            self._pos = position
 
     def _read_more(self) -> None:
         """Drops the text already decoded and reads at least as much again as is left (so a
@@ -111,8 +119,5 @@ class JsonStream:
             self._eof = True
 
     def _error(self, message: str, position: int) -> JsonSyntaxError:
-        newlines = self._text.count("\n", self._pos, position)
-        line, line_start = self.line + newlines, self._line_start
-        if newlines:
-            line_start = self._base + self._text.rindex("\n", self._pos, position) + 1
+        line, line_start = self._line_at(position)
         return JsonSyntaxError(message, line, self._base + position - line_start + 1)
