@@ -1,19 +1,22 @@
-"""How long a checkpoint save stops training: a synchronous save against --async-save, and with
-several data-parallel ranks, the writes split over the replicas (--ckpt-fully-parallel-save, the
-default) against the first replica writing everything.
+"""How long a checkpoint save stops training: a synchronous save against --async-save and against
+--ckpt-assume-constant-structure, and with several data-parallel ranks, the writes split over the
+replicas (--ckpt-fully-parallel-save, the default) against the first replica writing everything.
 
 Builds the objects the trainer saves (``components.wrap_model``, ``optimizer.build_optimizer``,
 ``build_scheduler``), steps them on synthetic packed batches and saves with
-``checkpointing.save_checkpoint`` into a fresh directory per mode. Per mode it reports:
+``checkpointing.save_checkpoint`` into a fresh directory per mode, with one save strategy per mode
+kept for its saves as the trainer keeps one for a run. Per mode it reports:
 
 * blocked: seconds from the start of the save until the next step can start (synchronous: the
-  whole write and the publishing; async: copying the state and starting the writer);
-* published: seconds until the checkpoint is complete (async: meanwhile the loop trains, and
-  polls after each step as the trainer does);
+  whole write and the publishing; async: copying the state and starting the writer), for the
+  mode's first save and the median from its third save on (``--saves``: with a constant
+  structure the second save skips megatron's checks, the third is the first to reuse its plan);
+* published: seconds until the mode's last checkpoint is complete (async: meanwhile the loop
+  trains, and polls after each step as the trainer does);
 * the step time alone and while the writer runs (it competes for cores and memory bandwidth);
 * the checkpoint's size.
 
-A first, untimed save pays the one-time costs (megatron's writer processes, the save plan).
+A first, untimed save pays the one-time costs (megatron's writer processes).
 
     python benchmarks/bench_checkpoint_save.py --save-dir /tmp/ckpt_bench \\
         --hidden-size 1024 --ffn-hidden-size 4096 --num-layers 8
@@ -39,8 +42,9 @@ from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, Synthe
 from megatron_patch.model import get_config  # noqa: E402
 from megatron_patch.training import arguments  # noqa: E402
 from megatron_patch.training.background_saves import BackgroundSaves  # noqa: E402
-from megatron_patch.training.checkpointing import (RunState, directory_bytes,  # noqa: E402
-                                                   optimizer_format, save_checkpoint)
+from megatron_patch.training.checkpointing import (RunState, SaveStrategy,  # noqa: E402
+                                                   directory_bytes, optimizer_format,
+                                                   save_checkpoint)
 from megatron_patch.training.optimizer import build_scheduler  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 
@@ -54,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--use-distributed-optimizer", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="steps timed without a save")
+    p.add_argument("--saves", type=int, default=4, help="saves per mode (one strategy for them)")
     p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
     p.add_argument("--image-size-max", type=int, default=224, help="pixels, multiple of 28")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
@@ -92,12 +97,12 @@ class Loop:
         self.iteration += 1
         return time.perf_counter() - started
 
-    def save(self, directory: str, background=None, fully_parallel: bool = True) -> str:
+    def save(self, directory: str, background=None, strategy=None) -> str:
         return save_checkpoint(
             directory, self.runner.chunks, self.runner.optimizer, self.scheduler,
             RunState(iteration=self.iteration), None, self.ranks, {},
-            layout=optimizer_format(self.args.use_distributed_optimizer),
-            fully_parallel=fully_parallel, background=background)
+            layout=optimizer_format(self.args.use_distributed_optimizer), strategy=strategy,
+            background=background, keep_last=1)
 
 
 def fresh_directory(path: str, rank: int) -> str:
@@ -108,20 +113,33 @@ def fresh_directory(path: str, rank: int) -> str:
     return path
 
 
-def measure(loop: Loop, mode: str, save_dir: str, keep: bool) -> dict:
-    """One save in `mode`; the loop keeps training until the checkpoint is published. The
-    checkpoint is removed afterwards unless `keep` (disks hold few of a large model's)."""
+MODES = {  # mode -> (background, SaveStrategy arguments)
+    "sync": (False, {}),
+    "sync-constant-structure": (False, {"assume_constant_structure": True}),
+    "async": (True, {}),
+    "sync-first-replica": (False, {"fully_parallel": False}),
+}
+
+
+def measure(loop: Loop, mode: str, saves: int, save_dir: str, keep: bool) -> dict:
+    """`saves` saves in `mode` (each replaces the last: the iteration does not change between
+    synchronous saves); the loop trains while an async one is written, until it is published.
+    The checkpoint is removed afterwards unless `keep` (disks hold few of a large model's)."""
     directory = fresh_directory(os.path.join(save_dir, mode), loop.ranks.rank)
-    background = BackgroundSaves() if mode == "async" else None
-    started = time.perf_counter()
-    path = loop.save(directory, background, fully_parallel=mode != "sync-first-replica")
-    blocked = time.perf_counter() - started
-    during = []
-    while background is not None and background.busy:
-        during.append(loop.step())
-        background.poll()
-    published = time.perf_counter() - started
-    row = {"mode": mode, "blocked_s": blocked, "published_s": published,
+    in_background, strategy_args = MODES[mode]
+    background = BackgroundSaves() if in_background else None
+    strategy = SaveStrategy(**strategy_args)
+    blocked, during = [], []
+    for _ in range(saves):
+        started = time.perf_counter()
+        path = loop.save(directory, background, strategy)
+        blocked.append(time.perf_counter() - started)
+        while background is not None and background.busy:
+            during.append(loop.step())
+            background.poll()
+        published = time.perf_counter() - started
+    row = {"mode": mode, "first_blocked_s": blocked[0],
+           "blocked_s": statistics.median(blocked[2:] or blocked[-1:]), "published_s": published,
            "steps_while_writing": len(during),
            "step_s_while_writing": statistics.median(during) if during else None,
            "checkpoint_bytes": directory_bytes(path)}
@@ -139,19 +157,20 @@ def main(argv=None):
     warmup = fresh_directory(os.path.join(args.save_dir, "warmup"), ranks.rank)
     loop.save(warmup)
     fresh_directory(warmup, ranks.rank)
-    modes = ["sync", "async"] + (["sync-first-replica"] if ranks.dp_size > 1 else [])
-    rows = [measure(loop, mode, args.save_dir, args.keep) for mode in modes]
+    modes = [mode for mode in MODES if ranks.dp_size > 1 or mode != "sync-first-replica"]
+    rows = [measure(loop, mode, args.saves, args.save_dir, args.keep) for mode in modes]
     if ranks.rank == 0:
         parameters = loop.runner.parameter_count()
         print(f"model {args.model} ({parameters / 1e6:.1f} M parameters per rank), "
               f"{'bf16' if args.bf16 else 'fp32'}, "
               f"{'distributed' if args.use_distributed_optimizer else 'plain'} optimizer, "
               f"DP={ranks.dp_size}; step alone {step_alone:.2f} s")
-        print(f"{'mode':<20} {'blocked s':>10} {'published s':>12} {'steps meanwhile':>16} "
-              f"{'step s meanwhile':>17} {'checkpoint GiB':>15}")
+        print(f"{'mode':<24} {'blocked s: first':>16} {'3rd on':>6} {'published s':>12} "
+              f"{'steps meanwhile':>16} {'step s meanwhile':>17} {'checkpoint GiB':>15}")
         for row in rows:
             during = row["step_s_while_writing"]
-            print(f"{row['mode']:<20} {row['blocked_s']:>10.2f} {row['published_s']:>12.2f} "
+            print(f"{row['mode']:<24} {row['first_blocked_s']:>16.2f} {row['blocked_s']:>6.2f} "
+                  f"{row['published_s']:>12.2f} "
                   f"{row['steps_while_writing']:>16d} "
                   f"{'-' if during is None else f'{during:.2f}':>17} "
                   f"{row['checkpoint_bytes'] / 2 ** 30:>15.3f}")

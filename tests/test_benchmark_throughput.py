@@ -291,26 +291,34 @@ def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_p
 def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):
     """benchmarks/bench_checkpoint_save.py under torchrun (DP=2): each mode leaves a complete
     checkpoint of the same size; the async save is published only after the loop trained on;
-    the default splits the writes over both replicas, sync-first-replica leaves them to rank 0."""
-    from trainer_runs import REPO, run_process_group, subprocess_env
+    the default splits the writes over both replicas, sync-first-replica leaves them to rank 0.
+    The third save with a constant structure (reusing the plan and the split of the writes)
+    holds what a plain save of the same state holds."""
+    from trainer_runs import REPO, checkpoint_tensors, run_process_group, subprocess_env
     from test_training_distributed_optimizer import data_parallel_write_shares
     from megatron_patch.training import checkpoint_paths
     out, save_dir = tmp_path / "save.json", tmp_path / "checkpoints"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(REPO / "benchmarks" / "bench_checkpoint_save.py"), "--save-dir", str(save_dir),
-               "--seq-length", "256", "--steps", "1", "--keep", "--json", str(out)]
+               "--seq-length", "256", "--steps", "1", "--saves", "3", "--keep",
+               "--json", str(out)]
     result = run_process_group(command, dict(subprocess_env(), OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = {row["mode"]: row for row in json.loads(out.read_text())["rows"]}
-    assert list(rows) == ["sync", "async", "sync-first-replica"]
+    assert list(rows) == ["sync", "sync-constant-structure", "async", "sync-first-replica"]
     sizes = [row["checkpoint_bytes"] for row in rows.values()]
     assert min(sizes) > 0.9 * max(sizes)
     assert rows["async"]["steps_while_writing"] >= 1
     assert rows["async"]["published_s"] > rows["async"]["blocked_s"]
-    shares = {}
+    shares, directories = {}, {}
     for mode, row in rows.items():
         (iteration,) = checkpoint_paths.complete_iterations(str(save_dir / mode))
-        directory = save_dir / mode / checkpoint_paths.iteration_dir_name(iteration)
-        shares[mode] = data_parallel_write_shares(directory)
+        directories[mode] = save_dir / mode / checkpoint_paths.iteration_dir_name(iteration)
+        shares[mode] = data_parallel_write_shares(directories[mode])
     assert sorted(shares["sync"]) == sorted(shares["async"]) == [0, 1]
+    assert sorted(shares["sync-constant-structure"]) == [0, 1]
     assert sorted(shares["sync-first-replica"]) == [0]
+    plain, constant = (checkpoint_tensors(directories[mode])
+                       for mode in ("sync", "sync-constant-structure"))  # no step in between
+    assert sorted(constant) == sorted(plain) and any(k.startswith("optimizer.") for k in plain)
+    assert all(torch.equal(constant[key], value) for key, value in plain.items())

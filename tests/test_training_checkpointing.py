@@ -3,6 +3,7 @@ Transformer Engine's do) loads a checkpoint written without them (the local spec
 converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
 states cross between CPU and GPU runs. The checkpoint writer's warm-up (compat/checkpoint_writer)
 leaves megatron's result queue clean and never keeps a process from exiting."""
+import pytest
 import torch
 
 from megatron_patch.model import build_model, get_config
@@ -147,3 +148,50 @@ def test_a_run_ending_during_the_writer_warmup_exits(tmp_path):
     except subprocess.TimeoutExpired:
         raise AssertionError("the process did not exit within 120 s") from None
     assert result.returncode == 3, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("assume_constant_structure", [True, False])
+def test_saves_with_a_constant_structure_reuse_checks_and_plan(tmp_path, monkeypatch,
+                                                                assume_constant_structure):
+    """--ckpt-assume-constant-structure: one strategy for the run; only the first save validates
+    the sharding and makes a local plan, the first two gather the plans of all ranks (megatron
+    reuses the global plan once two saves made the same), the later ones reuse it. Every
+    checkpoint holds the values of its own save, the later ones included."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor, state_dict_utils
+    from megatron.core.dist_checkpointing.strategies import state_dict_saver
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from megatron_patch.training.checkpointing import SaveStrategy
+
+    init_parallel(1, 1)
+    validated, planned, gathered = [], [], []
+    monkeypatch.setattr(state_dict_utils, "validate_sharding_integrity",
+                        lambda *args, **kwargs: validated.append(save))
+    plan, gather = MCoreSavePlanner.create_local_plan, state_dict_saver._DistWrapper.gather_object
+    monkeypatch.setattr(MCoreSavePlanner, "create_local_plan",
+                        lambda self: planned.append(save) or plan(self))
+    monkeypatch.setattr(state_dict_saver._DistWrapper, "gather_object",
+                        lambda self, value: gathered.append(save) or gather(self, value))
+
+    def sharded(weight, bias):
+        return {"w": ShardedTensor.from_rank_offsets("w", weight),
+                "b": ShardedTensor.from_rank_offsets("b", bias)}
+
+    strategy = SaveStrategy(assume_constant_structure=assume_constant_structure)
+    saved = []
+    for save in range(4):
+        weight, bias = torch.randn(4, 3), torch.full((5,), float(save))
+        writer, validate = strategy.for_next_save()
+        (tmp_path / str(save)).mkdir()
+        dist_checkpointing.save(sharded(weight, bias), str(tmp_path / str(save)),
+                                sharded_strategy=writer, validate_access_integrity=validate)
+        saved.append((weight, bias))
+    gathers = [gathered.count(save) for save in range(4)]  # the plans', then the write results
+    if assume_constant_structure:
+        assert (validated, planned, gathers) == ([0], [0], [2, 2, 1, 1])
+    else:
+        assert (validated, planned, gathers) == ([0, 1, 2, 3], [0, 1, 2, 3], [2, 2, 2, 2])
+    for save, (weight, bias) in enumerate(saved):
+        loaded = dist_checkpointing.load(sharded(torch.zeros(4, 3), torch.zeros(5)),
+                                         str(tmp_path / str(save)))
+        assert torch.equal(loaded["w"], weight) and torch.equal(loaded["b"], bias), save

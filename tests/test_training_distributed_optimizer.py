@@ -241,14 +241,15 @@ def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> 
 def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, converted_demo,
                                                               demo_tokenizer, tmp_path):
     """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
-    grad reduce and param gather, checkpoints written in the background, full recompute,
-    packing; sequence parallelism at TP 2) on CPU: the checkpoint holds bf16 weights and a
-    resume continues bit for bit."""
+    grad reduce and param gather, checkpoints written in the background with a reused save plan,
+    full recompute, packing; sequence parallelism at TP 2) on CPU: the checkpoint holds bf16
+    weights and a resume continues bit for bit. A save every step makes the reference's last
+    checkpoint one written from the reused plan (its 4th save; the resumed run's 2nd)."""
     recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
     assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather", "--async-save",
-            "--recompute-granularity"} <= set(recipe)
+            "--ckpt-assume-constant-structure", "--recompute-granularity"} <= set(recipe)
     assert ("--sequence-parallel" in recipe) == bool(layout)
-    run = ("--train-iters", 4, "--save-interval", 2, "--global-batch-size", 4,
+    run = ("--train-iters", 4, "--save-interval", 1, "--global-batch-size", 4,
            "--micro-batch-size", 1, "--seq-length", 384, *layout, *recipe)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_trainer(converted_demo, demo_tokenizer, reference, *run, nproc=2)

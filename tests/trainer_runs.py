@@ -75,13 +75,19 @@ def metrics(save) -> dict:
     return records
 
 
-def model_tensors(checkpoint_dir) -> dict:
+def checkpoint_tensors(checkpoint_dir) -> dict:
+    """Every tensor of a dist-checkpoint (model and optimizer state) by key."""
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
     if not torch.distributed.is_initialized():
         init_parallel(1, 1)  # reading a dist-checkpoint needs a (one-process) group; one is
         # enough: re-initialising megatron's groups at every call leaks gloo threads
     return {key: value for key, value in load_plain_tensors(str(checkpoint_dir)).items()
-            if isinstance(value, torch.Tensor) and not key.startswith("optimizer.")}
+            if isinstance(value, torch.Tensor)}
+
+
+def model_tensors(checkpoint_dir) -> dict:
+    return {key: value for key, value in checkpoint_tensors(checkpoint_dir).items()
+            if not key.startswith("optimizer.")}
 
 
 def tensorboard_scalars(directory) -> dict:

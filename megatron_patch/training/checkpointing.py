@@ -30,7 +30,8 @@ With ``background`` (the trainer's --async-save) a forked process writes the sha
 training goes on, and the publishing runs later, once every rank's writer is done
 (background_saves). Tensors held by several data-parallel replicas are written by all of them,
 a share each (``fully_parallel``, Megatron-LM's --ckpt-fully-parallel-save), not all by the
-first replica.
+first replica. One `SaveStrategy` serves a run's saves; with --ckpt-assume-constant-structure
+the saves after the first reuse its checks and plans.
 """
 import json
 import logging
@@ -39,16 +40,16 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.serialization import (get_default_save_sharded_strategy,
-                                                            load_sharded_metadata)
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.strategies.fully_parallel import \
     FullyParallelSaveStrategyWrapper
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.compat import checkpoint_writer
@@ -167,22 +168,51 @@ def mirrored_dataloader_file(directory: str, dp_rank: int) -> str:
     return os.path.join(directory, f"train_dataloader_dprank{dp_rank:03d}.pt")
 
 
-def save_strategy(fully_parallel: bool):
-    """megatron's torch_dist writer; with `fully_parallel`, the tensors replicated over the
+class SaveStrategy:
+    """megatron's torch_dist writer, kept for a whole run's saves (as Megatron-LM keeps its
+    strategy in the run's checkpointing context).
+
+    With `fully_parallel` (--ckpt-fully-parallel-save), the tensors replicated over the
     data-parallel ranks are split among them for writing (each rank writes a share instead of
     the first replica writing all), so a save takes about 1/DP of the time where each node
-    writes to its own storage bandwidth."""
-    strategy = get_default_save_sharded_strategy()
-    if not fully_parallel:
-        return strategy
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return FullyParallelSaveStrategyWrapper(strategy, group)
+    writes to its own storage bandwidth.
+
+    With `assume_constant_structure` (--ckpt-assume-constant-structure) every save after the
+    first skips the work only a change in the state's layout would redo, which costs seconds
+    per save on thousands of ranks: megatron's check that every shard is written exactly once
+    (each rank's shard list gathered and checked on rank 0), the split of the writes over the
+    replicas (all-gathered and recomputed), and the save plan (each rank's plan gathered and
+    the global metadata built on rank 0; megatron reuses it once two saves planned the same).
+    A run's state keeps its layout from one save to the next (the same model, optimizer and
+    parallelism), so this holds for every run of this trainer.
+    """
+
+    def __init__(self, fully_parallel: bool = True, assume_constant_structure: bool = False):
+        self.fully_parallel = fully_parallel
+        self.assume_constant_structure = assume_constant_structure
+        self._strategy = None
+
+    def for_next_save(self) -> Tuple[Any, bool]:
+        """The strategy for the next save and whether megatron must validate its sharding."""
+        first = self._strategy is None
+        if first:
+            self._strategy = self._build()
+        return self._strategy, first or not self.assume_constant_structure
+
+    def _build(self):
+        strategy = TorchDistSaveShardedStrategy("torch_dist", 1,
+                                                cached_metadata=self.assume_constant_structure)
+        if not self.fully_parallel:
+            return strategy
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        return FullyParallelSaveStrategyWrapper(strategy, group,
+                                                do_cache_distribution=self.assume_constant_structure)
 
 
 def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunState,
                     loader_state: Any, ranks: Ranks, args_dict: dict,
                     dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None,
-                    layout: str = REPLICATED, fully_parallel: bool = True,
+                    layout: str = REPLICATED, strategy: Optional[SaveStrategy] = None,
                     background: Optional[BackgroundSaves] = None) -> str:
     """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
 
@@ -211,8 +241,9 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
         sharded["opt_param_scheduler"] = scheduler.state_dict()
         sharded["run_state"] = asdict(state)
         checkpoint_writer.wait()
-        request = dist_checkpointing.save(sharded, partial,
-                                          sharded_strategy=save_strategy(fully_parallel),
+        writer, validate = (strategy or SaveStrategy()).for_next_save()
+        request = dist_checkpointing.save(sharded, partial, sharded_strategy=writer,
+                                          validate_access_integrity=validate,
                                           async_sharded_save=background is not None)
         fault_point("save:after_model", iteration, rank)
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)

@@ -22,7 +22,7 @@ from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
-from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState,
+from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState, SaveStrategy,
                                                    load_checkpoint, optimizer_format,
                                                    save_checkpoint)
 from megatron_patch.training.components import (encoder_settings, model_config,
@@ -104,6 +104,8 @@ class Trainer:
             torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         self.stop_request = StopRequest([signal_from_name(name) for name in args.exit_signals])
         self.background_saves = BackgroundSaves() if args.async_save else None
+        self.save_strategy = SaveStrategy(args.ckpt_fully_parallel_save,
+                                          args.ckpt_assume_constant_structure)
         self.started = time.time()
 
     # ------------------------------------------------------------------ setup helpers
@@ -348,7 +350,7 @@ class Trainer:
                 self.args.save, self.model_chunks, self.optimizer, self.scheduler, self.state,
                 save_loader_state(self.train_loader), self.ranks, vars(self.args),
                 dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last,
-                layout=self.optimizer_layout, fully_parallel=self.args.ckpt_fully_parallel_save,
+                layout=self.optimizer_layout, strategy=self.save_strategy,
                 background=background)
         blocked = time.time() - started
         if background:
