@@ -153,13 +153,13 @@ for name in $STEPS; do
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
       tail -8 "$OUT/bench_recompute.txt" ;;
-    ckpt)  # how long a save stops training: sync vs --async-save
+    ckpt)  # how long a save stops training: sync vs --async-save vs a reused save plan
       step bench_checkpoint 240 "$PYTHON" benchmarks/bench_checkpoint_save.py \
         --save-dir /tmp/gpu_checks_ckpt --model llava-ov-1.5-4b --num-layers 8 --hidden-size 2048 \
         --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 4096 \
-        --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer \
+        --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
-      tail -5 "$OUT/bench_checkpoint.txt" ;;
+      tail -6 "$OUT/bench_checkpoint.txt" ;;
     *) echo "unknown step $name (tests, bench, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
