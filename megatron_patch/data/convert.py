@@ -1,16 +1,20 @@
 """LLaVA-style SFT data -> WebDataset shards + energon index: the conversion, top-down.
 
     read records (main process, streaming) -> normalise + load and verify images (worker pool)
-    -> assign a split -> write shards into staging -> publish shards -> energon index -> report
+    -> assign a split -> write shards into staging (resume points) -> publish shards
+    -> energon index -> report
 
 Bad records are skipped, written with their source and reason to `skipped.jsonl` as they happen,
 and summed up in `conversion_report.json`; they never stop the run. Output order is the input
-order whatever `workers` is, so the same input always gives byte-identical shards.
+order whatever `workers` is, so the same input always gives byte-identical shards, and a
+conversion that died goes on from its last resume point when run again (convert_progress).
 """
+import itertools
 import json
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -18,6 +22,8 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
+from megatron_patch.data import convert_progress
+from megatron_patch.data.convert_progress import ResumePoint
 from megatron_patch.data.energon_index import META_DIR, write_energon_index
 from megatron_patch.data.errors import BadRecord
 from megatron_patch.data.image_bytes import load_image_bytes, verified_image
@@ -46,6 +52,7 @@ class ConvertOptions:
     reencode: str = "none"
     overwrite: bool = False
     progress: bool = True
+    commit_seconds: float = 30.0          # how often a resume point is made
 
 
 @dataclass
@@ -76,24 +83,37 @@ class _Converted:
 
 
 def convert(options: ConvertOptions) -> ConversionReport:
-    started = time.perf_counter()
-    _prepare_output_dir(options.output_dir, options.overwrite)
-    report = ConversionReport()
+    resume = _prepare_output_dir(options)
+    started = time.perf_counter() - (resume.seconds if resume else 0.0)
+    report = ConversionReport(**resume.report) if resume else ConversionReport()
     writer = SplitShardWriter(options.output_dir, options.max_samples_per_shard,
-                              options.max_shard_bytes)
-    splitter = SplitAssigner(options.split)
+                              options.max_shard_bytes, resume.writer if resume else None)
+    splitter = SplitAssigner(options.split, resume.split_counts if resume else None)
+    consumed = resume.consumed if resume else 0
+    fingerprint = convert_progress.fingerprint(options)
+
+    def make_resume_point() -> float:
+        point = ResumePoint(consumed, time.perf_counter() - started, asdict(report),
+                            list(splitter.counts), _flushed(skipped_file), writer.commit())
+        convert_progress.save(writer.staging, point, fingerprint)
+        return time.monotonic()
+
     try:
-        with open(os.path.join(options.output_dir, SKIPPED_NAME), "w") as skipped_file, \
-                _worker_map(options) as mapped:
+        with _open_skipped_file(options.output_dir, resume) as skipped_file, \
+                _worker_map(options, skip=consumed) as mapped:
+            last_commit = make_resume_point() if resume is None else time.monotonic()
             for result in tqdm(mapped, unit=" samples", disable=not options.progress,
-                               desc="converting"):
+                               desc="converting", initial=consumed):
+                consumed += 1
                 if result.parts is None:
                     _record_skip(report, skipped_file, result)
-                    continue
-                split = splitter.next_split()
-                index = sum(report.samples.values())
-                writer.write(split, sample_key(options.shard_prefix, index), result.parts)
-                _count_sample(report, split, result)
+                else:
+                    split = splitter.next_split()
+                    index = sum(report.samples.values())
+                    writer.write(split, sample_key(options.shard_prefix, index), result.parts)
+                    _count_sample(report, split, result)
+                if time.monotonic() - last_commit >= options.commit_seconds:
+                    last_commit = make_resume_point()
         shards = writer.publish(options.shard_prefix)
     except BaseException:
         writer.abandon()
@@ -112,14 +132,14 @@ class SplitAssigner:
     so the counts track the ratio exactly at every prefix of the input (no randomness, no need to
     know the total in advance)."""
 
-    def __init__(self, ratio: Sequence[float]):
+    def __init__(self, ratio: Sequence[float], counts: Optional[Sequence[int]] = None):
         ratio = list(ratio) + [0.0] * (len(SPLITS) - len(ratio))
         total = sum(ratio)
         if total <= 0 or any(r < 0 for r in ratio) or len(ratio) > len(SPLITS):
             raise ValueError(f"invalid split {ratio}: give up to {len(SPLITS)} non-negative "
                              "weights for train,val,test, e.g. 98,2")
         self.shares = [r / total for r in ratio]
-        self.counts = [0] * len(SPLITS)
+        self.counts = list(counts) if counts is not None else [0] * len(SPLITS)
 
     def next_split(self) -> str:
         seen = sum(self.counts) + 1
@@ -129,13 +149,23 @@ class SplitAssigner:
         return SPLITS[chosen]
 
 
-def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses a non-empty output dir unless told; with --overwrite removes only what a
-    conversion writes (shards, indexes, reports), never the user's other files."""
+def _prepare_output_dir(options: ConvertOptions) -> Optional[ResumePoint]:
+    """The resume point of an interrupted conversion of the same inputs into the output dir, if
+    any. Else refuses a non-empty output dir unless told; with --overwrite removes only what a
+    conversion writes (shards, indexes, reports, staging), never the user's other files."""
+    output_dir, overwrite = options.output_dir, options.overwrite
     os.makedirs(output_dir, exist_ok=True)
+    staging = os.path.join(output_dir, STAGING_DIR)
+    resume = None if overwrite else convert_progress.find(output_dir, staging, options)
+    if resume is not None:
+        samples = sum(resume.report["samples"].values())
+        print(f"going on with the interrupted conversion in {output_dir} after input record "
+              f"{resume.consumed} ({samples} samples and {resume.report['skipped']} skips so "
+              "far; --overwrite starts over)", file=sys.stderr)
+        return resume
     existing = [n for n in os.listdir(output_dir) if n != STAGING_DIR]
     if not existing:
-        return
+        return None
     if not overwrite:
         raise SystemExit(f"error: output dir {output_dir} is not empty ({len(existing)} entries, "
                          f"e.g. {sorted(existing)[0]}); pass --overwrite to replace a previous "
@@ -146,6 +176,22 @@ def _prepare_output_dir(output_dir: str, overwrite: bool) -> None:
             shutil.rmtree(path)
         elif name.endswith((".tar", ".tar.idx")) or name in (SKIPPED_NAME, REPORT_NAME):
             os.remove(path)
+    return None
+
+
+def _open_skipped_file(output_dir: str, resume: Optional[ResumePoint]):
+    """skipped.jsonl, new or cut back to the resume point's length."""
+    path = os.path.join(output_dir, SKIPPED_NAME)
+    if resume is None:
+        return open(path, "wb")
+    os.truncate(path, resume.skipped_bytes)
+    return open(path, "ab")
+
+
+def _flushed(skipped_file) -> int:
+    skipped_file.flush()
+    os.fsync(skipped_file.fileno())
+    return skipped_file.tell()
 
 
 def _iter_raw_records(options: ConvertOptions):
@@ -160,11 +206,12 @@ def _iter_raw_records(options: ConvertOptions):
 class _worker_map:
     """Ordered map of `_convert_one` over the input: in-process for workers<=1, else a pool."""
 
-    def __init__(self, options: ConvertOptions):
-        self.options, self.pool = options, None
+    def __init__(self, options: ConvertOptions, skip: int = 0):
+        self.options, self.skip, self.pool = options, skip, None
 
     def __enter__(self):
-        items = _iter_raw_records(self.options)
+        # the records before a resume point are read again (cheap) but not converted
+        items = itertools.islice(_iter_raw_records(self.options), self.skip, None)
         if self.options.workers <= 1:
             return map(_convert_one, items)
         self.pool = multiprocessing.get_context("fork").Pool(self.options.workers)
@@ -208,7 +255,7 @@ def _record_skip(report: ConversionReport, skipped_file, result: _Converted) -> 
     report.skipped_by_kind[result.error_kind] = report.skipped_by_kind.get(result.error_kind, 0) + 1
     entry = {"source": result.source, "id": result.record_id, "kind": result.error_kind,
              "reason": result.error}
-    skipped_file.write(json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+    skipped_file.write((json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode())
     skipped_file.flush()
 
 

@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reencode", choices=REENCODE_CHOICES, default="none",
                    help="store images re-encoded in this format (default: original bytes)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous conversion in --output-dir")
+                   help="replace a previous conversion in --output-dir, or start an interrupted "
+                        "one over (run without it, an interrupted one goes on where it stopped)")
+    p.add_argument("--commit-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="how often the point an interrupted conversion goes on from is saved "
+                        "(default 30)")
     p.add_argument("--strict", action="store_true",
                    help="any skipped record is an error: nothing is published")
     p.add_argument("--no-progress", action="store_true")
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
         record_format=args.input_format if args.input_format in RECORD_FORMATS else None,
         container=args.input_format if args.input_format in CONTAINER_FORMATS else None,
         messages_column=args.messages_column, image_column=args.image_column,
-        reencode=args.reencode, overwrite=args.overwrite, progress=not args.no_progress)
+        reencode=args.reencode, overwrite=args.overwrite, progress=not args.no_progress,
+        commit_seconds=args.commit_interval)
     try:
         report = convert(options)
     except SystemExit as error:
