@@ -16,10 +16,11 @@ from trainer_runs import subprocess_env
 # function of the converter, before or after it runs, then the same command goes on.
 DIE_AT = """
 import os, sys
-from megatron_patch.data import convert_progress, shard_writer
+from megatron_patch.data import convert, convert_progress, shard_writer
 from megatron_patch.data.convert_cli import main
 owner_name, function_name = sys.argv[1].rsplit(".", 1)
-owner = {"ShardTar": shard_writer._ShardTar, "progress": convert_progress}[owner_name]
+owner = {"ShardTar": shard_writer._ShardTar, "progress": convert_progress, "convert": convert,
+         "os": os}[owner_name]
 target, moment, calls = int(sys.argv[2]), sys.argv[3], [0]
 original = getattr(owner, function_name)
 def dying(*args, **kwargs):
@@ -87,7 +88,10 @@ def uninterrupted(mixed_input, tmp_path):
     ("ShardTar.write", 5, "after"),       # a sample written (in a buffer) but not committed
     ("ShardTar.close", 2, "after"),       # a shard just closed, its next not yet started
     ("progress.save", 8, "before"),       # everything flushed, the point not yet replaced
-    ("progress.save", 13, "after"),       # the last record's point: only publishing was left
+    ("progress.save", 15, "after"),       # the last record's point
+    ("progress.save", 16, "after"),       # the point after the last: only publishing is left
+    ("os.replace", 18, "after"),          # publishing: 2 of the 6 shards moved (16 points before)
+    ("convert.write_energon_index", 1, "before"),  # every shard published, no index
 ])
 def test_a_conversion_killed_anywhere_goes_on_to_the_same_bytes(function, call, moment,
                                                                mixed_input, uninterrupted,

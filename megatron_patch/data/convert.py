@@ -84,47 +84,72 @@ class _Converted:
 
 def convert(options: ConvertOptions) -> ConversionReport:
     resume = _prepare_output_dir(options)
-    started = time.perf_counter() - (resume.seconds if resume else 0.0)
-    report = ConversionReport(**resume.report) if resume else ConversionReport()
-    writer = SplitShardWriter(options.output_dir, options.max_samples_per_shard,
-                              options.max_shard_bytes, resume.writer if resume else None)
-    splitter = SplitAssigner(options.split, resume.split_counts if resume else None)
-    consumed = resume.consumed if resume else 0
-    fingerprint = convert_progress.fingerprint(options)
-
-    def make_resume_point() -> float:
-        point = ResumePoint(consumed, time.perf_counter() - started, asdict(report),
-                            list(splitter.counts), _flushed(skipped_file), writer.commit())
-        convert_progress.save(writer.staging, point, fingerprint)
-        return time.monotonic()
-
-    try:
-        with _open_skipped_file(options.output_dir, resume) as skipped_file, \
-                _worker_map(options, skip=consumed) as mapped:
-            last_commit = make_resume_point() if resume is None else time.monotonic()
-            for result in tqdm(mapped, unit=" samples", disable=not options.progress,
-                               desc="converting", initial=consumed):
-                consumed += 1
-                if result.parts is None:
-                    _record_skip(report, skipped_file, result)
-                else:
-                    split = splitter.next_split()
-                    index = sum(report.samples.values())
-                    writer.write(split, sample_key(options.shard_prefix, index), result.parts)
-                    _count_sample(report, split, result)
-                if time.monotonic() - last_commit >= options.commit_seconds:
-                    last_commit = make_resume_point()
-        shards = writer.publish(options.shard_prefix)
-    except BaseException:
-        writer.abandon()
-        raise
+    conversion = _Conversion(options, resume)
+    if resume is None or not resume.all_converted:
+        conversion.convert_records()
+    shards = conversion.writer.publish(options.shard_prefix)
     if not shards:
+        conversion.writer.remove_staging()
         raise SystemExit(f"error: no sample could be converted; see "
                          f"{os.path.join(options.output_dir, SKIPPED_NAME)} for the reasons")
     write_energon_index(options.output_dir, shards, workers=max(1, options.workers))
+    report = conversion.report
     report.shards = [asdict(s) for s in shards]
-    _finish_report(report, started, options.output_dir)
+    _finish_report(report, conversion.started, options.output_dir)
+    conversion.writer.remove_staging()  # the resume point last: all of the above is redone
     return report
+
+
+class _Conversion:
+    """What a conversion has done so far: input records consumed, the report, the split counts
+    and the shards, from the start or from a resume point (convert_progress)."""
+
+    def __init__(self, options: ConvertOptions, resume: Optional[ResumePoint]):
+        self.options, self.resume = options, resume
+        self.started = time.perf_counter() - (resume.seconds if resume else 0.0)
+        self.report = ConversionReport(**resume.report) if resume else ConversionReport()
+        self.writer = SplitShardWriter(options.output_dir, options.max_samples_per_shard,
+                                       options.max_shard_bytes, resume.writer if resume else None)
+        self.splitter = SplitAssigner(options.split, resume.split_counts if resume else None)
+        self.consumed = resume.consumed if resume else 0
+        self.fingerprint = convert_progress.fingerprint(options)
+
+    def convert_records(self) -> None:
+        """Converts every input record after the resume point, making a new point every
+        `commit_seconds`; ends with the shards closed and a point that says so, from which a
+        rerun only publishes."""
+        options = self.options
+        try:
+            with _open_skipped_file(options.output_dir, self.resume) as skipped_file, \
+                    _worker_map(options, skip=self.consumed) as mapped:
+                last_point = time.monotonic() if self.resume else self._save_point(skipped_file)
+                for result in tqdm(mapped, unit=" samples", disable=not options.progress,
+                                   desc="converting", initial=self.consumed):
+                    self._take(result, skipped_file)
+                    if time.monotonic() - last_point >= options.commit_seconds:
+                        last_point = self._save_point(skipped_file)
+                self.writer.close_all()
+                self._save_point(skipped_file, all_converted=True)
+        except BaseException:
+            self.writer.abandon()
+            raise
+
+    def _take(self, result: _Converted, skipped_file) -> None:
+        self.consumed += 1
+        if result.parts is None:
+            _record_skip(self.report, skipped_file, result)
+            return
+        split = self.splitter.next_split()
+        index = sum(self.report.samples.values())
+        self.writer.write(split, sample_key(self.options.shard_prefix, index), result.parts)
+        _count_sample(self.report, split, result)
+
+    def _save_point(self, skipped_file, all_converted: bool = False) -> float:
+        point = ResumePoint(self.consumed, time.perf_counter() - self.started,
+                            asdict(self.report), list(self.splitter.counts),
+                            _flushed(skipped_file), self.writer.commit(), all_converted)
+        convert_progress.save(self.writer.staging, point, self.fingerprint)
+        return time.monotonic()
 
 
 class SplitAssigner:

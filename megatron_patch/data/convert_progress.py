@@ -9,7 +9,9 @@ so far, the length of ``skipped.jsonl`` and each shard's committed length.
 
 Run again with the same inputs and options, the converter cuts every file back to that point
 and goes on from the next record, so the result is byte for byte the uninterrupted
-conversion's. The inputs must be unchanged: each input's size and modification time are part
+conversion's. A last point, once every record is converted and every shard closed, lets a run
+that dies while publishing the shards or building energon's index (minutes for a large set)
+redo only that. The inputs must be unchanged: each input's size and modification time are part
 of the point (a folder's own modification time, which changes when files are added or removed,
 stands for its content), and so is every option that shapes the output (the worker count does
 not). A point that does not match, or staging files that do not, are refused with a message;
@@ -39,6 +41,7 @@ class ResumePoint:
     split_counts: list     # SplitAssigner counts
     skipped_bytes: int     # length of skipped.jsonl
     writer: dict           # SplitShardWriter.commit()
+    all_converted: bool = False  # every record done and every shard closed: publishing is left
 
 
 def fingerprint(options) -> dict:
@@ -107,8 +110,9 @@ def _differences(saved: dict, current: dict) -> list:
 
 def _missing_files(output_dir: str, staging: str, point: ResumePoint) -> str:
     """'' if every file the point needs is there, long enough; else what is wrong."""
-    needed = [(os.path.join(staging, info["name"]), info["bytes"])
-              for infos in point.writer["closed"].values() for info in infos]
+    needed = [] if point.all_converted else [  # then publishing may have moved them
+        (os.path.join(staging, info["name"]), info["bytes"])
+        for infos in point.writer["closed"].values() for info in infos]
     needed += [(os.path.join(staging, shard["name"]), shard["length"])
                for shard in point.writer["open"].values()]
     needed.append((os.path.join(output_dir, SKIPPED_NAME), point.skipped_bytes))

@@ -140,18 +140,30 @@ class SplitShardWriter:
         shard.info.bytes = os.path.getsize(shard.path)
         self._closed[split].append(shard.info)
 
-    def publish(self, prefix: str) -> list:
-        """Closes every shard and moves them to their final names; returns their ShardInfos."""
+    def close_all(self) -> None:
         for split in list(self._open):
             self._close(split)
+
+    def publish(self, prefix: str) -> list:
+        """Moves the closed shards to their final names (train first, then val, then test) and
+        returns their ShardInfos; a shard moved by an earlier, interrupted call is left as it
+        is. The staging folder stays (it holds the resume point) until `remove_staging`."""
+        assert not self._open, "close_all() first"
         published = []
         for split in SPLITS:
             for info in self._closed[split]:
                 final = SHARD_PATTERN.format(prefix=prefix, index=len(published))
-                os.replace(os.path.join(self.staging, info.name), os.path.join(self.output_dir, final))
+                staged = os.path.join(self.staging, info.name)
+                if os.path.exists(staged):
+                    os.replace(staged, os.path.join(self.output_dir, final))
+                elif not os.path.exists(os.path.join(self.output_dir, final)):
+                    raise SystemExit(f"error: {staged} is missing (neither staged nor published "
+                                     f"as {final}); add --overwrite to start over")
                 published.append(ShardInfo(final, split, info.samples, info.bytes))
-        shutil.rmtree(self.staging, ignore_errors=True)
         return published
+
+    def remove_staging(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
 
     def abandon(self) -> None:
         """Closes the open files (a failing run); the staging folder stays for a resume."""
