@@ -162,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Megatron-LM's default); --no-ckpt-fully-parallel-save leaves it all to "
                         "the first replica")
     g.add_argument("--ckpt-assume-constant-structure", action="store_true",
-                   help="saves after the first reuse its sharding check, save plan and split "
-                        "of the writes instead of redoing them (collectives over all ranks, "
-                        "seconds per save at thousands of ranks); as Megatron-LM's flag")
+                   help="saves after the first skip megatron's sharding check and reuse its "
+                        "save plan and split of the writes instead of redoing them "
+                        "(collectives over all ranks, seconds per save at thousands of ranks); "
+                        "as Megatron-LM's flag")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
     g.add_argument("--eval-interval", type=int)
     g.add_argument("--eval-iters", type=int, default=10)
