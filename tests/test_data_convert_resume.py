@@ -169,3 +169,16 @@ def test_ctrl_c_then_the_same_command_goes_on(mixed_input, uninterrupted, tmp_pa
     interrupt(command, monkeypatch, after_samples=7)
     assert convert_main(command) == 3
     assert output_files(out) == uninterrupted
+
+
+def test_an_unreadable_resume_point_is_named(mixed_input, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    command = mixed_input + ["--output-dir", out]
+    interrupt(command, monkeypatch, after_samples=3)
+    progress = os.path.join(out, shard_writer.STAGING_DIR, convert_progress.PROGRESS_NAME)
+    write(progress, "{not json")
+    capsys.readouterr()
+    assert convert_main(command) == 1
+    error = capsys.readouterr().err
+    assert f"cannot read {progress} (JSONDecodeError" in error and "--overwrite" in error
+    assert convert_main(command + ["--overwrite"]) == 3

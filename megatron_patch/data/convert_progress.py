@@ -73,20 +73,25 @@ def find(output_dir: str, staging: str, options) -> Optional[ResumePoint]:
     path = os.path.join(staging, PROGRESS_NAME)
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        record = json.load(handle)
     start_over = ("; add --overwrite to start over (the interrupted conversion's files in "
                   f"{staging} are removed)")
-    if record.get("format_version") != FORMAT_VERSION:
-        raise SystemExit(f"error: {path} was written by another version of the converter"
-                         + start_over)
-    changed = _differences(record["fingerprint"], fingerprint(options))
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+        if record.get("format_version") != FORMAT_VERSION:
+            raise SystemExit(f"error: {path} was written by another version of the converter"
+                             + start_over)
+        saved_fingerprint = record["fingerprint"]
+        point = ResumePoint(**{k: v for k, v in record.items()
+                               if k not in ("format_version", "fingerprint")})
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise SystemExit(f"error: cannot read {path} ({type(error).__name__}: {error})"
+                         + start_over) from None
+    changed = _differences(saved_fingerprint, fingerprint(options))
     if changed:
         raise SystemExit(f"error: {output_dir} holds an interrupted conversion of other inputs "
                          f"or options ({'; '.join(changed)}); run it again with the same ones "
                          "to go on from where it stopped" + start_over)
-    point = ResumePoint(**{k: v for k, v in record.items()
-                           if k not in ("format_version", "fingerprint")})
     missing = _missing_files(output_dir, staging, point)
     if missing:
         raise SystemExit(f"error: cannot go on with the interrupted conversion in {output_dir}: "
