@@ -83,8 +83,9 @@ class _Converted:
 
 
 def convert(options: ConvertOptions) -> ConversionReport:
-    resume = _prepare_output_dir(options)
-    conversion = _Conversion(options, resume)
+    fingerprint = convert_progress.fingerprint(options)  # the inputs as this run finds them
+    resume = _prepare_output_dir(options, fingerprint)
+    conversion = _Conversion(options, resume, fingerprint)
     if resume is None or not resume.all_converted:
         conversion.convert_records()
     shards = conversion.writer.publish(options.shard_prefix)
@@ -104,15 +105,14 @@ class _Conversion:
     """What a conversion has done so far: input records consumed, the report, the split counts
     and the shards, from the start or from a resume point (convert_progress)."""
 
-    def __init__(self, options: ConvertOptions, resume: Optional[ResumePoint]):
-        self.options, self.resume = options, resume
+    def __init__(self, options: ConvertOptions, resume: Optional[ResumePoint], fingerprint: dict):
+        self.options, self.resume, self.fingerprint = options, resume, fingerprint
         self.started = time.perf_counter() - (resume.seconds if resume else 0.0)
         self.report = ConversionReport(**resume.report) if resume else ConversionReport()
         self.writer = SplitShardWriter(options.output_dir, options.max_samples_per_shard,
                                        options.max_shard_bytes, resume.writer if resume else None)
         self.splitter = SplitAssigner(options.split, resume.split_counts if resume else None)
         self.consumed = resume.consumed if resume else 0
-        self.fingerprint = convert_progress.fingerprint(options)
 
     def convert_records(self) -> None:
         """Converts every input record after the resume point, making a new point every
@@ -174,14 +174,14 @@ class SplitAssigner:
         return SPLITS[chosen]
 
 
-def _prepare_output_dir(options: ConvertOptions) -> Optional[ResumePoint]:
+def _prepare_output_dir(options: ConvertOptions, fingerprint: dict) -> Optional[ResumePoint]:
     """The resume point of an interrupted conversion of the same inputs into the output dir, if
     any. Else refuses a non-empty output dir unless told; with --overwrite removes only what a
     conversion writes (shards, indexes, reports, staging), never the user's other files."""
     output_dir, overwrite = options.output_dir, options.overwrite
     os.makedirs(output_dir, exist_ok=True)
     staging = os.path.join(output_dir, STAGING_DIR)
-    resume = None if overwrite else convert_progress.find(output_dir, staging, options)
+    resume = None if overwrite else convert_progress.find(output_dir, staging, fingerprint)
     if resume is not None:
         samples = sum(resume.report["samples"].values())
         print(f"going on with the interrupted conversion in {output_dir} after input record "

@@ -67,9 +67,9 @@ def save(staging: str, point: ResumePoint, options_fingerprint: dict) -> None:
     os.replace(temporary, path)
 
 
-def find(output_dir: str, staging: str, options) -> Optional[ResumePoint]:
+def find(output_dir: str, staging: str, current: dict) -> Optional[ResumePoint]:
     """The point an interrupted conversion into `output_dir` left, if any; SystemExit with what
-    to do if it cannot be resumed by this command."""
+    to do if it cannot be resumed by this command (whose `fingerprint` is `current`)."""
     path = os.path.join(staging, PROGRESS_NAME)
     if not os.path.exists(path):
         return None
@@ -87,7 +87,7 @@ def find(output_dir: str, staging: str, options) -> Optional[ResumePoint]:
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise SystemExit(f"error: cannot read {path} ({type(error).__name__}: {error})"
                          + start_over) from None
-    changed = _differences(saved_fingerprint, fingerprint(options))
+    changed = _differences(saved_fingerprint, current)
     if changed:
         raise SystemExit(f"error: {output_dir} holds an interrupted conversion of other inputs "
                          f"or options ({'; '.join(changed)}); run it again with the same ones "
