@@ -7,6 +7,7 @@
 Arguments use Megatron-LM's names (`--help`); train/sft_bench_TEMPLATE.sh computes them for you.
 The logic lives in megatron_patch/training/trainer.py.
 """
+import gc
 import os
 import sys
 
@@ -17,4 +18,11 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_patch.training.trainer import main
 
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        # Every object out of the collector's reach: the interpreter's teardown then frees by
+        # reference count alone instead of re-scanning torch's and megatron's objects (1.5 s of
+        # every rank's exit on 2 CPU cores). Files and logs are closed by then (atexit still runs).
+        gc.freeze()
+    sys.exit(code)
