@@ -36,6 +36,7 @@ def test_derived_values(paths):
     (["--overlap-param-gather"], 1, "add --use-distributed-optimizer"),
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--async-save"], 1, "--async-save needs --save"),
+    (["--manual-gc", "--manual-gc-interval", "-1"], 1, "--manual-gc-interval -1 is negative"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,
      "--seq-length 1022 is not divisible by 4"),

@@ -247,7 +247,8 @@ def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, c
     checkpoint one written from the reused plan (its 4th save; the resumed run's 2nd)."""
     recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
     assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather", "--async-save",
-            "--ckpt-assume-constant-structure", "--recompute-granularity"} <= set(recipe)
+            "--ckpt-assume-constant-structure", "--manual-gc", "--recompute-granularity"} \
+        <= set(recipe)
     assert ("--sequence-parallel" in recipe) == bool(layout)
     run = ("--train-iters", 4, "--save-interval", 1, "--global-batch-size", 4,
            "--micro-batch-size", 1, "--seq-length", 384, *layout, *recipe)

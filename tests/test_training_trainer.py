@@ -53,7 +53,7 @@ def test_per_module_learning_rates_in_tensorboard(adapter_run):
     for tag in ("train/loss", "train/grad_norm", "throughput/tokens_per_sec",
                 "throughput/samples_per_sec_per_device", "data/packing_efficiency",
                 "memory/peak_gib", "time/data_wait_sec", "time/forward_backward_sec",
-                "time/optimizer_sec", "eval/loss"):
+                "time/optimizer_sec", "time/gc_sec", "gc/collections", "eval/loss"):
         assert tag in scalars, tag
     assert set(scalars["eval/loss"]) == {12, 24}
 
@@ -85,6 +85,24 @@ def test_consecutive_nan_steps_stop_the_run(converted_demo, demo_tokenizer, tmp_
     assert result.returncode != 0
     assert "rank 0 failed: TooManySkippedSteps" in result.stdout + result.stderr
     assert "1 steps in a row had a NaN/inf gradient norm" in result.stdout + result.stderr
+
+
+def test_manual_gc_collects_only_at_the_chosen_iterations(adapter_run, converted_demo,
+                                                          demo_tokenizer, tmp_path):
+    """--manual-gc: no automatic collection in the loop; collections after every 3rd iteration
+    and around the evaluation after iteration 4 (logged with iteration 5). One loader worker
+    keeps energon's own collections (every 10 batches, in the process that reads) out of the
+    trainer's process, as in GPU runs."""
+    save = tmp_path / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, "--train-iters", 8, "--num-workers", 1,
+                "--manual-gc", "--manual-gc-interval", 3, "--eval-interval", 4, "--eval-iters", 1)
+    collections = {i: record["gc/collections"] for i, record in metrics(save).items()}
+    assert collections[3] >= 1 and collections[6] >= 1
+    assert collections[5] >= 2  # before and after the evaluation
+    assert all(collections[i] == 0 for i in (1, 2, 4, 7, 8)), collections
+    # the automatic collector (the adapter run) collects in those iterations too
+    automatic = metrics(adapter_run[0])
+    assert sum(automatic[i]["gc/collections"] for i in (1, 2, 4, 7, 8)) > 0
 
 
 # ------------------------------------------------------------------ resume and resharding

@@ -15,5 +15,5 @@ export EPOCHS="${EPOCHS:-1}" LR="${LR:-1e-5}" MIN_LR="${MIN_LR:-1e-6}"
 export NUM_WORKERS="${NUM_WORKERS:-4}" GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 # bf16 weights, optimizer state sharded over the 8 data-parallel ranks, recompute every layer
 # (activations of an 8k sequence would not fit otherwise), TE + flash attention when installed.
-export EXTRA_ARGS="${EXTRA_ARGS:---packing --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --async-save --ckpt-assume-constant-structure --recompute-granularity full --lr-warmup-fraction 0.002}"
+export EXTRA_ARGS="${EXTRA_ARGS:---packing --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather --async-save --ckpt-assume-constant-structure --manual-gc --manual-gc-interval 100 --recompute-granularity full --lr-warmup-fraction 0.002}"
 exec bash "$(dirname "$0")/../../train/sft_bench_TEMPLATE.sh"

@@ -179,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="a collective waiting longer than this fails (a dead or stuck rank "
                         "ends the job instead of hanging it)")
+
+    g = p.add_argument_group("garbage collection")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's automatic garbage collector off and collect at the same "
+                        "iterations on every rank, so no rank pauses at its own moment while the "
+                        "others wait for it (Megatron-LM's flag; time/gc_sec in the logs shows "
+                        "what the collector costs)")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect every N iterations (0: not during training; "
+                        "reference counting still frees all garbage that is not a cycle)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: do not collect before and after each evaluation")
     # fault injection for tests and drills: the loss of this iteration becomes NaN
     g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
     return p
@@ -237,6 +249,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
         raise ArgumentError("--dist-ckpt-optim-fully-reshardable chooses how the distributed "
                             "optimizer saves its state; add --use-distributed-optimizer or drop "
                             "the flag (the plain optimizer's state is always reshardable)")
+    if args.manual_gc_interval < 0:
+        raise ArgumentError(f"--manual-gc-interval {args.manual_gc_interval} is negative; use 0 "
+                            "(no collection during training) or a number of iterations")
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")

@@ -29,6 +29,7 @@ from megatron_patch.training.components import (encoder_settings, model_config,
                                                 parameters_gathered, wrap_model)
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.flops import peak_flops_per_device
+from megatron_patch.training.garbage_collection import GarbageCollection
 from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
                                                     model_shapes)
 from megatron_patch.training.metrics import (METRICS_FILE, MetricsLogger, StepTimer,
@@ -106,6 +107,8 @@ class Trainer:
         self.background_saves = BackgroundSaves() if args.async_save else None
         self.save_strategy = SaveStrategy(args.ckpt_fully_parallel_save,
                                           args.ckpt_assume_constant_structure)
+        self.garbage = GarbageCollection(args.manual_gc, args.manual_gc_interval,
+                                         args.manual_gc_eval)
         self.started = time.time()
 
     # ------------------------------------------------------------------ setup helpers
@@ -134,7 +137,8 @@ class Trainer:
     def train(self) -> int:
         """Runs the iterations; returns the exit status once every checkpoint is written."""
         try:
-            code = self.run_iterations()
+            with self.garbage:
+                code = self.run_iterations()
         except BaseException:
             if self.background_saves:
                 self.background_saves.abort()  # it cannot be published without this run
@@ -171,6 +175,7 @@ class Trainer:
             fault_point("step", state.iteration, self.ranks.rank)
             if self.background_saves:
                 self.background_saves.poll()  # publishes a checkpoint whose writes finished
+            self.garbage.after_step(state.iteration)
 
             if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
                 self.log_interval(stats, timer, time.time() - interval_start)
@@ -233,6 +238,7 @@ class Trainer:
 
     def log_interval(self, stats: IntervalStats, timer: StepTimer, seconds: float) -> None:
         totals = stats.reduce()  # collective: every rank takes part
+        gc_seconds, gc_collections = self.garbage.take()
         self.state.dropped_overlong += int(totals["dropped_overlong"])
         self.state.bad_samples += int(totals["bad_samples"])
         self.state.samples_read += int(totals["samples"] + totals["dropped_overlong"]
@@ -252,6 +258,8 @@ class Trainer:
         values["data/bad_samples"] = self.state.bad_samples
         values["data/truncated"] = totals["truncated"]
         values["time/iteration_sec"] = seconds / stats.iterations
+        values["time/gc_sec"] = gc_seconds / stats.iterations
+        values["gc/collections"] = gc_collections
         values["train/consumed_samples"] = self.state.consumed_samples
         self.metrics.scalars(self.state.iteration, values)
         self.metrics.console(self.state.iteration, self.args.train_iters, values,
@@ -283,6 +291,7 @@ class Trainer:
                                   self.ranks.dp_rank, self.ranks.dp_size, args.num_workers)
         if loader is None:
             return None
+        self.garbage.before_eval()
         batches = iter(loader)
         total = torch.zeros(2, dtype=torch.float64)
         self.model.eval()
@@ -301,6 +310,7 @@ class Trainer:
                     total += pair
         self.model.train()
         close_loader(loader)
+        self.garbage.after_eval()
         total = all_reduce_host(total)
         if total[1] == 0:
             logger.info("evaluation: the val split gave no full batch at this batch size")
