@@ -22,7 +22,7 @@ if __name__ == "__main__":
         code = main()
     finally:
         # Every object out of the collector's reach: the interpreter's teardown then frees by
-        # reference count alone instead of re-scanning torch's and megatron's objects (1.5 s of
+        # reference count alone instead of re-scanning torch's and megatron's objects (1.6 s of
         # every rank's exit on 2 CPU cores). Files and logs are closed by then (atexit still runs).
         gc.freeze()
     sys.exit(code)

@@ -1,10 +1,10 @@
 """Python's garbage collector during training: measured always, run by hand with --manual-gc.
 
-The automatic collector starts a full pass whenever enough container objects have been
-allocated, so each rank pauses at its own moment, and every other rank then waits for it in the
-next collective. On 2 CPU cores the tiny model's run made 17 full passes in 40 iterations, about
-30 ms each over the ~440,000 objects torch, megatron and the model leave behind. At thousands of
-ranks some rank is almost always collecting.
+The automatic collector starts a full pass once enough new long-lived objects have built up, at
+a moment of each rank's own, and every other rank then waits for that rank in the next
+collective. A full pass over the tiny model's trainer process (~440,000 objects, mostly torch's
+and megatron's) took 0.27 s on 2 CPU cores (docs/BENCHMARKS.md); at hundreds of ranks one of
+them is collecting far more often than any single one.
 
 Megatron-LM's --manual-gc turns the automatic collector off and collects at the same iterations
 on every rank: every --manual-gc-interval iterations (0: never during training; reference counting
