@@ -55,4 +55,3 @@ def test_automatic_collections_are_counted_and_left_alone():
         assert count > 10 and seconds > 0  # the collector's own passes
         assert collection.take() == (0.0, 0)  # counted once
     assert gc.isenabled()
-
