@@ -3,6 +3,8 @@ Transformer Engine's do) loads a checkpoint written without them (the local spec
 converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
 states cross between CPU and GPU runs. The checkpoint writer's warm-up (compat/checkpoint_writer)
 leaves megatron's result queue clean and never keeps a process from exiting."""
+import os
+
 import pytest
 import torch
 
@@ -111,7 +113,8 @@ def test_a_failed_writer_warmup_changes_nothing(tmp_path, monkeypatch, caplog):
 
     init_parallel(1, 1)
     monkeypatch.setattr(checkpoint_writer, "_warmup", None)
-    monkeypatch.setattr(filesystem_async, "_get_write_results_queue", refuse)
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    monkeypatch.setattr(checkpoint_writer, "_start_results_queue", refuse)
     with caplog.at_level("DEBUG", logger=checkpoint_writer.__name__):
         checkpoint_writer.start()
         checkpoint_writer.wait()
@@ -148,6 +151,53 @@ def test_a_run_ending_during_the_writer_warmup_exits(tmp_path):
     except subprocess.TimeoutExpired:
         raise AssertionError("the process did not exit within 120 s") from None
     assert result.returncode == 3, result.stderr[-2000:]
+
+
+RANK_KILLED_AFTER_THE_WARMUP = """
+import os, signal
+if __name__ == "__main__":
+    from megatron_patch.compat import checkpoint_writer
+    checkpoint_writer.start()
+    checkpoint_writer.wait()
+    print(checkpoint_writer._queue_server().pid, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer: no exit handler runs
+"""
+
+
+def test_the_queue_server_ends_with_a_killed_rank(tmp_path):
+    """Nothing stops the server of a process killed with SIGKILL; it must notice and end
+    instead of living on as an orphan (it used to, holding torch in memory)."""
+    import subprocess
+    import sys
+    import time
+
+    from trainer_runs import REPO, subprocess_env
+    script = tmp_path / "killed.py"
+    script.write_text(RANK_KILLED_AFTER_THE_WARMUP)
+    env = dict(subprocess_env(), PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    output = tmp_path / "output.txt"
+    with open(output, "w") as handle:  # not a pipe: an orphan would hold it open
+        killed = subprocess.run([sys.executable, str(script)], env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, timeout=120)
+    assert killed.returncode == -9, output.read_text()[-2000:]
+    server = int(output.read_text().split()[-1])
+    deadline = time.monotonic() + 20
+    while process_is_running(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert not process_is_running(server), "the killed process's queue server lives on"
+    finally:
+        if process_is_running(server):
+            os.kill(server, 9)
+
+
+def process_is_running(pid: int) -> bool:
+    """Neither gone nor a zombie waiting for its new parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.parametrize("assume_constant_structure", [True, False])

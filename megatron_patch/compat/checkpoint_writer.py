@@ -11,7 +11,10 @@ model, optimizer and data setup; :func:`wait` (called before a save) makes sure 
 before megatron uses the queue. A failure here only costs the time it was meant to save:
 megatron creates the queue itself as before.
 
-At exit the process kills that server (it holds nothing) instead of multiprocessing's orderly
+The warm-up starts that server itself, as megatron would (a "spawn" multiprocessing manager,
+stored in megatron's module global), plus a watch that ends the server when this process is gone:
+a rank killed with SIGKILL used to leave it behind as an idle orphan holding torch. At a normal
+exit the process kills the server (it holds nothing) instead of multiprocessing's orderly
 shutdown, which waited up to 1 s for the server to tear down the torch it had imported (0.8 s of
 every run's exit on 2 CPU cores). By then no result can arrive: the trainer waits for (or aborts)
 its background saves before it returns.
@@ -20,8 +23,13 @@ from __future__ import annotations
 
 import atexit
 import logging
+import multiprocessing
+import os
 import threading
+from multiprocessing.managers import SyncManager
 from typing import Optional
+
+from megatron_patch.parent_watch import end_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +79,12 @@ def _round_trip() -> None:
     """Creates megatron's queue and passes one result of the kind a save returns through it,
     which makes the serving process import the classes (and torch) a save needs."""
     try:
-        from megatron.core.dist_checkpointing.strategies.filesystem_async import \
-            _get_write_results_queue
         from torch.distributed.checkpoint.filesystem import _StorageInfo
         from torch.distributed.checkpoint.metadata import MetadataIndex
         from torch.distributed.checkpoint.storage import WriteResult
 
         try:
-            results = _get_write_results_queue()
+            results = _start_results_queue()
         finally:
             _queue_started.set()
         results.put({0: [WriteResult(index=MetadataIndex("warmup"), size_in_bytes=0,
@@ -88,3 +94,14 @@ def _round_trip() -> None:
         logger.debug("checkpoint writer warm-up skipped: %s: %s", type(error).__name__, error)
     finally:
         _queue_started.set()
+
+
+def _start_results_queue():
+    """megatron's result queue (filesystem_async._get_write_results_queue creates the same when
+    its global is empty), served by a process that ends with this one."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=end_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    return filesystem_async._results_queue
