@@ -146,6 +146,32 @@ def test_changed_inputs_or_options_are_refused_and_overwrite_starts_over(
     assert output_files(out) == uninterrupted  # the same records: the same shards
 
 
+def test_a_file_rewritten_in_a_folder_input_is_refused(tmp_path, monkeypatch, capsys):
+    """A folder's own mtime does not change when one of its files is rewritten in place; the
+    resume point must notice anyway (else the rerun would mix old and new samples)."""
+    folder = tmp_path / "samples"
+    for index in range(6):
+        write(str(folder / f"s{index}.png"), image_bytes((10 * index, 100, 100)))
+        write(str(folder / f"s{index}.json"), json.dumps(
+            {"id": f"s{index}", "conversations": [turn("human", f"<image>\nWhich {index}?"),
+                                                  turn("gpt", f"this {index}")]}))
+    def command(out):
+        return [str(folder), "--output-dir", str(tmp_path / out), "--max-samples-per-shard",
+                "2", "--commit-interval", "0", "--workers", "1", "--no-progress"]
+
+    interrupt(command("unchanged"), monkeypatch, after_samples=3)
+    assert convert_main(command("unchanged")) == 0  # the same folder goes on
+    interrupt(command("out"), monkeypatch, after_samples=3)
+    capsys.readouterr()
+
+    folder_times = os.stat(folder)
+    edited = folder / "s5.json"
+    edited.write_text(edited.read_text().replace("this 5", "that 5"))
+    os.utime(folder, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))
+    assert convert_main(command("out")) == 1
+    assert f"{folder} changed since" in capsys.readouterr().err
+
+
 def test_a_missing_staging_shard_is_named(mixed_input, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "out")
     command = mixed_input + ["--output-dir", out]

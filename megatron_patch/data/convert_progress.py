@@ -12,11 +12,12 @@ and goes on from the next record, so the result is byte for byte the uninterrupt
 conversion's. A last point, once every record is converted and every shard closed, lets a run
 that dies while publishing the shards or building energon's index (minutes for a large set)
 redo only that. The inputs must be unchanged: each input's size and modification time are part
-of the point (a folder's own modification time, which changes when files are added or removed,
-stands for its content), and so is every option that shapes the output (the worker count does
+of the point (for a folder, the name, size and modification time of every file in it), and so
+is every option that shapes the output (the worker count does
 not). A point that does not match, or staging files that do not, are refused with a message;
 ``--overwrite`` starts over.
 """
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -48,11 +49,30 @@ def fingerprint(options) -> dict:
     """What must be the same for a conversion to go on from another's point."""
     inputs = []
     for path in options.inputs:
+        if os.path.isdir(path):
+            inputs.append({"path": os.path.abspath(path), **_folder_fingerprint(path)})
+            continue
         status = os.stat(path)
         inputs.append({"path": os.path.abspath(path), "size": status.st_size,
                        "mtime_ns": status.st_mtime_ns})
     settings = {name: getattr(options, name) for name in _OUTPUT_OPTIONS}
     return json.loads(json.dumps({"inputs": inputs, "options": settings}))  # lists, not tuples
+
+
+def _folder_fingerprint(path: str) -> dict:
+    """A folder of per-sample files: name, size and mtime of every file in it, hashed. The
+    folder's own mtime changes only when a file is added, removed or renamed, not when one is
+    rewritten in place. One stat per file, once per run."""
+    digest, count = hashlib.sha256(), 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            status = os.stat(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{status.st_size}\0"
+                          f"{status.st_mtime_ns}\n".encode())
+            count += 1
+    return {"files": count, "digest": digest.hexdigest()}
 
 
 def save(staging: str, point: ResumePoint, options_fingerprint: dict) -> None:
@@ -106,7 +126,7 @@ def _differences(saved: dict, current: dict) -> list:
     if list(saved_inputs) != list(current_inputs):
         changed.append(f"inputs were {', '.join(saved_inputs)}")
     else:
-        changed += [f"{path} changed since (size or modification time)"
+        changed += [f"{path} changed since (size or modification time; in a folder, of a file)"
                     for path, was in saved_inputs.items() if current_inputs[path] != was]
     changed += [f"{name} was {value!r}, now {current['options'][name]!r}"
                 for name, value in saved["options"].items() if current["options"][name] != value]
