@@ -155,6 +155,7 @@ def test_a_file_rewritten_in_a_folder_input_is_refused(tmp_path, monkeypatch, ca
         write(str(folder / f"s{index}.json"), json.dumps(
             {"id": f"s{index}", "conversations": [turn("human", f"<image>\nWhich {index}?"),
                                                   turn("gpt", f"this {index}")]}))
+
     def command(out):
         return [str(folder), "--output-dir", str(tmp_path / out), "--max-samples-per-shard",
                 "2", "--commit-interval", "0", "--workers", "1", "--no-progress"]

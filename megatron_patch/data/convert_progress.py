@@ -13,9 +13,8 @@ conversion's. A last point, once every record is converted and every shard close
 that dies while publishing the shards or building energon's index (minutes for a large set)
 redo only that. The inputs must be unchanged: each input's size and modification time are part
 of the point (for a folder, the name, size and modification time of every file in it), and so
-is every option that shapes the output (the worker count does
-not). A point that does not match, or staging files that do not, are refused with a message;
-``--overwrite`` starts over.
+is every option that shapes the output (the worker count does not). A point that does not
+match, or staging files that do not, are refused with a message; ``--overwrite`` starts over.
 """
 import hashlib
 import json
