@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="a collective waiting longer than this fails (a dead or stuck rank "
                         "ends the job instead of hanging it)")
+    # fault injection for tests and drills: the loss of this iteration becomes NaN
+    g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("garbage collection")
     g.add_argument("--manual-gc", action="store_true",
@@ -191,8 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "reference counting still frees all garbage that is not a cycle)")
     g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
                    help="with --manual-gc: do not collect before and after each evaluation")
-    # fault injection for tests and drills: the loss of this iteration becomes NaN
-    g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
     return p
 
 
