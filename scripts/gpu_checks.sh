@@ -3,7 +3,8 @@
 # rest needs (CUDA, NCCL, torch.compile, the varlen flash kernel), then the steps of $STEPS in
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
-# baseline in one run), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# baseline in one run), a short run of both with one profiled step each ("profile"), full
+# recompute ("recompute"), the checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
 # BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
@@ -149,6 +150,10 @@ for name in $STEPS; do
       step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
         --json "$OUT/seq8k_both.json"
       tail -12 "$OUT/bench_both.txt" ;;
+    profile)  # both trainers, short, plus one profiled step each: device busy time, kernels
+      step bench_profile 250 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
+        --warmup-steps 1 --steps 2 --profile-dir "$OUT" --json "$OUT/seq8k_both_profiled.json"
+      tail -9 "$OUT/bench_profile.txt" ;;
     recompute)
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
@@ -160,7 +165,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $name (tests, bench, profile, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 cat "$OUT/summary.txt" 2>/dev/null

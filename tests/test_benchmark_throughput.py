@@ -86,10 +86,15 @@ def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     argv = SMALL + ["--num-layers", "1", "--vision-num-layers", "1", "--warmup-steps", "0",
                     "--steps", "1", "--trainer", "megatron", "--recompute-granularity", "full",
-                    "--json", str(out)]
+                    "--profile-dir", str(tmp_path / "profile"), "--json", str(out)]
     assert benchmark_main(argv) == 0
     r = json.loads(out.read_text())["results"]["megatron"]
     assert r["mfu"] is None and r["hfu"] is None
+    # the profiled step comes after the timed one and is not counted; on the CPU it lists the
+    # operators (the linear layers' matmuls among them)
+    assert len(r["step_times_s"]) == 1 and r["profile"]["wall_s"] > 0
+    table = (tmp_path / "profile" / "megatron_profile.txt").read_text()
+    assert table.startswith("megatron: profiled step") and "aten::mm" in table
     # full recompute: the hardware runs one more forward (4/3 of the model FLOPs)
     assert r["hardware_tflops_per_s_per_device"] == pytest.approx(
         r["model_tflops_per_s_per_device"] * 4 / 3)
@@ -322,3 +327,29 @@ def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):
                        for mode in ("sync", "sync-constant-structure"))  # no step in between
     assert sorted(constant) == sorted(plain) and any(k.startswith("optimizer.") for k in plain)
     assert all(torch.equal(constant[key], value) for key, value in plain.items())
+
+
+def test_profile_summary_merges_kernel_intervals_and_sorts_them_by_kind():
+    """The GPU side of --profile-dir on recorded events: busy time is the union of the kernels'
+    intervals (overlapping streams are not counted twice), kernel time is split by name."""
+    from types import SimpleNamespace
+
+    from megatron_patch.benchmarking import profiling
+
+    def kernel(name, start, end, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [kernel("nvjet_sm90_tst_256x128", 0, 400),
+              kernel("pytorch_flash::flash_fwd_kernel", 300, 500),  # overlaps the matmul
+              kernel("vectorized_elementwise_kernel<add>", 700, 800),
+              kernel("multi_tensor_apply_kernel<Adam>", 800, 900),
+              kernel("aten::mm", 0, 2000, torch.autograd.DeviceType.CPU)]  # host op: ignored
+    summary = profiling._kernel_summary(SimpleNamespace(events=lambda: events), wall_us=1000.0)
+    assert summary["kernels"] == 4
+    assert summary["device_busy_s"] == pytest.approx(700e-6)  # [0, 500] + [700, 900]
+    assert summary["device_busy_fraction"] == pytest.approx(0.7)
+    assert summary["kernel_seconds_by_category"] == pytest.approx(
+        {"matmul": 400e-6, "attention": 200e-6, "other": 100e-6, "optimizer": 100e-6})
+    assert profiling.categorise("CatArrayBatchedCopy") == "copy"
+    assert profiling.categorise("scatter_gather_elementwise_kernel") == "other"

@@ -44,6 +44,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from megatron_patch.benchmarking.profiling import profile_step
 from megatron_patch.benchmarking.runners import (MegatronRunner, baseline_runner, load_baseline,
                                                  trainer_namespace)
 from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec
@@ -109,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--peak-tflops", type=float, help="device peak (dense bf16) for MFU/HFU")
     g.add_argument("--json", help="write the results here")
+    g.add_argument("--profile-dir", help="after the timed steps, profile one more (untimed) "
+                   "step of each trainer: device busy time, kernel time by category, top "
+                   "kernels in DIR/<trainer>_profile.txt")
     g.add_argument("--dry-run", action="store_true", help="parse, build both models on the meta "
                    "device, count parameters and FLOPs of one synthetic batch, then exit")
     return p
@@ -132,8 +136,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------- measuring
 def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: torch.device,
-            shapes, recompute_full: bool, peak_flops: Optional[float]) -> tuple:
-    """Runs warmup + timed steps; returns (figures of the timed steps, sample keys per step)."""
+            shapes, recompute_full: bool, peak_flops: Optional[float],
+            profile_dir: Optional[str] = None) -> tuple:
+    """Runs warmup + timed steps (and, with ``profile_dir``, one profiled step after them);
+    returns (figures of the timed steps, sample keys per timed or warm-up step)."""
     language, vision = shapes
     totals = dict.fromkeys(("tokens", "capacity", "samples", "images", "model_flops",
                             "hardware_flops", "wait", "time"), 0.0)
@@ -148,6 +154,8 @@ def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: to
         elapsed = time.perf_counter() - started
         losses.append(float(pair[0] / max(float(pair[1]), 1.0)))
         keys.append([key for batch in micro for key in batch.__key__])
+        logger.info("%s step %d/%d: %.3f s%s", runner.name, index + 1, warmup + steps, elapsed,
+                    " (warm-up)" if index < warmup else "")
         if index < warmup:
             continue
         step_times.append(elapsed)
@@ -180,6 +188,10 @@ def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: to
         "losses": losses,
         "step_times_s": step_times,
     }
+    if profile_dir:
+        micro = [next(batches) for _ in range(num_micro)]
+        result["profile"] = profile_step(lambda: runner.step(micro), device, runner.name,
+                                         profile_dir)
     return result, keys
 
 
@@ -257,7 +269,7 @@ def run(args) -> Dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     train_args = trainer_namespace(args)
     num_micro = train_args.num_microbatches
-    needed = (args.warmup_steps + args.steps) * num_micro
+    needed = (args.warmup_steps + args.steps + bool(args.profile_dir)) * num_micro
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "machine": machine_info(device), "settings": vars(args), "formula": FORMULA}
@@ -324,7 +336,7 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
         try:
             result, keys = measure(runner, batches, args.warmup_steps, args.steps,
                                    train_args.num_microbatches, device, shapes,
-                                   args.recompute_granularity == "full", peak)
+                                   args.recompute_granularity == "full", peak, args.profile_dir)
         finally:
             close_batches()  # no idle loader workers competing with the next trainer
         result["parameters"] = parameters
@@ -373,6 +385,9 @@ def format_report(report: Dict) -> str:
     if "ratio_tokens_per_s" in report:
         lines.append(f"megatron / baseline tokens/s: {report['ratio_tokens_per_s']:.2f}x "
                      f"(same batches: {report['same_batches']})")
+    for name, r in measured.items():
+        if "profile" in r:
+            lines.append(f"{name} profile: {_profile_line(r['profile'])}")
     if "megatron" in measured:
         used = measured["megatron"]["kernels"]
         lines.append("megatron kernels: " + "; ".join(f"{key} {value}" for key, value in used.items()))
@@ -383,6 +398,15 @@ def format_report(report: Dict) -> str:
                  f"samples, {first['images_per_step']:.1f} images, packing efficiency "
                  f"{100 * first['packing_efficiency']:.1f}%")
     return "\n".join(lines)
+
+
+def _profile_line(profile: Dict) -> str:
+    if "device_busy_s" not in profile:
+        return f"step {profile['wall_s']:.3f} s (CPU: operators in {profile['table']})"
+    categories = ", ".join(f"{name} {seconds:.3f}"
+                           for name, seconds in profile["kernel_seconds_by_category"].items())
+    return (f"step {profile['wall_s']:.3f} s, device busy {100 * profile['device_busy_fraction']:.1f}%;"
+            f" kernel s: {categories}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
