@@ -3,8 +3,8 @@
 # rest needs (CUDA, NCCL, torch.compile, the varlen flash kernel), then the steps of $STEPS in
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
-# baseline in one run), a short run of both with one profiled step each ("profile"), full
-# recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
+# ("long"), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
 # BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
@@ -147,13 +147,22 @@ for name in $STEPS; do
       step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
         --json "$OUT/packed_attention.json"
       grep -E '"(loop_ms|varlen_ms|speedup|max_abs_difference)"' "$OUT/bench_attention.txt"
+      # 2 + 5 steps: the baseline's 17.5 s steps (H200, 2026-12-04) then fit the limit
       step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
-        --json "$OUT/seq8k_both.json"
+        --warmup-steps 2 --steps 5 --json "$OUT/seq8k_both.json"
       tail -12 "$OUT/bench_both.txt" ;;
-    profile)  # both trainers, short, plus one profiled step each: device busy time, kernels
-      step bench_profile 250 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
-        --warmup-steps 1 --steps 2 --profile-dir "$OUT" --json "$OUT/seq8k_both_profiled.json"
-      tail -9 "$OUT/bench_profile.txt" ;;
+    profile)  # one profiled megatron step of 2 micro-batches: device busy time, kernels by kind
+      # (8 micro-batches made 68.6k kernels, whose post-processing alone took about a minute)
+      step bench_profile 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --grad-accum 2 --warmup-steps 2 --steps 3 --profile-dir "$OUT" \
+        --json "$OUT/seq8k_megatron_profiled.json"
+      tail -7 "$OUT/bench_profile.txt" ;;
+    long)  # the same tokens per step in half as many micro-batches of twice the length: how
+      # much of the step is per-micro-batch host overhead (the step was host-bound, 2026-12-04)
+      step bench_long 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --seq-length 16384 --grad-accum 4 --warmup-steps 2 --steps 4 \
+        --json "$OUT/seq16k_megatron.json"
+      tail -6 "$OUT/bench_long.txt" ;;
     recompute)
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
@@ -165,7 +174,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, profile, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $name (tests, bench, profile, long, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 cat "$OUT/summary.txt" 2>/dev/null

@@ -10,6 +10,7 @@ loop runs in tests/test_model_gpu.py.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -174,3 +175,36 @@ def test_packed_attention_uses_the_kernel_only_where_it_applies(monkeypatch):
     # without the maximum segment length (which the kernel needs) the loop runs
     module(q, k, v, None, packed_seq_params=packed_params(cu, max_len=None))
     assert len(kernel.calls) == 1
+
+
+def test_covering_segments_skip_the_padding_guard(monkeypatch):
+    """Segments that end at the last row (checked on the host when the params are built) leave
+    no row unwritten: the kernel is called on the inputs as they are, with no masking pass."""
+    q, k, v, _ = packed_inputs(seed=3)
+    cu = torch.tensor([0, 5, 9, PADDED])  # trailing rows counted as a segment, as collate does
+    guarded = flash_varlen(KernelLater(), q, k, v, cu, cu, 9, 9, True, HEAD_DIM ** -0.5)
+
+    masking_callers, masked_fill = [], torch.Tensor.masked_fill
+
+    def recorded_masked_fill(*args, **kwargs):  # the stand-in kernel masks too: note who calls
+        masking_callers.append(sys._getframe(1).f_code.co_filename)
+        return masked_fill(*args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "masked_fill", recorded_masked_fill)
+    kernel = KernelLater()
+    monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(SDPACoreAttention, "flash_varlen_applies", lambda self, query: True)
+    params = attention.covering_packed_seq_params(cu, PADDED, 9, torch.device("cpu"))
+    assert params.cu_seqlens_q.dtype == torch.int32
+    unguarded = core_attention(AttnMaskType.causal)(q, k, v, None, packed_seq_params=params)
+    assert len(kernel.calls) == 1
+    torch.testing.assert_close(unguarded.view(PADDED, HEADS, -1), guarded, rtol=0, atol=0)
+    assert attention.__file__ not in masking_callers and masking_callers  # the kernel's own only
+    # the same segments in plain PackedSeqParams (a caller that did not check them): guarded
+    core_attention(AttnMaskType.causal)(q, k, v, None, packed_seq_params=packed_params(cu))
+    assert masking_callers.count(attention.__file__) == 4  # q, k, v and the output
+
+
+def test_segments_that_stop_short_of_the_last_row_are_refused():
+    with pytest.raises(ValueError, match="segments end at row 9 of 12: the last segment must end"):
+        attention.covering_packed_seq_params(torch.tensor([0, 5, 9]), 12, 5, torch.device("cpu"))

@@ -24,6 +24,7 @@ installed; elsewhere (CPU, fp32, older torch) the segment loop runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -31,11 +32,36 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class CoveringPackedSeqParams(PackedSeqParams):
+    """``PackedSeqParams`` whose segments cover every row (``cu_seqlens[-1] == t``), checked on
+    the host when they were built (:func:`covering_packed_seq_params`). The varlen kernel then
+    writes every output row, so the padding guard's elementwise passes (12 kernels per layer,
+    forward and backward; ~7% of a micro-batch's launches on a host-bound GPU step,
+    docs/BENCHMARKS.md) are left out."""
+
+
+def covering_packed_seq_params(cu_seqlens: torch.Tensor, rows: int, max_seqlen: int,
+                               device: torch.device) -> CoveringPackedSeqParams:
+    """thd ``PackedSeqParams`` from host-side ``cu_seqlens`` that must end at ``rows`` (tokens
+    past the last segment would be attended by nothing and left unwritten by the kernel)."""
+    if cu_seqlens.device.type != "cpu":
+        raise ValueError("cu_seqlens must be on the host here: checking it on the device would "
+                         "cost a sync per micro-batch")
+    if int(cu_seqlens[-1]) != rows:
+        raise ValueError(f"packed segments end at row {int(cu_seqlens[-1])} of {rows}: the last "
+                         "segment must end at the last row (count trailing padding as a segment)")
+    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    return CoveringPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                   max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 
 
 @functools.lru_cache(maxsize=None)  # asked once per layer call: import once
@@ -54,7 +80,7 @@ def _keywords(kernel: Callable) -> frozenset:
 
 
 def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool,
-                 scale: float) -> Optional[torch.Tensor]:
+                 scale: float, guard_padding: bool = True) -> Optional[torch.Tensor]:
     """Packed attention through ``kernel`` (``varlen_attn``), adapting to the signatures torch
     releases gave it: 2.10 takes ``is_causal``, later ones ``window_size`` ((-1, 0) = causal);
     ``scale`` and ``enable_gqa`` are not in every release. Returns None when this release
@@ -62,8 +88,8 @@ def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, 
 
     q: [t, hq, d]; k, v: [t, hkv, d]; cu_q/cu_k: [n+1] offsets into t. The kernel neither writes
     the output rows past cu_q[-1] (trailing padding outside every segment) nor the gradients of
-    such rows; both are zeroed here, without a host sync. (The trainer's batches end their last
-    segment at t, so the masks are a guard, three cheap elementwise passes.)
+    such rows; both are zeroed here, without a host sync, unless ``guard_padding`` is False
+    (segments known to cover every row: :class:`CoveringPackedSeqParams`).
     """
     keywords = _keywords(kernel)
     options = {}
@@ -82,6 +108,9 @@ def flash_varlen(kernel: Callable, q, k, v, cu_q, cu_k, max_q: int, max_k: int, 
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    if not guard_padding:
+        q, k, v = (x.contiguous() for x in (q, k, v))
+        return kernel(q, k, v, cu_q, cu_k, int(max_q), int(max_k), **options)
     pad_q, pad_k = (torch.arange(x.shape[0], device=x.device)[:, None, None] >= cu[-1]
                     for x, cu in ((q, cu_q), (k, cu_k)))
     # masked_fill's backward zeroes the gradient rows the kernel leaves unwritten
@@ -152,7 +181,8 @@ class SDPACoreAttention(MegatronModule):
         kernel = flash_varlen_kernel() if self.flash_varlen_applies(query) else None
         if kernel is not None and params.max_seqlen_q and params.max_seqlen_kv:
             out = flash_varlen(kernel, query, key, value, cu_q, cu_k, params.max_seqlen_q,
-                               params.max_seqlen_kv, causal, self.softmax_scale)
+                               params.max_seqlen_kv, causal, self.softmax_scale,
+                               guard_padding=not isinstance(params, CoveringPackedSeqParams))
             if out is not None:
                 return out.reshape(out.shape[0], -1)
         bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()

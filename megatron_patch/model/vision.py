@@ -33,12 +33,12 @@ from typing import List, Tuple
 import torch
 from torch import nn
 from megatron.core import tensor_parallel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.model.attention import covering_packed_seq_params
 from megatron_patch.model.configs import VisionConfig
 
 
@@ -118,9 +118,8 @@ class RiceVisionModel(MegatronModule):
         angles = self._rotary_angles(grid_thw, x.device)
         x, angles, cu, max_len = self._with_class_tokens(x, angles, lengths)
         x = self.pre_layernorm(x)
-        cu = cu.to(x.device)
-        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                 max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        params = covering_packed_seq_params(cu, x.shape[0], max_len, x.device)
+        cu = params.cu_seqlens_q
         freqs = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # [t, 1, 1, head_dim]
         h = self.decoder(hidden_states=x.unsqueeze(1), attention_mask=None,
                          rotary_pos_emb=freqs, packed_seq_params=params)

@@ -16,8 +16,9 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 from megatron.core.optimizer import optimizer as mcore_optimizer
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_patch.model.attention import covering_packed_seq_params
 
 
 def model_inputs(batch, device: torch.device) -> dict:
@@ -33,10 +34,8 @@ def model_inputs(batch, device: torch.device) -> dict:
         inputs["image_grid_thw"] = batch.image_grid_thw  # stays on the host: the vision tower
         # reads it there (patch positions, segment offsets); on the GPU it would cost a sync
     if batch.cu_seqlens is not None:
-        cu = batch.cu_seqlens.to(device=device, dtype=torch.int32)
-        inputs["packed_seq_params"] = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-            max_seqlen_q=int(batch.max_seqlen), max_seqlen_kv=int(batch.max_seqlen))
+        inputs["packed_seq_params"] = covering_packed_seq_params(
+            batch.cu_seqlens, batch.tokens.shape[1], batch.max_seqlen, device)
     return inputs
 
 
