@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_patch.model import build_model, get_config  # noqa: E402
-from megatron_patch.model.attention import flash_varlen_kernel  # noqa: E402
+from megatron_patch.model.attention import covering_packed_seq_params, flash_varlen_kernel  # noqa: E402
 from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402
 from megatron_patch.model.layer_specs import te_available  # noqa: E402
 from megatron_patch.model.sharding import load_full_state_dict  # noqa: E402
@@ -99,25 +99,34 @@ def test_te_flash_spec_matches_sdpa_spec_bf16_one_layer_one_step():
 
 
 @pytest.mark.skipif(flash_varlen_kernel() is None, reason="torch has no varlen_attn (< 2.10)")
+@pytest.mark.parametrize("covering", [False, True], ids=["trailing-padding", "covering"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal):
-    """The real torch varlen flash kernel against the per-segment SDPA loop, bf16, with GQA and
-    trailing padding: outputs and input gradients to bf16 tolerance, padding rows exactly zero."""
-    from test_model_attention import core_attention, packed_inputs, packed_params
+def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal, covering):
+    """The real torch varlen flash kernel against the per-segment SDPA loop, bf16, with GQA:
+    outputs and input gradients to bf16 tolerance. With trailing padding outside every segment
+    (the guarded path) those rows come out exactly zero; with segments covering every row
+    (``CoveringPackedSeqParams``, the trainer's case: no guard) every row is the kernel's own."""
+    from test_model_attention import PADDED, core_attention, packed_inputs, packed_params
 
-    q, k, v, cu = (x.to(DEV) for x in packed_inputs(seed=3))
-    q, k, v = (x.to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    q, k, v, cu = packed_inputs(seed=3)
+    if covering:  # the trailing rows become a last segment, as the trainer's collate makes them
+        cu = torch.cat([cu, torch.tensor([PADDED])])
+        params = covering_packed_seq_params(cu, PADDED, int((cu[1:] - cu[:-1]).max()), DEV)
+    else:
+        params = packed_params(cu.to(DEV))
+    q, k, v = (x.to(DEV, torch.bfloat16).requires_grad_() for x in (q, k, v))
     module = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask).to(DEV)
     assert module.flash_varlen_applies(q)
     results = []
     for varlen in (True, False):  # the fast path, then the loop
         module.flash_varlen_enabled = varlen
-        out = module(q, k, v, None, packed_seq_params=packed_params(cu))
+        out = module(q, k, v, None, packed_seq_params=params)
         grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
         results.append((out.float(), [g.float() for g in grads]))
     (fast, fast_grads), (loop, loop_grads) = results
     real = int(cu[-1])
-    assert torch.equal(fast[real:], torch.zeros_like(fast[real:]))
+    assert torch.equal(fast[real:], torch.zeros_like(fast[real:]))  # empty when covering
+    assert torch.isfinite(fast).all() and all(torch.isfinite(g).all() for g in fast_grads)
     torch.testing.assert_close(fast, loop, rtol=2e-2, atol=2e-2)
     for a, b in zip(fast_grads, loop_grads):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
