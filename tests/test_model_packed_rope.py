@@ -9,7 +9,8 @@ import torch
 from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_patch.compat.packed_rope import per_token_rotation
+from megatron_patch.compat import packed_rope
+from megatron_patch.compat.packed_rope import per_token_rotation, rotate
 from megatron_patch.model import build_model, get_config
 from test_model_reference import image_batch, init_parallel
 
@@ -104,3 +105,75 @@ def test_training_gradients_equal_megatrons_bit_for_bit(monkeypatch):
     ours, megatrons = gradients
     assert ours.keys() == megatrons.keys() and "vision_model.class_pos_emb" in ours
     assert [name for name in ours if not torch.equal(ours[name], megatrons[name])] == []
+
+
+@pytest.mark.parametrize("layout", ["packed", "sbhd"])
+def test_the_gpu_rotation_computes_megatrons_rope(layout):
+    """``rotate`` (compiled on a GPU) is megatron's rotation: bit for bit in fp32, within one
+    bf16 rounding in bf16 (it rounds once, megatron after every operation); gradients too, the
+    angles' included."""
+    g = torch.Generator().manual_seed(3)
+    shape = (16, 3, 8) if layout == "packed" else (16, 2, 3, 8)
+    t = torch.randn(shape, generator=g)
+    freqs = torch.randn(16, 1, 1, 8, generator=g)
+    angles = freqs.squeeze(1) if layout == "packed" else freqs
+    probe = torch.randn(shape, generator=g)
+
+    def megatron(x, f):
+        x = x.unsqueeze(1) if layout == "packed" else x
+        out = rope_utils._apply_rotary_pos_emb_bshd(x, f, rotary_interleaved=False)
+        return out.squeeze(1) if layout == "packed" else out
+
+    for dtype in (torch.float32, torch.bfloat16):
+        results = []
+        for function, f in ((megatron, freqs), (rotate, angles)):
+            x = t.to(dtype).requires_grad_()
+            f = f.clone().requires_grad_()
+            out = function(x, f)
+            grads = torch.autograd.grad((out.float() * probe).sum(), (x, f))
+            results.append((out.float(), *(grad.float() for grad in grads)))
+        for want, got in zip(*results):
+            want = want.view_as(got)
+            if dtype == torch.float32:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=4e-2)
+
+
+def test_on_a_gpu_every_attention_layer_takes_the_fused_rotation(monkeypatch):
+    """Routing, with the GPU check and the compiled function stood in: both towers' packed
+    forward, the trainable vision tower's learned angles included, rotate every query and key
+    through it, and (its fp32 arithmetic being megatron's) give the same gradients."""
+    from megatron.core.transformer import attention
+
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, attention_backend="local").train()
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=1)
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=14, max_seqlen_kv=14)
+    calls = []
+
+    def counted_rotate(t, freqs, mscale):
+        calls.append(freqs.requires_grad)
+        return rotate(t, freqs, mscale)
+
+    gradients = []
+    for on_gpu in (False, True):
+        monkeypatch.setattr(packed_rope, "_on_gpu", lambda t: on_gpu)
+        monkeypatch.setattr(packed_rope, "fused_rotation", lambda: counted_rotate)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
+                       packed_seq_params=packed)
+        (logits.float() ** 2).mean().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    layers = cfg.language.num_layers + cfg.vision.num_layers
+    assert len(calls) == 2 * layers  # query and key of every layer, only on the "GPU"
+    assert calls.count(True) == 2 * cfg.vision.num_layers  # the learned angles: with gradient
+    assert attention.apply_rotary_pos_emb.__wrapped__ is rope_utils.apply_rotary_pos_emb
+    cpu, gpu = gradients
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -20,12 +20,23 @@ gradient add up in another order there, equal only to rounding, and the demo's t
 (deterministic run to run) is sensitive enough to end elsewhere after thousands of steps
 (overall accuracy 74.8% instead of 91.3%). So the fast path covers the language model always,
 and the vision tower when it is frozen.
+
+On a GPU the rotation is one compiled kernel instead (:func:`fused_rotation`): megatron's
+unfused rotation is ~12 elementwise kernels forward and ~7 backward for each of the query and
+the key (cos, sin, two scalings and two casts of the angles, the products, ``rotate_half``'s
+negation and concatenation, the final concatenation). The one H200 profile (2026-12-04,
+docs/BENCHMARKS.md) showed a host-bound step of ~165 launches per layer, a quarter of them
+RoPE's. The compiled version computes in fp32 and rounds once, so it is not bit-identical to
+megatron's bf16 arithmetic (GPU kernels are not bit-reproducible anyway); it covers the packed
+per-token case and the plain ``[s, b, h, d]`` one, learned angles included (their gradient comes
+from the compiled backward). The CPU keeps megatron's arithmetic (the demo's trajectory above).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings import rope_utils
 
@@ -38,12 +49,51 @@ def _context_parallel_size(cp_group) -> int:
     return parallel_state.get_context_parallel_world_size()
 
 
+def rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> torch.Tensor:
+    """RoPE on ``t`` (``[..., d]``) by angles ``freqs`` broadcast against it (``[..., d]``, the
+    two halves of the last dimension rotated as pairs: megatron's non-interleaved layout),
+    computed in fp32 (or t's wider type) and rounded once to ``t``'s dtype. Compiled on a GPU:
+    one kernel."""
+    compute = torch.promote_types(t.dtype, torch.float32)
+    x, angles = t.to(compute), freqs.to(compute)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (x * (torch.cos(angles) * mscale) + rotated * (torch.sin(angles) * mscale)).to(t.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_rotation():
+    """:func:`rotate` through ``torch.compile`` (built on first use; shapes that vary, as the
+    vision tower's do, become dynamic after the second)."""
+    return torch.compile(rotate)
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
+    """Whether :func:`fused_rotation` computes megatron's result for this call: on a GPU, one
+    angle per token (packed) or per position of ``[s, b, h, d]``, the whole head rotated, none
+    of megatron's other layouts or fusions, no context parallelism."""
+    if not (_on_gpu(t) and freqs.dim() == 4 and freqs.size(0) == t.size(0)
+            and freqs.size(-1) == t.size(-1) and not config.apply_rope_fusion
+            and not config.rotary_interleaved and not config.multi_latent_attention):
+        return False
+    layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4
+    return layout_ok and _context_parallel_size(cp_group) == 1
+
+
 def per_token_rotation(original):
     """megatron's ``apply_rotary_pos_emb`` with the one-angle-per-token packed case taken
-    without reading ``cu_seqlens`` (see the module docstring)."""
+    without reading ``cu_seqlens``, and on a GPU the rotation fused (see the module docstring)."""
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        if _fusable(t, freqs, config, cu_seqlens, cp_group):
+            # packed: t [tokens, heads, d], freqs [tokens, 1, 1, d] -> [tokens, 1, d]
+            angles = freqs.squeeze(1) if cu_seqlens is not None else freqs
+            return fused_rotation()(t, angles, float(mscale))
         if (cu_seqlens is not None and not config.apply_rope_fusion and freqs.dim() == 4
                 and freqs.size(0) == t.size(0) and not freqs.requires_grad
                 and _context_parallel_size(cp_group) == 1):
