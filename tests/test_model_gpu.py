@@ -15,7 +15,8 @@ if not torch.cuda.is_available():
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_patch.model import build_model, get_config  # noqa: E402
-from megatron_patch.model.attention import covering_packed_seq_params, flash_varlen_kernel  # noqa: E402
+from megatron_patch.model.attention import (covering_packed_seq_params,  # noqa: E402
+                                            flash_varlen_kernel)
 from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402
 from megatron_patch.model.layer_specs import te_available  # noqa: E402
 from megatron_patch.model.sharding import load_full_state_dict  # noqa: E402

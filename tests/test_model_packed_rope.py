@@ -149,7 +149,7 @@ def test_on_a_gpu_every_attention_layer_takes_the_fused_rotation(monkeypatch):
     init_parallel(1, 1)
     cfg = get_config("tiny")
     torch.manual_seed(0)
-    model = build_model(cfg, attention_backend="local").train()
+    model = build_model(cfg, attention_backend="local", rope_fusion=True).train()
     ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=1)
     positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
     cu = torch.tensor([0, 10, 24], dtype=torch.int32)
@@ -173,6 +173,10 @@ def test_on_a_gpu_every_attention_layer_takes_the_fused_rotation(monkeypatch):
     layers = cfg.language.num_layers + cfg.vision.num_layers
     assert len(calls) == 2 * layers  # query and key of every layer, only on the "GPU"
     assert calls.count(True) == 2 * cfg.vision.num_layers  # the learned angles: with gradient
+    # --no-rope-fusion (rope_fusion=False): megatron's rotation on the GPU too
+    unfused = build_model(cfg, attention_backend="local", rope_fusion=False)
+    unfused(ids, positions, pixel_values=pixels, image_grid_thw=grid, packed_seq_params=packed)
+    assert len(calls) == 2 * layers
     assert attention.apply_rotary_pos_emb.__wrapped__ is rope_utils.apply_rotary_pos_emb
     cpu, gpu = gradients
     for name in cpu:

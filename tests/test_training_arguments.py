@@ -119,7 +119,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     from megatron_patch.training import kernels
     cpu = kernels.summary(arguments.parse_args(paths + ["--bf16"]))
     assert cpu["attention"] == "torch SDPA; packed sequences: one call per sample"
-    assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"]
+    assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"] or cpu["fused_rope"]
                 or cpu["gradient_accumulation_fusion"])
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
     assert not cpu["sequence_parallel"]
@@ -130,7 +130,8 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     gpu = kernels.summary(arguments.parse_args(
         paths + ["--bf16", "--recompute-granularity", "full", "--no-bias-swiglu-fusion"]))
     assert gpu["attention"] == "torch SDPA; packed sequences: torch varlen flash kernel"
-    assert gpu["fused_cross_entropy"] and not gpu["fused_swiglu"]
+    assert gpu["fused_cross_entropy"] and gpu["fused_rope"] and not gpu["fused_swiglu"]
+    assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))["fused_rope"]
     assert gpu["recompute"] == "full"
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")
     assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")

@@ -96,8 +96,9 @@ def _kernel_summary(profiler, wall_us: float) -> Dict:
 def _format_summary(label: str, summary: Dict) -> str:
     lines = [f"{label}: profiled step {summary['wall_s']:.3f} s"]
     if "device_busy_s" in summary:
-        lines.append(f"device busy {summary['device_busy_s']:.3f} s "
-                     f"({100 * summary['device_busy_fraction']:.1f}%), {summary['kernels']} kernels")
+        busy = 100 * summary["device_busy_fraction"]
+        lines.append(f"device busy {summary['device_busy_s']:.3f} s ({busy:.1f}%), "
+                     f"{summary['kernels']} kernels")
         lines += [f"  {name}: {seconds:.3f} s"
                   for name, seconds in summary["kernel_seconds_by_category"].items()]
     return "\n".join(lines)

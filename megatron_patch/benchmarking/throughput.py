@@ -405,8 +405,8 @@ def _profile_line(profile: Dict) -> str:
         return f"step {profile['wall_s']:.3f} s (CPU: operators in {profile['table']})"
     categories = ", ".join(f"{name} {seconds:.3f}"
                            for name, seconds in profile["kernel_seconds_by_category"].items())
-    return (f"step {profile['wall_s']:.3f} s, device busy {100 * profile['device_busy_fraction']:.1f}%;"
-            f" kernel s: {categories}")
+    busy = 100 * profile["device_busy_fraction"]
+    return f"step {profile['wall_s']:.3f} s, device busy {busy:.1f}%; kernel s: {categories}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -73,11 +73,13 @@ def _on_gpu(t: torch.Tensor) -> bool:
 
 
 def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
-    """Whether :func:`fused_rotation` computes megatron's result for this call: on a GPU, one
+    """Whether :func:`fused_rotation` computes megatron's result for this call: switched on for
+    the model (``build_model(rope_fusion=...)``, ``--no-rope-fusion``), on a GPU, one
     angle per token (packed) or per position of ``[s, b, h, d]``, the whole head rotated, none
     of megatron's other layouts or fusions, no context parallelism."""
-    if not (_on_gpu(t) and freqs.dim() == 4 and freqs.size(0) == t.size(0)
-            and freqs.size(-1) == t.size(-1) and not config.apply_rope_fusion
+    if not (getattr(config, "compiled_rope", False) and _on_gpu(t) and freqs.dim() == 4
+            and freqs.size(0) == t.size(0) and freqs.size(-1) == t.size(-1)
+            and not config.apply_rope_fusion
             and not config.rotary_interleaved and not config.multi_latent_attention):
         return False
     layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
                    help="use the unfused SwiGLU (the fused one is used with CUDA)")
+    g.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
+                   help="rotate queries and keys with megatron's unfused elementwise RoPE instead "
+                        "of one compiled kernel (used with CUDA; e.g. where torch.compile fails)")
     g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                    help="megatron's fused vocab-parallel cross entropy; default: on with --bf16 "
                         "on CUDA (it rounds the logits' gradient to bf16, which the unfused path "

@@ -40,6 +40,7 @@ def wrap_model(args, cfg, device: torch.device):
     model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         fused_kernels=kernels.fused_swiglu(args),
+                        rope_fusion=kernels.fused_rope(args),
                         sequence_parallel=args.sequence_parallel, **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)

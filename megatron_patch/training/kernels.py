@@ -53,6 +53,13 @@ def gradient_accumulation_fusion(args) -> bool:
     return available
 
 
+def fused_rope(args) -> bool:
+    """Both towers' RoPE as one compiled kernel per query/key (compat/packed_rope.py): with CUDA
+    unless --no-rope-fusion. Not bit-identical to megatron's unfused bf16 arithmetic (it rounds
+    once), which the CPU keeps."""
+    return args.rope_fusion and torch.cuda.is_available()
+
+
 def summary(args) -> Dict[str, object]:
     """What this run computes with, in words and switches (see the module docstring)."""
     if attention_backend(args) == "te":
@@ -65,6 +72,7 @@ def summary(args) -> Dict[str, object]:
         "attention": attention,
         "precision": "bf16 weights, fp32 master weights and gradients" if args.bf16 else "fp32",
         "fused_swiglu": fused_swiglu(args),
+        "fused_rope": fused_rope(args),
         "fused_cross_entropy": fused_cross_entropy(args),
         "gradient_accumulation_fusion": gradient_accumulation_fusion(args),
         "recompute": args.recompute_granularity or "off",
