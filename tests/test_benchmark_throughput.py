@@ -95,6 +95,7 @@ def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     assert len(r["step_times_s"]) == 1 and r["profile"]["wall_s"] > 0
     table = (tmp_path / "profile" / "megatron_profile.txt").read_text()
     assert table.startswith("megatron: profiled step") and "aten::mm" in table
+    assert "sorted by self_cpu_time_total" in table and "self_device_time" not in table
     # full recompute: the hardware runs one more forward (4/3 of the model FLOPs)
     assert r["hardware_tflops_per_s_per_device"] == pytest.approx(
         r["model_tflops_per_s_per_device"] * 4 / 3)
