@@ -11,10 +11,15 @@ first save of a run costs what the others do.
 
 The distributed optimizer over torch's Adam (no TE/Apex, CPU or GPU) needs
 :func:`apply_torch_adam_fixes` to resume from a checkpoint (see compat/torch_adam.py).
+
+:func:`apply_foreach_multi_tensor` gives megatron's per-tensor optimizer fallbacks (gradient
+norm, clipping, master-weight copy; no TE/Apex) torch's multi-tensor kernels on a GPU
+(see compat/multi_tensor.py).
 """
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
+from megatron_patch.compat.multi_tensor import apply as apply_foreach_multi_tensor
 from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
 
-__all__ = ["apply_cpu_redirects", "apply_packed_rope_fast_path", "apply_torch_adam_fixes",
-           "is_applied"]
+__all__ = ["apply_cpu_redirects", "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
+           "apply_torch_adam_fixes", "is_applied"]

@@ -12,7 +12,7 @@ from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_opt
                                      get_standard_config_overrides)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_patch.compat import apply_torch_adam_fixes
+from megatron_patch.compat import apply_foreach_multi_tensor, apply_torch_adam_fixes
 
 MODULES = ("vision_model", "adapter", "language_model")
 
@@ -85,6 +85,7 @@ def optimizer_config(args) -> OptimizerConfig:
 def build_optimizer(args, model_chunks: List[torch.nn.Module]):
     """megatron-core optimizer over the trainable parameters, with per-module learning rates."""
     config = optimizer_config(args)
+    apply_foreach_multi_tensor()  # no-op with TE's or Apex's kernels; CUDA tensors only
     if config.use_distributed_optimizer:
         apply_torch_adam_fixes()  # no-op when megatron uses TE's or Apex's FusedAdam
     overrides = dict(get_standard_config_overrides(config))
