@@ -33,9 +33,8 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     language model's fused SwiGLU and cross entropy; ``rope_fusion`` (default: with CUDA) both
     towers' compiled RoPE kernel on GPU tensors (compat/packed_rope.py). ``sequence_parallel``
     applies to the language model only: the vision tower's images are short and each runs whole
-    on every TP rank. Extra
-    keyword arguments go to both megatron ``TransformerConfig``s (e.g. ``recompute_granularity``,
-    ``variable_seq_lengths``)."""
+    on every TP rank. Extra keyword arguments go to both megatron ``TransformerConfig``s (e.g.
+    ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     apply_packed_rope_fast_path()
     if pre_process is None:
