@@ -27,6 +27,24 @@ def rope_inputs(positions: int):
     return t, freqs
 
 
+def two_packed_samples(cfg, seed: int = 0):
+    """A packed forward's arguments: two samples of 10 and 14 tokens, one image each."""
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=seed)
+    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=14, max_seqlen_kv=14)
+    return (ids, positions), dict(pixel_values=pixels, image_grid_thw=grid,
+                                  packed_seq_params=packed)
+
+
+def parameter_gradients(model, inputs) -> dict:
+    args, kwargs = inputs
+    model.zero_grad(set_to_none=True)
+    (model(*args, **kwargs).float() ** 2).mean().backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 @pytest.mark.parametrize("positions", [16, 13], ids=["angle per token", "angle per position"])
 def test_same_rotation_and_gradient_as_megatron(positions):
     """Per token (our towers): the fast path; per position (megatron's other layout): megatron's
@@ -68,14 +86,9 @@ def test_both_towers_take_the_fast_path(monkeypatch):
         raise AssertionError("megatron's per-segment packed RoPE was called")
 
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_thd", per_segment)
-    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0])
-    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=14, max_seqlen_kv=14)
+    args, kwargs = two_packed_samples(cfg)
     with torch.no_grad():
-        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
-                       packed_seq_params=packed)
+        logits = model(*args, **kwargs)
     assert logits.shape[:2] == (1, 24) and torch.isfinite(logits).all()
 
 
@@ -89,19 +102,11 @@ def test_training_gradients_equal_megatrons_bit_for_bit(monkeypatch):
     cfg = get_config("tiny")
     torch.manual_seed(0)
     model = build_model(cfg, attention_backend="local").train()
-    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=1)
-    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=14, max_seqlen_kv=14)
+    inputs = two_packed_samples(cfg, seed=1)
     gradients = []
     for rope in (attention.apply_rotary_pos_emb, rope_utils.apply_rotary_pos_emb):
         monkeypatch.setattr(attention, "apply_rotary_pos_emb", rope)
-        model.zero_grad(set_to_none=True)
-        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
-                       packed_seq_params=packed)
-        (logits.float() ** 2).mean().backward()
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        gradients.append(parameter_gradients(model, inputs))
     ours, megatrons = gradients
     assert ours.keys() == megatrons.keys() and "vision_model.class_pos_emb" in ours
     assert [name for name in ours if not torch.equal(ours[name], megatrons[name])] == []
@@ -150,11 +155,7 @@ def test_on_a_gpu_every_attention_layer_takes_the_fused_rotation(monkeypatch):
     cfg = get_config("tiny")
     torch.manual_seed(0)
     model = build_model(cfg, attention_backend="local", rope_fusion=True).train()
-    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 24, [0, 0], seed=1)
-    positions = torch.cat([torch.arange(10), torch.arange(14)])[None]
-    cu = torch.tensor([0, 10, 24], dtype=torch.int32)
-    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=14, max_seqlen_kv=14)
+    inputs = two_packed_samples(cfg, seed=1)
     calls = []
 
     def counted_rotate(t, freqs, mscale):
@@ -165,17 +166,13 @@ def test_on_a_gpu_every_attention_layer_takes_the_fused_rotation(monkeypatch):
     for on_gpu in (False, True):
         monkeypatch.setattr(packed_rope, "_on_gpu", lambda t: on_gpu)
         monkeypatch.setattr(packed_rope, "fused_rotation", lambda: counted_rotate)
-        model.zero_grad(set_to_none=True)
-        logits = model(ids, positions, pixel_values=pixels, image_grid_thw=grid,
-                       packed_seq_params=packed)
-        (logits.float() ** 2).mean().backward()
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        gradients.append(parameter_gradients(model, inputs))
     layers = cfg.language.num_layers + cfg.vision.num_layers
     assert len(calls) == 2 * layers  # query and key of every layer, only on the "GPU"
     assert calls.count(True) == 2 * cfg.vision.num_layers  # the learned angles: with gradient
     # --no-rope-fusion (rope_fusion=False): megatron's rotation on the GPU too
     unfused = build_model(cfg, attention_backend="local", rope_fusion=False)
-    unfused(ids, positions, pixel_values=pixels, image_grid_thw=grid, packed_seq_params=packed)
+    unfused(*inputs[0], **inputs[1])
     assert len(calls) == 2 * layers
     assert attention.apply_rotary_pos_emb.__wrapped__ is rope_utils.apply_rotary_pos_emb
     cpu, gpu = gradients
