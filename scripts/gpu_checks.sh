@@ -174,7 +174,8 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, profile, long, recompute, ckpt)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $name (tests, bench, profile, long, recompute, ckpt)" \
+         | tee -a "$OUT/summary.txt" ;;
   esac
 done
 cat "$OUT/summary.txt" 2>/dev/null

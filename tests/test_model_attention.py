@@ -182,7 +182,9 @@ def test_covering_segments_skip_the_padding_guard(monkeypatch):
     no row unwritten: the kernel is called on the inputs as they are, with no masking pass."""
     q, k, v, _ = packed_inputs(seed=3)
     cu = torch.tensor([0, 5, 9, PADDED])  # trailing rows counted as a segment, as collate does
-    guarded = flash_varlen(KernelLater(), q, k, v, cu, cu, 9, 9, True, HEAD_DIM ** -0.5)
+    longest = int((cu[1:] - cu[:-1]).max())
+    guarded = flash_varlen(KernelLater(), q, k, v, cu, cu, longest, longest, True,
+                           HEAD_DIM ** -0.5)
 
     masking_callers, masked_fill = [], torch.Tensor.masked_fill
 
@@ -194,7 +196,7 @@ def test_covering_segments_skip_the_padding_guard(monkeypatch):
     kernel = KernelLater()
     monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: kernel)
     monkeypatch.setattr(SDPACoreAttention, "flash_varlen_applies", lambda self, query: True)
-    params = attention.covering_packed_seq_params(cu, PADDED, 9, torch.device("cpu"))
+    params = attention.covering_packed_seq_params(cu, PADDED, longest, torch.device("cpu"))
     assert params.cu_seqlens_q.dtype == torch.int32
     unguarded = core_attention(AttnMaskType.causal)(q, k, v, None, packed_seq_params=params)
     assert len(kernel.calls) == 1
