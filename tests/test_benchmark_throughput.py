@@ -335,7 +335,7 @@ def test_profile_summary_merges_kernel_intervals_and_sorts_them_by_kind():
     intervals (overlapping streams are not counted twice), kernel time is split by name."""
     from types import SimpleNamespace
 
-    from megatron_patch.benchmarking import profiling
+    from megatron_patch.benchmarking import profiling, throughput
 
     def kernel(name, start, end, device=torch.autograd.DeviceType.CUDA):
         return SimpleNamespace(name=name, device_type=device,
@@ -352,5 +352,7 @@ def test_profile_summary_merges_kernel_intervals_and_sorts_them_by_kind():
     assert summary["device_busy_fraction"] == pytest.approx(0.7)
     assert summary["kernel_seconds_by_category"] == pytest.approx(
         {"matmul": 400e-6, "attention": 200e-6, "other": 100e-6, "optimizer": 100e-6})
+    line = throughput._profile_line({**summary, "kernels_per_micro_batch": 2.0})
+    assert "device busy 70.0%, 2 kernels per micro-batch; kernel s: matmul 0.000" in line
     assert profiling.categorise("CatArrayBatchedCopy") == "copy"
     assert profiling.categorise("scatter_gather_elementwise_kernel") == "other"

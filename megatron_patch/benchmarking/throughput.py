@@ -192,6 +192,8 @@ def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: to
         micro = [next(batches) for _ in range(num_micro)]
         result["profile"] = profile_step(lambda: runner.step(micro), device, runner.name,
                                          profile_dir)
+        if "kernels" in result["profile"]:  # the figure launch-count changes move
+            result["profile"]["kernels_per_micro_batch"] = result["profile"]["kernels"] / num_micro
     return result, keys
 
 
@@ -410,7 +412,9 @@ def _profile_line(profile: Dict) -> str:
     categories = ", ".join(f"{name} {seconds:.3f}"
                            for name, seconds in profile["kernel_seconds_by_category"].items())
     busy = 100 * profile["device_busy_fraction"]
-    return f"step {profile['wall_s']:.3f} s, device busy {busy:.1f}%; kernel s: {categories}"
+    return (f"step {profile['wall_s']:.3f} s, device busy {busy:.1f}%, "
+            f"{profile['kernels_per_micro_batch']:.0f} kernels per micro-batch; "
+            f"kernel s: {categories}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
