@@ -72,18 +72,22 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def _angle_per_row(t, freqs, config, cp_group) -> bool:
+    """One angle per row of ``t`` (per packed token, or per position of ``[s, b, h, d]``), no
+    megatron RoPE fusion and no context parallelism: the cases both fast paths take."""
+    return (freqs.dim() == 4 and freqs.size(0) == t.size(0) and not config.apply_rope_fusion
+            and _context_parallel_size(cp_group) == 1)
+
+
 def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
     """Whether :func:`fused_rotation` computes megatron's result for this call: switched on for
-    the model (``build_model(rope_fusion=...)``, ``--no-rope-fusion``), on a GPU, one
-    angle per token (packed) or per position of ``[s, b, h, d]``, the whole head rotated, none
-    of megatron's other layouts or fusions, no context parallelism."""
-    if not (getattr(config, "compiled_rope", False) and _on_gpu(t) and freqs.dim() == 4
-            and freqs.size(0) == t.size(0) and freqs.size(-1) == t.size(-1)
-            and not config.apply_rope_fusion
-            and not config.rotary_interleaved and not config.multi_latent_attention):
-        return False
+    the model (``build_model(rope_fusion=...)``, ``--no-rope-fusion``), on a GPU, one angle per
+    row in the packed ``[t, h, d]`` or the ``[s, b, h, d]`` layout, the whole head rotated, in
+    megatron's plain (not interleaved, not MLA) layout."""
     layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4
-    return layout_ok and _context_parallel_size(cp_group) == 1
+    return (getattr(config, "compiled_rope", False) and _on_gpu(t) and layout_ok
+            and freqs.size(-1) == t.size(-1) and not config.rotary_interleaved
+            and not config.multi_latent_attention and _angle_per_row(t, freqs, config, cp_group))
 
 
 def per_token_rotation(original):
@@ -96,9 +100,8 @@ def per_token_rotation(original):
             # packed: t [tokens, heads, d], freqs [tokens, 1, 1, d] -> [tokens, 1, d]
             angles = freqs.squeeze(1) if cu_seqlens is not None else freqs
             return fused_rotation()(t, angles, float(mscale))
-        if (cu_seqlens is not None and not config.apply_rope_fusion and freqs.dim() == 4
-                and freqs.size(0) == t.size(0) and not freqs.requires_grad
-                and _context_parallel_size(cp_group) == 1):
+        if (cu_seqlens is not None and not freqs.requires_grad
+                and _angle_per_row(t, freqs, config, cp_group)):
             return rope_utils._apply_rotary_pos_emb_bshd(
                 t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved,
                 multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)
