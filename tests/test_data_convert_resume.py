@@ -209,3 +209,39 @@ def test_an_unreadable_resume_point_is_named(mixed_input, tmp_path, monkeypatch,
     error = capsys.readouterr().err
     assert f"cannot read {progress} (JSONDecodeError" in error and "--overwrite" in error
     assert convert_main(command + ["--overwrite"]) == 3
+
+
+def test_a_dead_worker_is_an_error_that_says_how_to_go_on(mixed_input, uninterrupted, tmp_path,
+                                                          monkeypatch, capsys):
+    """A worker process that dies (ordered_pool.WorkerDied, here after 7 results) ends the run
+    with a message naming the record, the output folder and the way on; the same command then
+    finishes with the bytes of a run that never stopped."""
+    from megatron_patch.data import convert
+    from megatron_patch.data.ordered_pool import WorkerDied
+
+    class DiesAfterSeven:
+        def __init__(self, function, workers, **kwargs):
+            self.function = function
+
+        def map(self, items):
+            for done, item in enumerate(items):
+                if done == 7:
+                    raise WorkerDied("a worker process died (killed, ...) after 7 results")
+                yield self.function(item)
+
+        def __exit__(self, *exc):
+            pass
+
+    out = str(tmp_path / "out")
+    command = [a if a != "1" else "2" for a in mixed_input] + ["--output-dir", out]
+    assert command[command.index("--workers") + 1] == "2"
+    monkeypatch.setattr(convert, "OrderedProcessMap", DiesAfterSeven)
+    capsys.readouterr()
+    assert convert_main(command) == 1
+    message = capsys.readouterr().err
+    assert "worker process died" in message and "record 8 of the input" in message
+    assert out in message and "run the same command again" in message
+    monkeypatch.undo()
+    assert convert_main(command) == 3
+    assert "going on with the interrupted conversion" in capsys.readouterr().err
+    assert output_files(out) == uninterrupted

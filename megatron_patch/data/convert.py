@@ -11,7 +11,6 @@ conversion that died goes on from its last resume point when run again (convert_
 """
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from megatron_patch.data.convert_progress import ResumePoint
 from megatron_patch.data.energon_index import META_DIR, write_energon_index
 from megatron_patch.data.errors import BadRecord
 from megatron_patch.data.image_bytes import load_image_bytes, verified_image
+from megatron_patch.data.ordered_pool import OrderedProcessMap, WorkerDied
 from megatron_patch.data.readers import RawRecord, ReaderOptions, read_records
 from megatron_patch.data.records import normalize_record
 from megatron_patch.data.shard_format import (DEFAULT_SHARD_PREFIX, JSON_PART, REPORT_NAME,
@@ -130,6 +130,14 @@ class _Conversion:
                         last_point = self._save_point(skipped_file)
                 self.writer.close_all()
                 self._save_point(skipped_file, all_converted=True)
+        except WorkerDied as error:
+            self.writer.abandon()
+            raise SystemExit(
+                f"error: {error}, with record {self.consumed + 1} of the input or one of the "
+                f"next few. The shards up to the last resume point stay in "
+                f"{options.output_dir}: run the same command again to go on from there (with "
+                f"--workers 1 a record that crashes the converter shows in the traceback)"
+            ) from error
         except BaseException:
             self.writer.abandon()
             raise
@@ -229,7 +237,8 @@ def _iter_raw_records(options: ConvertOptions):
 
 
 class _worker_map:
-    """Ordered map of `_convert_one` over the input: in-process for workers<=1, else a pool."""
+    """Ordered map of `_convert_one` over the input: in-process for workers<=1, else worker
+    processes (ordered_pool: clean workers, a dead one is an error rather than a hang)."""
 
     def __init__(self, options: ConvertOptions, skip: int = 0):
         self.options, self.skip, self.pool = options, skip, None
@@ -239,13 +248,12 @@ class _worker_map:
         items = itertools.islice(_iter_raw_records(self.options), self.skip, None)
         if self.options.workers <= 1:
             return map(_convert_one, items)
-        self.pool = multiprocessing.get_context("fork").Pool(self.options.workers)
-        return self.pool.imap(_convert_one, items, chunksize=16)
+        self.pool = OrderedProcessMap(_convert_one, self.options.workers, preload=[__name__])
+        return self.pool.map(items)
 
     def __exit__(self, *exc):
         if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
-            self.pool.join()
+            self.pool.__exit__(*exc)
 
 
 def _convert_one(item) -> _Converted:

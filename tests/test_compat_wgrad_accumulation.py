@@ -1,0 +1,133 @@
+"""compat/wgrad_accumulation.py: megatron's gradient-accumulation fusion without APEX. The weight
+gradient's GEMM adds into ``main_grad`` itself; megatron DDP's hook then adds nothing more."""
+import pytest
+import torch
+from megatron.core.tensor_parallel import layers
+
+from megatron_patch.benchmarking import throughput
+from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace
+from megatron_patch.compat import wgrad_accumulation
+from megatron_patch.model.configs import get_config
+
+
+def operands(dtype, tokens=33, out_features=6, in_features=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(tokens, in_features, generator=g).to(dtype)
+    grad_output = torch.randn(tokens, out_features, generator=g).to(dtype)
+    main_grad = torch.randn(out_features, in_features, generator=g)
+    return inputs, grad_output, main_grad
+
+
+def test_fp32_operands_accumulate_in_place_in_one_gemm():
+    inputs, grad_output, main_grad = operands(torch.float32)
+    expected = main_grad + grad_output.t() @ inputs
+    storage = main_grad.data_ptr()
+    wgrad_accumulation.wgrad_gemm_accum_fp32(inputs, grad_output, main_grad)
+    assert main_grad.data_ptr() == storage
+    torch.testing.assert_close(main_grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_operands_without_a_mixed_gemm_take_the_unfused_arithmetic():
+    """The CPU has no fp32-output GEMM for bf16: the result is DDP's unfused sum, bit for bit."""
+    inputs, grad_output, main_grad = operands(torch.bfloat16)
+    assert not wgrad_accumulation.fp32_output_gemm_works(torch.device("cpu"), torch.bfloat16)
+    unfused = main_grad.clone().add_(grad_output.t().matmul(inputs))
+    wgrad_accumulation.wgrad_gemm_accum_fp32(inputs, grad_output, main_grad)
+    assert torch.equal(main_grad, unfused)
+
+
+def test_three_dimensional_activations_are_flattened_like_megatrons():
+    inputs, grad_output, main_grad = operands(torch.float32, tokens=12)
+    expected = main_grad + grad_output.t() @ inputs
+    wgrad_accumulation.wgrad_gemm_accum_fp32(inputs.view(3, 4, -1), grad_output.view(3, 4, -1),
+                                             main_grad)
+    torch.testing.assert_close(main_grad, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_half_precision_main_grad_accumulates_in_its_dtype():
+    inputs, grad_output, main_grad = operands(torch.bfloat16)
+    main_grad = main_grad.bfloat16()
+    expected = torch.addmm(main_grad, grad_output.t(), inputs)
+    wgrad_accumulation.wgrad_gemm_accum_fp16(inputs, grad_output, main_grad)
+    assert torch.equal(main_grad, expected)
+
+
+def test_probe_accepts_only_a_gemm_that_accumulates_into_its_own_output(monkeypatch):
+    """The device check: an fp32-output addmm that is missing (the CPU's build), or that does not
+    add into the tensor it writes (an aliasing fault), is not used."""
+    cpu = torch.device("cpu")
+    assert not wgrad_accumulation.accumulates_in_place(cpu, torch.bfloat16)  # no CPU kernel
+
+    def correct(c, a, b, out_dtype, out):
+        out.copy_(c + a.float() @ b.float())
+
+    def overwrites(c, a, b, out_dtype, out):
+        out.copy_(a.float() @ b.float())
+
+    for addmm, works in ((correct, True), (overwrites, False)):
+        monkeypatch.setattr(torch, "addmm", addmm)
+        assert wgrad_accumulation.accumulates_in_place(cpu, torch.bfloat16) is works
+
+
+def test_install_gives_megatron_the_functions_and_leaves_apex_alone(monkeypatch):
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
+    monkeypatch.delattr(layers, "fused_weight_gradient_mlp_cuda", raising=False)
+    wgrad_accumulation.install()
+    assert layers._grad_accum_fusion_available
+    assert layers.fused_weight_gradient_mlp_cuda is wgrad_accumulation
+    assert not wgrad_accumulation.uses_apex()
+
+    apex = object()
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", apex)
+    wgrad_accumulation.install()
+    assert layers.fused_weight_gradient_mlp_cuda is apex and wgrad_accumulation.uses_apex()
+
+
+SMALL = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
+         "--image-size-max", "112", "--text-length-median", "40", "--num-layers", "1",
+         "--vision-num-layers", "1", "--grad-accum", "2", "--warmup-steps", "0", "--steps", "1"]
+
+
+def gradients_after_one_step(extra):
+    """The trainer's step (megatron DDP, the mixed-precision optimizer) over two micro-batches;
+    the gradient buffers it leaves, by parameter name, and the linears' fusion flags."""
+    from megatron_patch.training.parallel_setup import initialize, seed_everything, shutdown
+    args = throughput.parse_args(SMALL + extra)
+    cfg = get_config(args.model, throughput.model_overrides(args))
+    train_args = trainer_namespace(args)
+    synthetic = throughput._Synthetic(throughput.synthetic_spec(args, cfg), 2)
+    initialize(1, 1, args.seed)
+    try:
+        seed_everything(args.seed)
+        runner = MegatronRunner(train_args, cfg, torch.device("cpu"))
+        batches, close = synthetic.open()
+        loss = runner.step([next(iter(batches)) for _ in range(2)])
+        close()
+        named = list(runner.model.module.named_parameters())
+        grads = {name: p.main_grad.clone() for name, p in named if p.requires_grad}
+        fused = {name for name, p in named if getattr(p, "grad_added_to_main_grad", False)}
+        runner.close()
+        return loss, grads, fused
+    finally:
+        shutdown()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_trainer_step_with_fusion_gives_the_unfused_gradients(precision):
+    """bf16 on the CPU (no fp32-output GEMM there): the same arithmetic, so the same buffers bit
+    for bit -- nothing is added twice or lost. fp32: one addmm instead of a GEMM and an add,
+    equal up to rounding. Either way the fused linears are marked, so DDP's hook skips them."""
+    extra = ["--bf16"] if precision == "bf16" else []
+    loss, grads, fused = gradients_after_one_step(extra + ["--gradient-accumulation-fusion"])
+    ref_loss, ref_grads, ref_fused = gradients_after_one_step(
+        extra + ["--no-gradient-accumulation-fusion"])
+    assert not ref_fused
+    linear_weights = {name for name in grads if name.endswith("weight") and (
+        "linear_" in name or "output_layer" in name)}
+    assert linear_weights and fused == linear_weights
+    assert torch.equal(loss, ref_loss)
+    for name, grad in grads.items():
+        if precision == "bf16":
+            assert torch.equal(grad, ref_grads[name]), name
+        else:
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-7, msg=name)
