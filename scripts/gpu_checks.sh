@@ -4,7 +4,8 @@
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
 # baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
-# ("long"), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# ("long"), the megatron step without each launch-cutting kernel in turn ("levers"), full
+# recompute ("recompute"), the checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
 # BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
@@ -122,7 +123,13 @@ def cuda_tensor():
     assert torch.ones(1, device="cuda").item() == 1
 
 
-for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward):
+def fp32_output_gemm():  # gradient-accumulation fusion without APEX
+    from megatron_patch.compat.wgrad_accumulation import fp32_output_gemm_works
+    assert fp32_output_gemm_works(torch.device("cuda"), torch.bfloat16)
+
+
+for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
+              fp32_output_gemm):
     started = time.time()
     try:
         check()
@@ -163,6 +170,14 @@ for name in $STEPS; do
         --trainer megatron --seq-length 16384 --grad-accum 4 --warmup-steps 2 --steps 4 \
         --json "$OUT/seq16k_megatron.json"
       tail -6 "$OUT/bench_long.txt" ;;
+    levers)  # the megatron step with one launch-cutting kernel off at a time; "bench" (all
+      # on) is the reference: what each saves on this host-bound step
+      for lever in gradient-accumulation-fusion rope-fusion; do
+        step "bench_no_$lever" 120 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+          --trainer megatron --warmup-steps 2 --steps 3 "--no-$lever" \
+          --json "$OUT/seq8k_megatron_no_$lever.json"
+        tail -4 "$OUT/bench_no_$lever.txt"
+      done ;;
     recompute)
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
@@ -174,7 +189,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, profile, long, recompute, ckpt)" \
+    *) echo "unknown step $name (tests, bench, profile, long, levers, recompute, ckpt)" \
          | tee -a "$OUT/summary.txt" ;;
   esac
 done

@@ -166,3 +166,31 @@ def test_compiled_rotation_matches_megatrons_rope_on_cuda():
         assert error(got, want) < 1e-2, (name, error(got, want))
     for name, got, want in zip(("output", "input gradient"), fused[:2], megatron[:2]):
         assert error(got, want) < 2e-2, (name, error(got, want))
+
+
+def test_weight_gradients_accumulate_in_fp32_without_apex():
+    """compat/wgrad_accumulation on CUDA: torch's fp32-output GEMM adds each micro-batch's bf16
+    weight gradient into the fp32 buffer without rounding it to bf16 first, so two micro-batches
+    land nearer a float64 sum than the unfused path (a bf16 GEMM, then the add), and in place."""
+    from megatron_patch.compat import wgrad_accumulation
+
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 8):
+        pytest.skip("torch < 2.8 has no fp32-output GEMM for bf16")
+    assert wgrad_accumulation.fp32_output_gemm_works(DEV, torch.bfloat16)
+    g = torch.Generator(device=DEV).manual_seed(6)
+    micro_batches = [(torch.randn(4096, 1024, device=DEV, generator=g).to(torch.bfloat16),
+                      torch.randn(4096, 512, device=DEV, generator=g).to(torch.bfloat16))
+                     for _ in range(2)]
+    reference = sum(grad.double().t() @ inputs.double() for inputs, grad in micro_batches)
+    fused, unfused = torch.zeros(512, 1024, device=DEV), torch.zeros(512, 1024, device=DEV)
+    storage = fused.data_ptr()
+    for inputs, grad in micro_batches:
+        wgrad_accumulation.wgrad_gemm_accum_fp32(inputs, grad, fused)
+        unfused.add_(grad.t() @ inputs)
+    assert fused.data_ptr() == storage
+
+    def error(got):
+        return ((got.double() - reference).norm() / reference.norm()).item()
+
+    assert error(fused) < 1e-5 and error(fused) < error(unfused) / 10, (error(fused),
+                                                                       error(unfused))

@@ -94,25 +94,22 @@ def test_model_config_takes_overrides_and_the_tokenizers_image_token(paths, demo
     assert cfg.image_token_id == tokenizer.image_pad_id
 
 
-def test_gradient_accumulation_fusion_is_on_where_megatron_can_run_it(paths, monkeypatch):
-    """Default: on with CUDA and APEX's fused wgrad kernel (megatron's linears need it); asking
-    for it without them is an error that names what is missing."""
+def test_gradient_accumulation_fusion_is_on_with_cuda_and_runs_without_apex(paths, monkeypatch):
+    """Default: on with CUDA, off on the CPU; either can be asked for. Without APEX megatron's
+    linears get torch's kernels (compat/wgrad_accumulation.py) instead of refusing the flag."""
     from megatron.core.tensor_parallel import layers
 
+    from megatron_patch.compat import wgrad_accumulation
     from megatron_patch.training.kernels import gradient_accumulation_fusion
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)  # no APEX
     for cuda in (False, True):
-        for apex in (False, True):
-            monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-            monkeypatch.setattr(layers, "_grad_accum_fusion_available", apex)
-            assert gradient_accumulation_fusion(arguments.parse_args(paths)) == (cuda and apex)
-            off = arguments.parse_args(paths + ["--no-gradient-accumulation-fusion"])
-            assert gradient_accumulation_fusion(off) is False
-            on = arguments.parse_args(paths + ["--gradient-accumulation-fusion"])
-            if cuda and apex:
-                assert gradient_accumulation_fusion(on) is True
-            else:
-                with pytest.raises(arguments.ArgumentError, match="fused_weight_gradient_mlp_cuda"):
-                    gradient_accumulation_fusion(on)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert gradient_accumulation_fusion(arguments.parse_args(paths)) is cuda
+        off = arguments.parse_args(paths + ["--no-gradient-accumulation-fusion"])
+        assert gradient_accumulation_fusion(off) is False
+        on = arguments.parse_args(paths + ["--gradient-accumulation-fusion"])
+        assert gradient_accumulation_fusion(on) is True
+        assert layers._grad_accum_fusion_available and not wgrad_accumulation.uses_apex()
 
 
 def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
@@ -124,7 +121,14 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
     assert not cpu["sequence_parallel"]
 
+    fused = kernels.summary(arguments.parse_args(paths + ["--bf16",
+                                                          "--gradient-accumulation-fusion"]))
+    assert "unfused arithmetic" in fused["gradient_accumulation_fusion"]  # no such GEMM on CPU
+    fused = kernels.summary(arguments.parse_args(paths + ["--gradient-accumulation-fusion"]))
+    assert fused["gradient_accumulation_fusion"] == "torch addmm into the fp32 buffer"
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels.wgrad_accumulation, "fp32_output_gemm_works", lambda *a: True)
     monkeypatch.setattr(kernels, "flash_varlen_kernel", lambda: object())  # torch >= 2.10
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "local")  # no TE here
     gpu = kernels.summary(arguments.parse_args(
@@ -133,5 +137,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert gpu["fused_cross_entropy"] and gpu["fused_rope"] and not gpu["fused_swiglu"]
     assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))["fused_rope"]
     assert gpu["recompute"] == "full"
+    assert gpu["gradient_accumulation_fusion"] == ("torch addmm with fp32 output into the fp32 "
+                                                   "buffer")
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")
     assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")

@@ -27,7 +27,8 @@ BASELINE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "benchmarks", "baseline_llava.py")
 
 # benchmark option -> trainer option (same meaning, passed through)
-_PASSED = ("model", *arguments.MODEL_OVERRIDE_KEYS, "attention_backend", "recompute_granularity",
+_PASSED = ("model", *arguments.MODEL_OVERRIDE_KEYS, *arguments.KERNEL_SWITCH_KEYS,
+           "attention_backend", "recompute_granularity",
            "recompute_method", "recompute_num_layers", "micro_batch_size", "global_batch_size",
            "seq_length", "bf16", "use_distributed_optimizer", "lr", "clip_grad", "seed",
            "num_workers", "packing", "max_images_per_pack", "data_path", "tokenizer_path")

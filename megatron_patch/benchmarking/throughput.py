@@ -52,7 +52,8 @@ from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, r
                                                 sync as _sync)
 from megatron_patch.model import build_model, count_parameters, get_config
 from megatron_patch.training import kernels
-from megatron_patch.training.arguments import add_model_override_arguments, model_overrides
+from megatron_patch.training.arguments import (add_kernel_arguments,
+                                               add_model_override_arguments, model_overrides)
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
 
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", help="megatron: bf16 params + fp32 master "
                    "weights; baseline: bf16 autocast over fp32 weights")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    add_kernel_arguments(p.add_argument_group("megatron kernels (default: the trainer's)"))
     g = p.add_argument_group("batch and steps")
     g.add_argument("--seq-length", type=int, default=2048)
     g.add_argument("--micro-batch-size", type=int, default=1)

@@ -15,11 +15,15 @@ The distributed optimizer over torch's Adam (no TE/Apex, CPU or GPU) needs
 :func:`apply_foreach_multi_tensor` gives megatron's per-tensor optimizer fallbacks (gradient
 norm, clipping, master-weight copy; no TE/Apex) torch's multi-tensor kernels on a GPU
 (see compat/multi_tensor.py).
+
+:func:`apply_wgrad_accumulation` lets megatron's linears fuse gradient accumulation without
+APEX, on torch's fp32-output GEMM (see compat/wgrad_accumulation.py).
 """
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
 from megatron_patch.compat.multi_tensor import apply as apply_foreach_multi_tensor
 from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
+from megatron_patch.compat.wgrad_accumulation import install as apply_wgrad_accumulation
 
 __all__ = ["apply_cpu_redirects", "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
-           "apply_torch_adam_fixes", "is_applied"]
+           "apply_torch_adam_fixes", "apply_wgrad_accumulation", "is_applied"]

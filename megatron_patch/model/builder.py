@@ -13,7 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch.compat import apply_cpu_redirects, apply_packed_rope_fast_path
+from megatron_patch.compat import (apply_cpu_redirects, apply_packed_rope_fast_path,
+                                   apply_wgrad_accumulation)
 from megatron_patch.model.configs import LlavaOVConfig
 from megatron_patch.model.layer_specs import language_block_spec, resolve_backend, vision_layer_spec
 from megatron_patch.model.llava_ov import LlavaOVModel
@@ -37,6 +38,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     apply_packed_rope_fast_path()
+    apply_wgrad_accumulation()  # gradient_accumulation_fusion=True without APEX
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
                                                              vp_stage=vp_stage)

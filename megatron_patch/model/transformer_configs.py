@@ -19,8 +19,8 @@ Choices that hold for both and why:
   unfused path bit for bit (tests/test_model_language.py) while fp32 logits may lose precision:
   the 0.2% gradient difference measured earlier on CPU with fp32 (CPU runs it through
   torch.compile, whose results for fp32 varied between runs in our tries).
-* ``gradient_accumulation_fusion=False`` here; the trainer turns it on where megatron can run it
-  (CUDA + APEX's fused wgrad kernel, ``kernels.gradient_accumulation_fusion``).
+* ``gradient_accumulation_fusion=False`` here; the trainer turns it on with CUDA
+  (``kernels.gradient_accumulation_fusion``; without APEX on compat/wgrad_accumulation.py).
 * dropout 0: neither RICE-ViT nor Qwen3 uses dropout.
 * ``sequence_parallel=False`` unless the caller asks (the trainer's ``--sequence-parallel``),
   and then only for the language model: the model merges image features into the token

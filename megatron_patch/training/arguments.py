@@ -33,6 +33,32 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
                             "only weights trained from scratch see it)")
 
 
+# the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
+KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "cross_entropy_loss_fusion",
+                      "gradient_accumulation_fusion")
+
+
+def add_kernel_arguments(group) -> None:
+    """The fused-kernel switches, Megatron-LM's names; the benchmark takes the same ones, so a
+    throughput figure can be measured with and without each."""
+    group.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion",
+                       action="store_false",
+                       help="use the unfused SwiGLU (the fused one is used with CUDA)")
+    group.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
+                       help="rotate queries and keys with megatron's unfused elementwise RoPE "
+                            "instead of one compiled kernel (used with CUDA; e.g. where "
+                            "torch.compile fails)")
+    group.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                       help="megatron's fused vocab-parallel cross entropy; default: on with "
+                            "--bf16 on CUDA (it rounds the logits' gradient to bf16, which the "
+                            "unfused path does too for bf16 logits; in fp32 it would lose "
+                            "precision)")
+    group.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
+                       help="weight gradients accumulate straight into the fp32 gradient buffer "
+                            "(Megatron-LM's default); default: on with CUDA (APEX's kernel "
+                            "where installed, torch's fp32-output GEMM otherwise)")
+
+
 def model_overrides(args) -> dict:
     """The override values from any namespace built with add_model_override_arguments."""
     return {key: getattr(args, key, None) for key in MODEL_OVERRIDE_KEYS}
@@ -50,19 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="tiny", help="config name: tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
     add_model_override_arguments(g)
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
-    g.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion", action="store_false",
-                   help="use the unfused SwiGLU (the fused one is used with CUDA)")
-    g.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
-                   help="rotate queries and keys with megatron's unfused elementwise RoPE instead "
-                        "of one compiled kernel (used with CUDA; e.g. where torch.compile fails)")
-    g.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
-                   help="megatron's fused vocab-parallel cross entropy; default: on with --bf16 "
-                        "on CUDA (it rounds the logits' gradient to bf16, which the unfused path "
-                        "does too for bf16 logits; in fp32 it would lose precision)")
-    g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction,
-                   help="weight gradients accumulate straight into the fp32 gradient buffer "
-                        "(Megatron-LM's default); default: on with CUDA where APEX's "
-                        "fused_weight_gradient_mlp_cuda is installed, which megatron needs for it")
+    add_kernel_arguments(g)
     g.add_argument("--recompute-granularity", choices=("full", "selective"))
     g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)

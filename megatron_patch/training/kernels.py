@@ -12,9 +12,9 @@ from typing import Dict
 
 import torch
 
+from megatron_patch.compat import apply_wgrad_accumulation, wgrad_accumulation
 from megatron_patch.model.attention import flash_varlen_kernel
 from megatron_patch.model.layer_specs import resolve_backend
-from megatron_patch.training import arguments
 
 
 def attention_backend(args) -> str:
@@ -38,19 +38,16 @@ def fused_cross_entropy(args) -> bool:
 
 
 def gradient_accumulation_fusion(args) -> bool:
-    """--gradient-accumulation-fusion, by default on where it can run: on CUDA with APEX's
-    fused_weight_gradient_mlp_cuda, which megatron's own linears (the output layer in every
-    spec) need for it; Transformer Engine's linears fuse it themselves. It saves one read and
-    write of every weight gradient per micro-batch."""
-    from megatron.core.tensor_parallel import layers
-    available = torch.cuda.is_available() and layers._grad_accum_fusion_available
-    if args.gradient_accumulation_fusion and not available:
-        raise arguments.ArgumentError(
-            "--gradient-accumulation-fusion needs CUDA and APEX's fused_weight_gradient_mlp_cuda "
-            "(in NVIDIA's PyTorch containers); drop the flag to run without it")
+    """--gradient-accumulation-fusion, by default on with CUDA: each weight gradient's GEMM adds
+    into the fp32 gradient buffer, saving a kernel, a bf16 temporary and a bf16 rounding per
+    weight and micro-batch. Transformer Engine's linears fuse it themselves; megatron's own use
+    APEX's kernel where installed, torch's fp32-output GEMM otherwise
+    (compat/wgrad_accumulation.py). The CPU may opt in but by default keeps DDP's separate add,
+    the arithmetic the demo's trajectory was measured with."""
+    apply_wgrad_accumulation()
     if args.gradient_accumulation_fusion is not None:
         return args.gradient_accumulation_fusion
-    return available
+    return torch.cuda.is_available()
 
 
 def fused_rope(args) -> bool:
@@ -58,6 +55,16 @@ def fused_rope(args) -> bool:
     unless --no-rope-fusion. Not bit-identical to megatron's unfused bf16 arithmetic (it rounds
     once), which the CPU keeps."""
     return args.rope_fusion and torch.cuda.is_available()
+
+
+def _wgrad_kernel(args):
+    """False, or which kernel the fused weight gradients take (TE's linears fuse themselves)."""
+    if not gradient_accumulation_fusion(args):
+        return False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    own = wgrad_accumulation.describe(device, dtype)
+    return f"TE's linears; the others: {own}" if attention_backend(args) == "te" else own
 
 
 def summary(args) -> Dict[str, object]:
@@ -74,7 +81,7 @@ def summary(args) -> Dict[str, object]:
         "fused_swiglu": fused_swiglu(args),
         "fused_rope": fused_rope(args),
         "fused_cross_entropy": fused_cross_entropy(args),
-        "gradient_accumulation_fusion": gradient_accumulation_fusion(args),
+        "gradient_accumulation_fusion": _wgrad_kernel(args),
         "recompute": args.recompute_granularity or "off",
         "sequence_parallel": args.sequence_parallel,
         "distributed_optimizer": args.use_distributed_optimizer,
