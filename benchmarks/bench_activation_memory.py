@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import torch
 
@@ -41,21 +42,36 @@ def parse_args(argv=None):
     p.add_argument("--image-size-max", type=int, default=224, help="pixels, multiple of 28")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="write the results here (rank 0)")
+    p.add_argument("--top", type=int, default=0, help="also list the N largest saved tensors of "
+                   "the TP=1 forward: region, shape, dtype and the source line that saved them")
     return p.parse_args(argv)
 
 
-def saved_activation_bytes(model, inputs) -> dict:
+def _saving_line() -> str:
+    """The innermost source line outside torch itself: which module saved the tensor."""
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if f"{os.sep}torch{os.sep}" not in f.filename]
+    frame = frames[-1]
+    return f"{os.path.basename(frame.filename)}:{frame.lineno} {(frame.line or '').strip()}"
+
+
+def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
     """Bytes of the distinct storages autograd saves during one forward, parameters excluded:
-    ``{"decoder_per_layer": ..., "other": ...}``."""
+    ``{"decoder_per_layer": ..., "other": ...}``, and with ``top`` the largest of them, each
+    with the line that saved it (``"largest"``)."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
     decoder = model.language_model.decoder
     region = ["other"]
-    saved = {}
+    saved, largest = {}, []
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved.setdefault(storage.data_ptr(), (region[0], storage.nbytes()))
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = (region[0], storage.nbytes())
+            if top:
+                largest.append(dict(region=region[0], bytes=storage.nbytes(),
+                                    shape=list(tensor.shape), dtype=str(tensor.dtype),
+                                    saved_by=_saving_line()))
         return tensor
 
     def switch_to(name):
@@ -77,10 +93,14 @@ def saved_activation_bytes(model, inputs) -> dict:
     totals = {"decoder": 0, "other": 0}
     for where, nbytes in saved.values():
         totals[where] += nbytes
-    return {"decoder_per_layer": totals["decoder"] / len(decoder.layers), "other": totals["other"]}
+    result = {"decoder_per_layer": totals["decoder"] / len(decoder.layers),
+              "other": totals["other"]}
+    if top:
+        result["largest"] = sorted(largest, key=lambda entry: -entry["bytes"])[:top]
+    return result
 
 
-def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device) -> dict:
+def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device, top: int = 0) -> dict:
     initialize(tp, 1, args.seed)
     extra = {}
     if args.recompute_granularity:
@@ -91,7 +111,7 @@ def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device) -> dict:
                         sequence_parallel=sequence_parallel, **extra).to(device)
     inputs = model_inputs(batch, device)
     inputs.pop("loss_mask")
-    return saved_activation_bytes(model, inputs)
+    return saved_activation_bytes(model, inputs, top)
 
 
 def main(argv=None):
@@ -109,7 +129,8 @@ def main(argv=None):
     layouts = [(1, False)] + ([(world, False), (world, True)] if world > 1 else [])
     rows = []
     for tp, sequence_parallel in layouts:
-        saved = measure(args, cfg, batch, tp, sequence_parallel, device)
+        saved = measure(args, cfg, batch, tp, sequence_parallel, device,
+                        top=args.top if tp == 1 else 0)
         rows.append(dict(tp=tp, sequence_parallel=sequence_parallel, **saved))
     if torch.distributed.get_rank() == 0:
         base = rows[0]["decoder_per_layer"]
@@ -122,6 +143,9 @@ def main(argv=None):
             name = f"TP={row['tp']}" + (" + SP" if row["sequence_parallel"] else "")
             print(f"{name:<12} {row['decoder_per_layer'] / 2 ** 20:>27.2f} "
                   f"{row['decoder_per_layer'] / base:>8.3f} {row['other'] / 2 ** 20:>15.1f}")
+        for entry in rows[0].get("largest", []):
+            print(f"{entry['bytes'] / 2 ** 20:9.1f} MiB  {entry['region']:<7} "
+                  f"{str(tuple(entry['shape'])):<24} {entry['dtype']:<15} {entry['saved_by']}")
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(dict(args=vars(args), samples=batch.num_samples,

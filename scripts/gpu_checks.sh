@@ -4,8 +4,9 @@
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
 # baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
-# ("long"), the megatron step without each launch-cutting kernel in turn ("levers"), full
-# recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# ("long"), the megatron step without each launch-cutting kernel in turn ("levers"), the
+# activations one layer and the loss keep ("memory"), full recompute ("recompute"), the
+# checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
 # BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
@@ -178,6 +179,14 @@ for name in $STEPS; do
           --json "$OUT/seq8k_megatron_no_$lever.json"
         tail -4 "$OUT/bench_no_$lever.txt"
       done ;;
+    memory)  # what one layer and the loss keep for the backward at seq 8192, largest tensors
+      # with the line that saved them (the 8192-token step peaked at 88 GiB, 2026-12-04)
+      step activation_memory 120 "$PYTHON" benchmarks/bench_activation_memory.py \
+        --model llava-ov-1.5-4b --num-layers 1 --vision-num-layers 1 --hidden-size 2048 \
+        --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 8192 \
+        --bf16 --image-size-min 224 --image-size-max 672 --top 20 \
+        --json "$OUT/activation_memory.json"
+      tail -23 "$OUT/activation_memory.txt" ;;
     recompute)
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
@@ -189,7 +198,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, profile, long, levers, recompute, ckpt)" \
+    *) echo "unknown step $name (tests, bench, profile, long, levers, memory, recompute, ckpt)" \
          | tee -a "$OUT/summary.txt" ;;
   esac
 done

@@ -286,12 +286,23 @@ def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_p
     out = tmp_path / "memory.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(REPO / "benchmarks" / "bench_activation_memory.py"), "--seq-length", "512",
-               "--json", str(out)]
+               "--top", "3", "--json", str(out)]
     result = run_process_group(command, dict(subprocess_env(), OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TP=2 + SP" in result.stdout
-    tp1, tp2, sp = [row["decoder_per_layer"] for row in json.loads(out.read_text())["rows"]]
+    rows = json.loads(out.read_text())["rows"]
+    tp1, tp2, sp = [row["decoder_per_layer"] for row in rows]
     assert tp1 > tp2 > sp == pytest.approx(tp1 / 2, rel=0.02)
+    # --top: the largest single activation is the loss's fp32 softmax over the vocabulary,
+    # one row per token, saved by megatron's cross entropy (TP=1 only)
+    largest = rows[0]["largest"]
+    assert [entry["bytes"] for entry in largest] == sorted((e["bytes"] for e in largest),
+                                                           reverse=True) and len(largest) == 3
+    tokens, _, vocab = largest[0]["shape"]
+    assert tokens == 512 and largest[0]["bytes"] == tokens * vocab * 4
+    assert largest[0]["dtype"] == "torch.float32" and largest[0]["region"] == "other"
+    assert largest[0]["saved_by"].startswith("cross_entropy.py:")
+    assert "largest" not in rows[1] and "cross_entropy.py" in result.stdout
 
 
 def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):
