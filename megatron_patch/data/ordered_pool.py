@@ -15,15 +15,24 @@ Here the workers come from a ``forkserver`` (a fresh, single-threaded interprete
 imported only ``preload``), the tasks go in chunks through ``concurrent.futures``, whose pool
 fails every pending task with ``BrokenProcessPool`` when a worker dies, and at most ``window``
 chunks per worker are read ahead of the consumer, so a huge input is never read into memory.
+Workers end themselves within a second of the caller's death (parent_watch): a converter killed
+with SIGKILL leaves no idle workers, and with them the server exits too.
+
+As with any start method but ``fork``, the script that starts the pool is imported again in
+each worker (as ``__mp_main__``): its top level must be guarded by
+``if __name__ == "__main__":``, as every script in tools/ is.
 """
 from __future__ import annotations
 
 import collections
 import itertools
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, List, Sequence
+
+from megatron_patch.parent_watch import end_with_process
 
 
 class WorkerDied(RuntimeError):
@@ -47,7 +56,9 @@ class OrderedProcessMap:
         context.set_forkserver_preload(list(preload))
         self.function, self.workers = function, workers
         self.chunk_size, self.in_flight = chunk_size, workers * window
-        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                            initializer=end_with_process,
+                                            initargs=(os.getpid(),))
 
     def __enter__(self) -> "OrderedProcessMap":
         return self
