@@ -1,8 +1,11 @@
 """compat/wgrad_accumulation.py: megatron's gradient-accumulation fusion without APEX. The weight
 gradient's GEMM adds into ``main_grad`` itself; megatron DDP's hook then adds nothing more."""
+import collections
+
 import pytest
 import torch
 from megatron.core.tensor_parallel import layers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_patch.benchmarking import throughput
 from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace
@@ -83,6 +86,18 @@ def test_install_gives_megatron_the_functions_and_leaves_apex_alone(monkeypatch)
     assert layers.fused_weight_gradient_mlp_cuda is apex and wgrad_accumulation.uses_apex()
 
 
+class OpCounter(TorchDispatchMode):
+    """How many times each aten operator runs (on a GPU, about a kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 SMALL = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
          "--image-size-max", "112", "--text-length-median", "40", "--num-layers", "1",
          "--vision-num-layers", "1", "--grad-accum", "2", "--warmup-steps", "0", "--steps", "1"]
@@ -101,13 +116,14 @@ def gradients_after_one_step(extra):
         seed_everything(args.seed)
         runner = MegatronRunner(train_args, cfg, torch.device("cpu"))
         batches, close = synthetic.open()
-        loss = runner.step([next(iter(batches)) for _ in range(2)])
+        with OpCounter() as ops:
+            loss = runner.step([next(iter(batches)) for _ in range(2)])
         close()
         named = list(runner.model.module.named_parameters())
         grads = {name: p.main_grad.clone() for name, p in named if p.requires_grad}
         fused = {name for name, p in named if getattr(p, "grad_added_to_main_grad", False)}
         runner.close()
-        return loss, grads, fused
+        return loss, grads, fused, ops.counts
     finally:
         shutdown()
 
@@ -118,14 +134,22 @@ def test_trainer_step_with_fusion_gives_the_unfused_gradients(precision):
     for bit -- nothing is added twice or lost. fp32: one addmm instead of a GEMM and an add,
     equal up to rounding. Either way the fused linears are marked, so DDP's hook skips them."""
     extra = ["--bf16"] if precision == "bf16" else []
-    loss, grads, fused = gradients_after_one_step(extra + ["--gradient-accumulation-fusion"])
-    ref_loss, ref_grads, ref_fused = gradients_after_one_step(
+    loss, grads, fused, ops = gradients_after_one_step(extra + ["--gradient-accumulation-fusion"])
+    ref_loss, ref_grads, ref_fused, ref_ops = gradients_after_one_step(
         extra + ["--no-gradient-accumulation-fusion"])
     assert not ref_fused
     linear_weights = {name for name in grads if name.endswith("weight") and (
         "linear_" in name or "output_layer" in name)}
     assert linear_weights and fused == linear_weights
     assert torch.equal(loss, ref_loss)
+    # the launches saved: DDP's add per fused weight and micro-batch; in fp32 the GEMM and the
+    # add become one addmm (bf16 on the CPU keeps the GEMM and the add, inside the fusion)
+    saved = len(fused) * 2
+    if precision == "fp32":
+        assert ref_ops["add_"] - ops["add_"] == saved
+        assert (ref_ops["mm"] - ops["mm"], ops["addmm_"] - ref_ops["addmm_"]) == (saved, saved)
+    else:
+        assert ops["add_"] == ref_ops["add_"] and ops["mm"] == ref_ops["mm"]
     for name, grad in grads.items():
         if precision == "bf16":
             assert torch.equal(grad, ref_grads[name]), name

@@ -1,6 +1,6 @@
 """data/ordered_pool.py: the converter's worker processes. Results come in input order, the
-input is read only a bounded way ahead, workers do not inherit the caller's threads, and a
-worker that dies is an error instead of a wait without end."""
+input is read only a bounded way ahead, workers start clean rather than as copies of the caller
+and end with it, and a worker that dies is an error instead of a wait without end."""
 import os
 import signal
 import sys
