@@ -4,6 +4,7 @@ torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; a plain `python train/...` ru
 becomes a one-process group so the same code path runs everywhere. NCCL with CUDA, gloo without.
 """
 import datetime
+import gc
 import os
 import random
 import socket
@@ -102,7 +103,13 @@ def all_reduce_host(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 
 def shutdown() -> None:
+    """Ends the process groups, and with a garbage collection their threads: a destroyed gloo
+    group keeps its ~50 native threads until its last reference cycle is collected, and a
+    process that forks workers later (the converter's energon index, in the test suite) copies
+    them in a state where the child can crash (measured: 106 threads after 3 in-process runs,
+    10 with the collection)."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
