@@ -54,8 +54,7 @@ class OrderedProcessMap:
                  chunk_size: int = 16, window: int = 4):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(preload))
-        self.function, self.workers = function, workers
-        self.chunk_size, self.in_flight = chunk_size, workers * window
+        self.function, self.chunk_size, self.in_flight = function, chunk_size, workers * window
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                             initializer=end_with_process,
                                             initargs=(os.getpid(),))
@@ -70,9 +69,13 @@ class OrderedProcessMap:
     def map(self, items: Iterable) -> Iterator:
         chunks = iter(lambda it=iter(items): list(itertools.islice(it, self.chunk_size)), [])
         pending = collections.deque()
+
+        def submit(count: int) -> None:  # the next `count` chunks of the input, if any are left
+            pending.extend(self.executor.submit(_apply, self.function, chunk)
+                           for chunk in itertools.islice(chunks, count))
+
+        submit(self.in_flight)
         done = 0
-        for chunk in itertools.islice(chunks, self.in_flight):
-            pending.append(self.executor.submit(_apply, self.function, chunk))
         while pending:
             try:
                 results = pending.popleft().result()
@@ -80,8 +83,7 @@ class OrderedProcessMap:
                 raise WorkerDied(
                     f"a worker process died (killed, e.g. by the out-of-memory killer, or "
                     f"crashed) after {done} results had come back") from error
-            for chunk in itertools.islice(chunks, 1):
-                pending.append(self.executor.submit(_apply, self.function, chunk))
+            submit(1)
             done += len(results)
             yield from results
 
