@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--recompute-granularity", choices=("full", "selective"))
+    p.add_argument("--loss-chunk-tokens", type=int, default=0,
+                   help="the trainer's chunked output layer + cross entropy (0: megatron's)")
     p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
     p.add_argument("--image-size-max", type=int, default=224, help="pixels, multiple of 28")
     p.add_argument("--seed", type=int, default=1234)
@@ -108,7 +110,8 @@ def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device, top: int
                      recompute_num_layers=1)
     model = build_model(cfg, attention_backend="local",
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        sequence_parallel=sequence_parallel, **extra).to(device)
+                        sequence_parallel=sequence_parallel,
+                        loss_chunk_tokens=args.loss_chunk_tokens, **extra).to(device)
     inputs = model_inputs(batch, device)
     inputs.pop("loss_mask")
     return saved_activation_bytes(model, inputs, top)
@@ -134,9 +137,11 @@ def main(argv=None):
         rows.append(dict(tp=tp, sequence_parallel=sequence_parallel, **saved))
     if torch.distributed.get_rank() == 0:
         base = rows[0]["decoder_per_layer"]
+        loss = (f"loss in chunks of {args.loss_chunk_tokens} tokens" if args.loss_chunk_tokens
+                else "megatron's output layer + cross entropy")
         print(f"model {args.model}, seq {args.seq_length}, {batch.num_samples} samples / "
               f"{batch.num_images} images in the pack, recompute "
-              f"{args.recompute_granularity or 'off'}, {'bf16' if args.bf16 else 'fp32'}")
+              f"{args.recompute_granularity or 'off'}, {'bf16' if args.bf16 else 'fp32'}, {loss}")
         print(f"{'layout':<12} {'MiB/rank per decoder layer':>27} {'vs TP=1':>8} "
               f"{'MiB/rank other':>15}")
         for row in rows:

@@ -255,18 +255,23 @@ def test_baseline_computes_our_model_given_the_same_weights():
     torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
 
 
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module, to call its main() in this process."""
+    import importlib.util
+
+    from trainer_runs import REPO
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_packed_attention_benchmark_times_a_typical_pack(tmp_path):
     """benchmarks/bench_packed_attention.py on CPU: the loop is timed on a pack of the
     long-tailed mix that fills the sequence (padding last); the varlen kernel needs CUDA."""
-    import importlib.util
-
     from megatron_patch.model import attention
-    from trainer_runs import REPO
     kernel_getter = attention.flash_varlen_kernel
-    spec = importlib.util.spec_from_file_location(
-        "bench_packed_attention", REPO / "benchmarks" / "bench_packed_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark("bench_packed_attention")
     out = tmp_path / "attention.json"
     assert bench.main(["--device", "cpu", "--dtype", "float32", "--seq-length", "1024",
                        "--heads", "4", "--groups", "2", "--head-dim", "16", "--repeats", "2",
@@ -303,6 +308,27 @@ def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_p
     assert largest[0]["dtype"] == "torch.float32" and largest[0]["region"] == "other"
     assert largest[0]["saved_by"].startswith("cross_entropy.py:")
     assert "largest" not in rows[1] and "cross_entropy.py" in result.stdout
+
+
+def test_chunked_loss_keeps_no_logits_sized_tensor_for_the_backward(tmp_path):
+    """bench_activation_memory.py with --loss-chunk-tokens (one process, TP=1): the fp32 softmax
+    that megatron's cross entropy keeps (tokens x vocab x 4 bytes) is gone from what the forward
+    saves; the decoder layers save the same as before."""
+    from megatron_patch.model import get_config
+    bench = _load_benchmark("bench_activation_memory")
+    rows = {}
+    for chunk_tokens in (0, 128):
+        out = tmp_path / f"memory_{chunk_tokens}.json"
+        bench.main(["--seq-length", "384", "--top", "3", "--loss-chunk-tokens",
+                    str(chunk_tokens), "--json", str(out)])
+        rows[chunk_tokens] = json.loads(out.read_text())["rows"][0]
+    vocab = get_config("tiny").language.vocab_size
+    megatron, chunked = rows[0], rows[128]
+    assert any(vocab in entry["shape"] for entry in megatron["largest"])
+    assert not any(vocab in entry["shape"] for entry in chunked["largest"])
+    assert chunked["decoder_per_layer"] == megatron["decoder_per_layer"]
+    # the softmax is gone; the chunked loss keeps a few [tokens] vectors (labels, log-sum-exp)
+    assert megatron["other"] - chunked["other"] >= 384 * vocab * 4 - 384 * 32
 
 
 def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):

@@ -149,6 +149,7 @@ def test_cross_entropy_fusion_defaults_to_bf16_on_cuda(monkeypatch):
     for cuda in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         for bf16 in (False, True):
-            assert fused_cross_entropy(Namespace(cross_entropy_loss_fusion=None, bf16=bf16)) == \
-                (cuda and bf16)
-            assert fused_cross_entropy(Namespace(cross_entropy_loss_fusion=False, bf16=bf16)) is False
+            default, off = (Namespace(cross_entropy_loss_fusion=fusion, bf16=bf16,
+                                      loss_chunk_tokens=0) for fusion in (None, False))
+            assert fused_cross_entropy(default) == (cuda and bf16)
+            assert fused_cross_entropy(off) is False

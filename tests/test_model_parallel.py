@@ -1,6 +1,7 @@
 """Same weights, same batch: TP=2 (with and without sequence parallelism), PP=2 (even and
 uneven), and TP=2 x PP=2 give the loss and the gradient norm of TP=1, through megatron's own
-pipeline schedules over gloo on CPU."""
+pipeline schedules over gloo on CPU; so does the chunked output-layer loss
+(model/output_loss.py) under TP and sequence parallelism, against TP=1's megatron loss."""
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ def _micro_batches(cfg):
     return out
 
 
-def run_step(full_sd, first_stage_layers=None, sequence_parallel=False):
+def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chunk_tokens=0):
     """One forward/backward over N_MICRO micro-batches on the current parallel state.
     Returns the mean loss, the global grad norm and the first stage's replicated gradients
     (see `_replicated_gradients`), identical on every rank."""
@@ -43,13 +44,14 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False):
     from megatron_patch.model.sharding import load_full_state_dict
 
     cfg = get_config("tiny", {"decoder_first_pipeline_num_layers": first_stage_layers})
-    model = build_model(cfg, attention_backend="local", sequence_parallel=sequence_parallel)
+    model = build_model(cfg, attention_backend="local", sequence_parallel=sequence_parallel,
+                        loss_chunk_tokens=loss_chunk_tokens)
     load_full_state_dict(model, full_sd)
     losses = []
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        mask = batch.pop("loss_mask")
+        mask = batch["loss_mask"]  # the chunked loss computes only these tokens
         out = model(**batch)
 
         def loss_func(per_token):
@@ -116,9 +118,9 @@ def _worker(rank, world, port, sd_path, layouts, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     full_sd = torch.load(sd_path)
     results = []
-    for tp, pp, first, sequence_parallel in layouts:
+    for tp, pp, first, sequence_parallel, loss_chunk_tokens in layouts:
         init_parallel(tp, pp)
-        results.append(run_step(full_sd, first, sequence_parallel))
+        results.append(run_step(full_sd, first, sequence_parallel, loss_chunk_tokens))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -159,13 +161,14 @@ def _check(results, layouts, reference):
 
 def test_tp2_and_pp2_match_tp1(reference, tmp_path):
     sd_path, expected = reference
-    # (TP, PP, layers on the first stage, sequence parallel)
-    layouts = [(2, 1, None, False), (2, 1, None, True), (1, 2, None, False), (1, 2, 1, False)]
+    # (TP, PP, layers on the first stage, sequence parallel, loss chunk tokens: 0 = megatron's)
+    layouts = [(2, 1, None, False, 0), (2, 1, None, True, 0), (1, 2, None, False, 0),
+               (1, 2, 1, False, 0), (2, 1, None, False, 7), (2, 1, None, True, 7)]
     _check(_spawn(2, layouts, sd_path, tmp_path), layouts, expected)
 
 
 @pytest.mark.slow
 def test_tp2_x_pp2_matches_tp1(reference, tmp_path):
     sd_path, expected = reference
-    layouts = [(2, 2, None, False), (2, 2, None, True)]
+    layouts = [(2, 2, None, False, 0), (2, 2, None, True, 0), (2, 2, None, True, 7)]
     _check(_spawn(4, layouts, sd_path, tmp_path), layouts, expected)

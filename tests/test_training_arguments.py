@@ -37,6 +37,7 @@ def test_derived_values(paths):
     (["--save-interval", "5"], 1, "--save-interval needs --save"),
     (["--async-save"], 1, "--async-save needs --save"),
     (["--manual-gc", "--manual-gc-interval", "-1"], 1, "--manual-gc-interval -1 is negative"),
+    (["--loss-chunk-tokens", "-1"], 1, "--loss-chunk-tokens -1 is negative"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,
      "--seq-length 1022 is not divisible by 4"),
@@ -119,6 +120,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"] or cpu["fused_rope"]
                 or cpu["gradient_accumulation_fusion"])
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
+    assert cpu["loss_chunk_tokens"] == 0  # the CPU keeps megatron's output layer + cross entropy
     assert not cpu["sequence_parallel"]
 
     fused = kernels.summary(arguments.parse_args(paths + ["--bf16",
@@ -134,7 +136,12 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     gpu = kernels.summary(arguments.parse_args(
         paths + ["--bf16", "--recompute-granularity", "full", "--no-bias-swiglu-fusion"]))
     assert gpu["attention"] == "torch SDPA; packed sequences: torch varlen flash kernel"
-    assert gpu["fused_cross_entropy"] and gpu["fused_rope"] and not gpu["fused_swiglu"]
+    # the chunked loss replaces megatron's cross entropy, fused or not
+    assert gpu["loss_chunk_tokens"] == 1024 and not gpu["fused_cross_entropy"]
+    assert gpu["fused_rope"] and not gpu["fused_swiglu"]
+    megatron_loss = kernels.summary(arguments.parse_args(paths + ["--bf16",
+                                                                  "--loss-chunk-tokens", "0"]))
+    assert megatron_loss["fused_cross_entropy"] and megatron_loss["loss_chunk_tokens"] == 0
     assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))["fused_rope"]
     assert gpu["recompute"] == "full"
     assert gpu["gradient_accumulation_fusion"] == ("torch addmm with fp32 output into the fp32 "

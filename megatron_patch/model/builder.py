@@ -27,14 +27,16 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 params_dtype: torch.dtype = torch.float32, vp_stage: Optional[int] = None,
                 use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
                 fused_kernels: Optional[bool] = None, sequence_parallel: bool = False,
-                rope_fusion: Optional[bool] = None,
+                rope_fusion: Optional[bool] = None, loss_chunk_tokens: int = 0,
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
     rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
     language model's fused SwiGLU and cross entropy; ``rope_fusion`` (default: with CUDA) both
     towers' compiled RoPE kernel on GPU tensors (compat/packed_rope.py). ``sequence_parallel``
     applies to the language model only: the vision tower's images are short and each runs whole
-    on every TP rank. Extra keyword arguments go to both megatron ``TransformerConfig``s (e.g.
+    on every TP rank. ``loss_chunk_tokens > 0`` computes the training loss's output layer and
+    cross entropy that many tokens at a time, never holding the whole logits
+    (model/output_loss.py). Extra keyword arguments go to both megatron ``TransformerConfig``s (e.g.
     ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     apply_packed_rope_fast_path()
@@ -59,7 +61,8 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
         config.compiled_rope = torch.cuda.is_available() if rope_fusion is None else rope_fusion
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
                          language_block_spec(backend, language_config, vp_stage),
-                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+                         pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                         loss_chunk_tokens=loss_chunk_tokens)
     if params_dtype != torch.float32:
         model.to(params_dtype)  # plain nn modules (patch embed, norms, class token) follow megatron's
     return model

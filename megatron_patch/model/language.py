@@ -31,12 +31,16 @@ restarts at 0 on each stage; ``sharded_state_dict`` keys use the global index.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.configs import LanguageConfig
+from megatron_patch.model.output_loss import linear_cross_entropy
 
 
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
@@ -46,12 +50,67 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
+class LanguageModel(GPTModel):
+    """megatron's GPTModel whose training loss may run chunked (``loss_chunk_tokens > 0``): the
+    output layer and the cross entropy together, a chunk of tokens at a time, without the whole
+    ``[tokens, vocab]`` logits (model/output_loss.py). Everything else -- logits without labels,
+    inference, ``loss_chunk_tokens=0`` -- is megatron's own post-processing.
+
+    With a ``loss_mask`` the chunked loss computes only the tokens in the loss: in SFT the
+    prompt and image tokens (most of a sequence) would cost the output layer's three GEMMs for
+    a loss the trainer multiplies by 0. Their per-token loss is returned as 0 and they get no
+    gradient, which is exact wherever the caller's loss weighs them by the mask (the trainer's
+    does). A mask on the host (the trainer passes the loader's) picks the tokens without a
+    device sync."""
+
+    def __init__(self, *args, loss_chunk_tokens: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
+        chunked = (self.loss_chunk_tokens > 0 and self.post_process and labels is not None
+                   and self.config.mtp_num_layers is None
+                   and kwargs.get("inference_context") is None)
+        if not chunked:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
+        return self.chunked_loss(hidden_states, labels, kwargs.get("loss_mask"))
+
+    def chunked_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                     loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss ``[b, s]`` from the final hidden states ``[s(/TP), b, h]``: the input
+        is gathered (sequence parallel) or copied to the TP ranks, as the output layer does;
+        only the tokens where ``loss_mask`` ``[b, s]`` is nonzero are computed."""
+        layer = self.output_layer
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else layer.weight)
+        if layer.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=True, group=layer.tp_group)
+        else:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(
+                hidden_states, group=layer.tp_group)
+        s, b, h = hidden.shape
+        hidden, labels = hidden.reshape(s * b, h), labels.transpose(0, 1).reshape(s * b)
+        kept = None
+        if loss_mask is not None:  # token order [s, b], as the hidden states'
+            kept = loss_mask.transpose(0, 1).reshape(s * b).nonzero().squeeze(1)
+            kept = kept.to(hidden.device, non_blocking=True)
+            hidden, labels = hidden.index_select(0, kept), labels.index_select(0, kept)
+        loss = linear_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens,
+                                    tp_group=layer.tp_group,
+                                    fuse_wgrad=layer.gradient_accumulation_fusion)
+        if kept is not None:
+            loss = loss.new_zeros(s * b).index_copy(0, kept, loss)
+        return loss.view(s, b).transpose(0, 1).contiguous()
+
+
 def build_language_model(lcfg: LanguageConfig, config: TransformerConfig,
                          block_spec: TransformerBlockSubmodules, pre_process: bool,
-                         post_process: bool, vp_stage=None) -> GPTModel:
+                         post_process: bool, vp_stage=None,
+                         loss_chunk_tokens: int = 0) -> LanguageModel:
     """The embedding is not scattered over sequence-parallel ranks here: image features replace
     the ``<|image_pad|>`` embeddings first, and ``LlavaOVModel.forward`` scatters after that."""
-    return GPTModel(
+    return LanguageModel(
         config=config,
         transformer_layer_spec=block_spec,
         vocab_size=padded_vocab_size(lcfg.vocab_size, config.tensor_model_parallel_size),
@@ -65,6 +124,7 @@ def build_language_model(lcfg: LanguageConfig, config: TransformerConfig,
         rotary_base=lcfg.rope_theta,
         scatter_embedding_sequence_parallel=False,
         vp_stage=vp_stage,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
 
 

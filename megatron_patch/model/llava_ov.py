@@ -17,6 +17,8 @@ Forward inputs (per micro-batch), matching the HF model and the data encoder:
 * ``labels`` ``[b, s]`` (already shifted: label of position i is token i+1) -> per-token loss
   ``[b, s]`` (megatron convention; masking/averaging with ``loss_mask`` is the trainer's job).
   Without labels the last stage returns full-vocab logits ``[b, s, vocab]``.
+* ``loss_mask`` ``[b, s]``, optional: with the chunked loss (``loss_chunk_tokens``), positions
+  where it is 0 are not computed (loss 0, no gradient; model/language.py).
 * ``packed_seq_params``: ``PackedSeqParams(qkv_format='thd', cu_seqlens_q/kv=...)`` for packed
   samples (``b == 1``); attention stays inside each segment. ``cu_seqlens[-1]`` must equal ``s``
   (put trailing padding in a segment of its own).
@@ -51,7 +53,7 @@ class LlavaOVModel(MegatronModule):
                  language_config: TransformerConfig, vision_spec: ModuleSpec,
                  language_spec: TransformerBlockSubmodules, pre_process: bool = True,
                  post_process: bool = True,
-                 vp_stage: Optional[int] = None):
+                 vp_stage: Optional[int] = None, loss_chunk_tokens: int = 0):
         super().__init__(config=language_config)
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
@@ -64,7 +66,8 @@ class LlavaOVModel(MegatronModule):
         else:
             self.vision_model = self.adapter = None
         self.language_model = build_language_model(cfg.language, language_config, language_spec,
-                                                   pre_process, post_process, vp_stage=vp_stage)
+                                                   pre_process, post_process, vp_stage=vp_stage,
+                                                   loss_chunk_tokens=loss_chunk_tokens)
         # megatron's schedules/DDP look these up on the wrapped model
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = False

@@ -35,7 +35,7 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
 
 # the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
 KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "cross_entropy_loss_fusion",
-                      "gradient_accumulation_fusion")
+                      "gradient_accumulation_fusion", "loss_chunk_tokens")
 
 
 def add_kernel_arguments(group) -> None:
@@ -57,6 +57,13 @@ def add_kernel_arguments(group) -> None:
                        help="weight gradients accumulate straight into the fp32 gradient buffer "
                             "(Megatron-LM's default); default: on with CUDA (APEX's kernel "
                             "where installed, torch's fp32-output GEMM otherwise)")
+    group.add_argument("--loss-chunk-tokens", type=int, metavar="N",
+                       help="compute the output layer and the cross entropy together, N tokens "
+                            "at a time, so the [tokens, vocab] logits and their fp32 softmax "
+                            "never exist whole (at seq 8192 with Qwen3's 152k vocabulary: ~7 GiB "
+                            "less at the loss, for one more output-layer GEMM); 0: megatron's "
+                            "output layer, then its cross entropy. Default: 1024 with CUDA, 0 "
+                            "on the CPU")
 
 
 def model_overrides(args) -> dict:
@@ -269,6 +276,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.manual_gc_interval < 0:
         raise ArgumentError(f"--manual-gc-interval {args.manual_gc_interval} is negative; use 0 "
                             "(no collection during training) or a number of iterations")
+    if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
+        raise ArgumentError(f"--loss-chunk-tokens {args.loss_chunk_tokens} is negative; use 0 "
+                            "(megatron's output layer and cross entropy) or a number of tokens")
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")

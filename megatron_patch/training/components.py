@@ -41,6 +41,7 @@ def wrap_model(args, cfg, device: torch.device):
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         fused_kernels=kernels.fused_swiglu(args),
                         rope_fusion=kernels.fused_rope(args),
+                        loss_chunk_tokens=kernels.loss_chunk_tokens(args),
                         sequence_parallel=args.sequence_parallel, **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)

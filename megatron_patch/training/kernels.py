@@ -28,10 +28,26 @@ def fused_swiglu(args) -> bool:
     return args.bias_swiglu_fusion and torch.cuda.is_available()
 
 
+DEFAULT_LOSS_CHUNK_TOKENS = 1024  # per chunk ~1.5 GiB of transient logits at a 152k vocabulary
+
+
+def loss_chunk_tokens(args) -> int:
+    """--loss-chunk-tokens: the output layer and cross entropy chunked over tokens
+    (model/output_loss.py), by default with CUDA, where the whole logits cost GiBs at long
+    sequences. The CPU keeps megatron's separate output layer and cross entropy, the arithmetic
+    the demo's trajectory was measured with (chunking changes summation order)."""
+    if args.loss_chunk_tokens is not None:
+        return args.loss_chunk_tokens
+    return DEFAULT_LOSS_CHUNK_TOKENS if torch.cuda.is_available() else 0
+
+
 def fused_cross_entropy(args) -> bool:
-    """--cross-entropy-loss-fusion, by default on for bf16 on CUDA. megatron's fused kernel
-    returns the logits' gradient in bf16 (fusions/fused_cross_entropy.py): bit-identical to the
-    unfused path for bf16 logits (tests/test_model_language.py), lossy for fp32 ones."""
+    """--cross-entropy-loss-fusion, by default on for bf16 on CUDA; only where the loss is not
+    chunked (the chunked loss replaces megatron's cross entropy). megatron's fused kernel returns
+    the logits' gradient in bf16 (fusions/fused_cross_entropy.py): bit-identical to the unfused
+    path for bf16 logits (tests/test_model_language.py), lossy for fp32 ones."""
+    if loss_chunk_tokens(args):
+        return False
     if args.cross_entropy_loss_fusion is not None:
         return args.cross_entropy_loss_fusion
     return args.bf16 and torch.cuda.is_available()
@@ -81,6 +97,7 @@ def summary(args) -> Dict[str, object]:
         "fused_swiglu": fused_swiglu(args),
         "fused_rope": fused_rope(args),
         "fused_cross_entropy": fused_cross_entropy(args),
+        "loss_chunk_tokens": loss_chunk_tokens(args),
         "gradient_accumulation_fusion": _wgrad_kernel(args),
         "recompute": args.recompute_granularity or "off",
         "sequence_parallel": args.sequence_parallel,

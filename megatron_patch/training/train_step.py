@@ -22,12 +22,14 @@ from megatron_patch.model.attention import covering_packed_seq_params
 
 
 def model_inputs(batch, device: torch.device) -> dict:
-    """Keyword arguments of LlavaOVModel.forward for one micro-batch (plus `loss_mask`)."""
+    """Keyword arguments of LlavaOVModel.forward for one micro-batch. ``loss_mask`` stays on the
+    host: the chunked loss picks the tokens in the loss from it without a device sync
+    (model/language.py); the loss function takes a device copy."""
     inputs = dict(
         input_ids=batch.tokens.to(device, non_blocking=True),
         position_ids=batch.position_ids.to(device, non_blocking=True),
         labels=batch.labels.to(device, non_blocking=True),
-        loss_mask=batch.loss_mask.to(device, non_blocking=True),
+        loss_mask=batch.loss_mask,
         pixel_values=None, image_grid_thw=None, packed_seq_params=None)
     if batch.image_grid_thw.numel():
         inputs["pixel_values"] = batch.pixel_values.to(device, non_blocking=True)
@@ -56,7 +58,7 @@ def masked_loss(loss_mask: torch.Tensor, poison: bool = False) -> Callable:
 def make_forward_step(device: torch.device, poison: bool = False) -> Callable:
     def forward_step(data_iterator, model):
         inputs = model_inputs(next(data_iterator), device)
-        loss_mask = inputs.pop("loss_mask")
+        loss_mask = inputs["loss_mask"].to(device, non_blocking=True)
         return model(**inputs), masked_loss(loss_mask, poison)
 
     return forward_step

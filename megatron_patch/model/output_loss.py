@@ -1,0 +1,149 @@
+"""The output layer and the cross entropy as one operation over chunks of tokens, so the
+``[tokens, vocab]`` logits never exist whole.
+
+Why: megatron computes the logits of every token (``[8192, 151936]`` at seq 8192: 2.3 GiB in
+bf16), casts them to fp32 and keeps the fp32 softmax for the backward (4.6 GiB), and the backward
+makes a logits-sized gradient again. On the GPU benchmark's model that softmax was the largest
+saved tensor of the whole step (docs/BENCHMARKS.md, activation memory by source), and the peak
+(88 GiB) did not fit an 80 GB H100.
+
+How, for each chunk of ``chunk_tokens`` tokens:
+
+* forward: the chunk's logits over this rank's vocabulary shard, from which only each token's
+  log-sum-exp and its label's logit are kept (``[tokens]`` vectors); across tensor-parallel
+  ranks they combine with three all-reduces of those vectors, as megatron's vocab-parallel
+  cross entropy does;
+* backward: the chunk's logits again (one more GEMM: the output layer's forward work once more,
+  ~1/3 of its share of the step), the softmax from the kept log-sum-exp, minus the label's one,
+  times the incoming gradient; then the input-gradient GEMM and the weight-gradient GEMM, which
+  adds into the fp32 ``main_grad`` under gradient-accumulation fusion (no logits-sized gradient,
+  no weight-sized temporary).
+
+The arithmetic is megatron's: bf16 logits from a bf16 GEMM, fp32 softmax, the logits' gradient
+rounded to the weight dtype. What changes is summation order (per-chunk weight gradients,
+log-sum-exp combined across TP ranks), so results agree with megatron's path to float rounding,
+not bit for bit (tests/test_model_output_loss.py). One value differs on purpose: a label outside
+the vocabulary (a padding id, always under loss mask 0) has no logit, and its loss here is the
+log-sum-exp, where megatron's is the log-sum-exp minus the largest logit (an artefact of its
+shifted logits); its gradient, the softmax without a one-hot term, is megatron's.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from megatron_patch.compat import wgrad_accumulation
+
+
+def _chunks(count: int, size: int) -> Iterator[Tuple[int, int]]:
+    for start in range(0, count, size):
+        yield start, min(start + size, count)
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of a chunk, rounded through the weight dtype like megatron's output layer."""
+    return torch.mm(hidden, weight.t()).float()
+
+
+def _group_size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _global_logsumexp(local: torch.Tensor, group) -> torch.Tensor:
+    """log(sum over ranks of exp(local)): each rank holds the log-sum-exp of its vocab shard."""
+    peak = local.clone()
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    total = (local - peak).exp_()
+    dist.all_reduce(total, group=group)
+    return total.log_().add_(peak)
+
+
+def _dummy_weight_gradient(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """What megatron's linears return for a weight whose gradient went into ``main_grad``: a
+    placeholder that keeps DDP's hook on the main thread (or None without DDP's marker)."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
+
+
+def _accumulate_weight_gradient(hidden: torch.Tensor, grad_logits: torch.Tensor,
+                                into: torch.Tensor) -> None:
+    """``into += grad_logits^T hidden`` with the best GEMM this device has for ``into``'s dtype."""
+    if into.dtype == torch.float32:
+        wgrad_accumulation.wgrad_gemm_accum_fp32(hidden, grad_logits, into)
+    else:
+        wgrad_accumulation.wgrad_gemm_accum_fp16(hidden, grad_logits, into)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, tp_group, fuse_wgrad):
+        vocab_shard = weight.shape[0]
+        tp_size = _group_size(tp_group)
+        first = (dist.get_rank(tp_group) if tp_size > 1 else 0) * vocab_shard
+        local_labels = labels - first
+        in_shard = (local_labels >= 0) & (local_labels < vocab_shard)
+        local_labels = torch.where(in_shard, local_labels, 0)
+        logsumexp = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        label_logit = torch.empty_like(logsumexp)
+        for start, stop in _chunks(hidden.shape[0], chunk_tokens):
+            logits = _logits(hidden[start:stop], weight)
+            label_logit[start:stop] = logits.gather(1, local_labels[start:stop, None]).squeeze(1)
+            logsumexp[start:stop] = torch.logsumexp(logits, dim=1)
+            del logits
+        label_logit.masked_fill_(~in_shard, 0.0)
+        if tp_size > 1:
+            logsumexp = _global_logsumexp(logsumexp, tp_group)
+            dist.all_reduce(label_logit, group=tp_group)
+        ctx.save_for_backward(hidden, weight, local_labels, in_shard, logsumexp)
+        ctx.chunk_tokens, ctx.fuse_wgrad = chunk_tokens, fuse_wgrad
+        return logsumexp - label_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, local_labels, in_shard, logsumexp = ctx.saved_tensors
+        grad_loss = grad_loss.float()
+        one_hot = in_shard.float()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        fused = ctx.fuse_wgrad and hasattr(weight, "main_grad")
+        weight_grad_sum = None
+        if ctx.needs_input_grad[1]:
+            weight_grad_sum = weight.main_grad if fused else torch.zeros(
+                weight.shape, dtype=torch.float32, device=weight.device)
+        for start, stop in _chunks(hidden.shape[0], ctx.chunk_tokens):
+            chunk = hidden[start:stop]
+            probs = _logits(chunk, weight).sub_(logsumexp[start:stop, None]).exp_()
+            rows = torch.arange(stop - start, device=probs.device)
+            probs.index_put_((rows, local_labels[start:stop]), -one_hot[start:stop],
+                             accumulate=True)
+            grad_logits = probs.mul_(grad_loss[start:stop, None]).to(weight.dtype)
+            del probs
+            if grad_hidden is not None:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
+            if weight_grad_sum is not None:
+                _accumulate_weight_gradient(chunk, grad_logits, weight_grad_sum)
+        grad_weight = None
+        if weight_grad_sum is not None:
+            grad_weight = _dummy_weight_gradient(weight) if fused else \
+                weight_grad_sum.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk_tokens: int, tp_group=None,
+                         fuse_wgrad: bool = False) -> torch.Tensor:
+    """Per-token cross entropy ``[tokens]`` (fp32) of ``hidden @ weight^T`` against ``labels``.
+
+    ``hidden`` ``[tokens, h]`` is the whole input on every TP rank (the caller gathers it and
+    reduces its gradient: megatron's region functions); ``weight`` ``[vocab / TP, h]`` is this
+    rank's shard, rank r holding rows ``r * vocab / TP`` onwards. ``fuse_wgrad``: the weight's
+    gradient adds into its ``main_grad`` (megatron's ``gradient_accumulation_fusion``)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, tp_group,
+                                            fuse_wgrad)
