@@ -4,7 +4,7 @@
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
 # baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
-# ("long"), the megatron step without each launch-cutting kernel in turn ("levers"), the
+# ("long"), the megatron step without each of its fusions and the chunked loss ("levers"), the
 # activations one layer and the loss keep ("memory"), full recompute ("recompute"), the
 # checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
@@ -171,20 +171,23 @@ for name in $STEPS; do
         --trainer megatron --seq-length 16384 --grad-accum 4 --warmup-steps 2 --steps 4 \
         --json "$OUT/seq16k_megatron.json"
       tail -6 "$OUT/bench_long.txt" ;;
-    levers)  # the megatron step with one launch-cutting kernel off at a time; "bench" (all
-      # on) is the reference: what each saves on this host-bound step
-      for lever in gradient-accumulation-fusion rope-fusion; do
-        step "bench_no_$lever" 120 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
-          --trainer megatron --warmup-steps 2 --steps 3 "--no-$lever" \
-          --json "$OUT/seq8k_megatron_no_$lever.json"
-        tail -4 "$OUT/bench_no_$lever.txt"
+    levers)  # the megatron step with one of its defaults off at a time; "bench" (all on) is
+      # the reference: what each saves in time and peak memory
+      for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
+                   "no_rope_fusion:--no-rope-fusion" "megatron_loss:--loss-chunk-tokens 0"; do
+        name=${lever%%:*}
+        # shellcheck disable=SC2086  # the flags split into words on purpose
+        step "bench_$name" 120 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+          --trainer megatron --warmup-steps 2 --steps 3 ${lever#*:} \
+          --json "$OUT/seq8k_megatron_$name.json"
+        tail -4 "$OUT/bench_$name.txt"
       done ;;
     memory)  # what one layer and the loss keep for the backward at seq 8192, largest tensors
       # with the line that saved them (the 8192-token step peaked at 88 GiB, 2026-12-04)
       step activation_memory 120 "$PYTHON" benchmarks/bench_activation_memory.py \
         --model llava-ov-1.5-4b --num-layers 1 --vision-num-layers 1 --hidden-size 2048 \
         --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 8192 \
-        --bf16 --image-size-min 224 --image-size-max 672 --top 20 \
+        --bf16 --image-size-min 224 --image-size-max 672 --top 20 --loss-chunk-tokens 1024 \
         --json "$OUT/activation_memory.json"
       tail -23 "$OUT/activation_memory.txt" ;;
     recompute)

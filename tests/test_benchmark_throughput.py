@@ -96,9 +96,10 @@ def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     table = (tmp_path / "profile" / "megatron_profile.txt").read_text()
     assert table.startswith("megatron: profiled step") and "aten::mm" in table
     assert "sorted by self_cpu_time_total" in table and "self_device_time" not in table
-    # full recompute: the hardware runs one more forward (4/3 of the model FLOPs)
-    assert r["hardware_tflops_per_s_per_device"] == pytest.approx(
-        r["model_tflops_per_s_per_device"] * 4 / 3)
+    # full recompute: the hardware runs the layers' forward once more, not the output layer's
+    # (just under 4/3 of the model FLOPs; the exact count is tests/test_training_flops.py's)
+    model, hardware = r["model_tflops_per_s_per_device"], r["hardware_tflops_per_s_per_device"]
+    assert model * 1.2 < hardware < model * 4 / 3
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_query_groups": 1, "vision_hidden_size": 32,

@@ -26,11 +26,25 @@ def test_vision_flops_count_the_class_token_and_the_adapter():
     assert vision_forward_flops(shape, [4]) == per_layer + 2 * 4 * 6 * 4 + adapter
 
 
-def test_training_counts_three_forwards_and_recompute_four():
+def test_training_counts_three_forwards_and_recompute_repeats_the_layers():
     shape = LanguageShape(2, 8, 16, 2, 1, 4, 10)
-    model, hardware = training_flops(shape, [5, 7], recompute_full=True)
     forward = language_forward_flops(shape, [5, 7])
-    assert model == 3 * forward and hardware == 4 * forward
+    logits = 2 * 12 * 8 * 10  # the output layer, which full recompute does not repeat
+    assert training_flops(shape, [5, 7]) == (3 * forward, 3 * forward)
+    model, hardware = training_flops(shape, [5, 7], recompute_full=True)
+    assert model == 3 * forward and hardware == 4 * forward - logits
+
+
+def test_chunked_loss_hardware_flops_count_the_loss_tokens_logits_four_times():
+    """The chunked loss runs the output layer on the loss tokens only, forward twice: MFU's
+    model FLOPs stay the model's; the hardware FLOPs trade 3x every token's logits for 4x the
+    loss tokens'."""
+    shape = LanguageShape(2, 8, 16, 2, 1, 4, 10)
+    forward = language_forward_flops(shape, [5, 7])
+    per_token_logits = 2 * 8 * 10
+    model, hardware = training_flops(shape, [5, 7], loss_tokens=3)
+    assert model == 3 * forward
+    assert hardware == 3 * forward - 3 * 12 * per_token_logits + 4 * 3 * per_token_logits
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
@@ -38,3 +52,19 @@ def test_training_counts_three_forwards_and_recompute_four():
                                        ("cpu", None), (None, None)])
 def test_peak_table(name, peak):
     assert peak_flops_per_device(name) == peak
+
+
+def test_a_micro_batch_counts_its_loss_tokens_for_the_chunked_loss():
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_patch.training.interval_stats import batch_flops
+    shape = LanguageShape(2, 8, 16, 2, 1, 4, 10)
+    batch = SimpleNamespace(tokens=torch.zeros(1, 12, dtype=torch.long),
+                            cu_seqlens=torch.tensor([0, 5, 12]), image_grid_thw=torch.zeros(0, 3),
+                            loss_mask=torch.tensor([[0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0.0]]))
+    vision = VisionShape(1, 4, 8, 6)
+    assert batch_flops(batch, shape, vision, False) == training_flops(shape, [5, 7])
+    assert batch_flops(batch, shape, vision, False, chunked_loss=True) == \
+        training_flops(shape, [5, 7], loss_tokens=3)

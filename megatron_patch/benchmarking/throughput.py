@@ -21,8 +21,9 @@ synchronised at both ends):
   every matmul of the vision tower (per image, its class token included, attention over the whole
   image), the adapter and the language model (attention causal within each packed segment,
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
-  forward). Model FLOPs use 3x; hardware FLOPs add the recomputed forward under full recompute
-  (4x; selective recompute is not counted). Peak: ``--peak-tflops``, else the dense bf16 table in
+  forward). Model FLOPs use 3x; hardware FLOPs add the layers' recomputed forward under full
+  recompute (selective recompute is not counted) and count megatron's chunked loss as it runs:
+  the output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else the dense bf16 table in
   flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
   on CPU the process's resident-set high-water mark (VmHWM, reset through
@@ -40,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -63,7 +64,9 @@ FORMULA = {
     "tokens_per_s_per_device": "real (non-padding) tokens of the timed steps / their wall time / devices",
     "model_flops": "3 x forward FLOPs of vision tower + adapter + language model "
                    "(megatron_patch/training/flops.py, interval_stats.batch_flops)",
-    "hardware_flops": "model FLOPs + one more forward under full recompute (4x forward)",
+    "hardware_flops": "model FLOPs + the layers' forward again under full recompute; with the "
+                      "chunked loss the output layer counts 4 x forward of the loss tokens "
+                      "instead of 3 x forward of every token",
     "mfu": "model_flops / time / devices / peak_flops",
     "hfu": "hardware_flops / time / devices / peak_flops",
     "data_wait_fraction": "time fetching the micro-batches of a step / step time",
@@ -138,11 +141,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------------- measuring
 def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: torch.device,
-            shapes, recompute_full: bool, peak_flops: Optional[float],
+            flops_of: Callable, peak_flops: Optional[float],
             profile_dir: Optional[str] = None) -> tuple:
     """Runs warmup + timed steps (and, with ``profile_dir``, one profiled step after them);
-    returns (figures of the timed steps, sample keys per timed or warm-up step)."""
-    language, vision = shapes
+    returns (figures of the timed steps, sample keys per timed or warm-up step).
+    ``flops_of(batch)``: (model, hardware) FLOPs of a micro-batch as this trainer runs it."""
     totals = dict.fromkeys(("tokens", "capacity", "samples", "images", "model_flops",
                             "hardware_flops", "wait", "time"), 0.0)
     step_times, losses, keys = [], [], []
@@ -164,7 +167,7 @@ def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: to
         totals["wait"] += fetched - started
         totals["time"] += elapsed
         for batch in micro:
-            model_flops, hardware_flops = batch_flops(batch, language, vision, recompute_full)
+            model_flops, hardware_flops = flops_of(batch)
             totals["model_flops"] += model_flops
             totals["hardware_flops"] += hardware_flops
             totals["tokens"] += batch.real_tokens
@@ -336,6 +339,12 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
     seed_everything(args.seed)
     runner = (MegatronRunner(train_args, cfg, device) if name == "megatron"
               else baseline_runner(train_args, cfg, device))
+    # the baseline computes every token's logits; megatron's chunked loss the loss tokens' only
+    chunked_loss = name == "megatron" and kernels.loss_chunk_tokens(train_args) > 0
+
+    def flops_of(batch):
+        return batch_flops(batch, *shapes, args.recompute_granularity == "full", chunked_loss)
+
     try:
         parameters = runner.parameter_count()
         logger.info("%s: %d parameters; %d warm-up + %d timed steps of %d micro-batches",
@@ -343,8 +352,8 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
         batches, close_batches = open_batches()
         try:
             result, keys = measure(runner, batches, args.warmup_steps, args.steps,
-                                   train_args.num_microbatches, device, shapes,
-                                   args.recompute_granularity == "full", peak, args.profile_dir)
+                                   train_args.num_microbatches, device, flops_of, peak,
+                                   args.profile_dir)
         finally:
             close_batches()  # no idle loader workers competing with the next trainer
         result["parameters"] = parameters

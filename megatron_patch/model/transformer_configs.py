@@ -14,7 +14,8 @@ Choices that hold for both and why:
   same gradients to float rounding (tested on CPU). The vision tower keeps the unfused GELU:
   megatron's fused bias-GELU is the tanh approximation, not the exact GELU RICE-ViT was trained
   with. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
-  ``--cross-entropy-loss-fusion``) is on by default for bf16 on CUDA only: its backward casts
+  ``--cross-entropy-loss-fusion``) is on by default for bf16 on CUDA where the loss is not
+  chunked (``--loss-chunk-tokens 0``; model/output_loss.py replaces it): its backward casts
   the logits' gradient to bf16 whatever the logits' dtype, so for bf16 logits it equals the
   unfused path bit for bit (tests/test_model_language.py) while fp32 logits may lose precision:
   the 0.2% gradient difference measured earlier on CPU with fp32 (CPU runs it through

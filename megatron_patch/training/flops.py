@@ -4,8 +4,11 @@ Per token, a dense matmul of [in x out] costs 2*in*out FLOPs forward; training c
 (backward is twice forward). Attention scores add 2*2*ctx*width per token (QK^T and AV), with
 ctx the tokens attended to: causal text attends to (n+1)/2 tokens on average in a sequence
 (segment) of n; each image's patches attend to the whole image (+ its class token).
-MFU counts 3x forward; HFU adds the recomputed forward (4x with full recompute), i.e. what the
-hardware actually executes. Peak numbers are dense bf16 tensor-core figures (no sparsity).
+MFU counts 3x forward of every token, whatever the implementation skips or repeats. HFU counts
+what the hardware executes: full recompute repeats the layers' forward (not the output layer's),
+and the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
+forward twice (4x their logits FLOPs instead of 3x every token's). Peak numbers are dense bf16
+tensor-core figures (no sparsity).
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -47,8 +50,12 @@ def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int])
     per_token_linear = 2 * shape.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * shape.hidden_size
     per_token_linear += (3 if shape.gated_mlp else 2) * 2 * shape.hidden_size * shape.ffn_hidden_size
     attention = sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
-    logits = 2 * tokens * shape.hidden_size * shape.vocab_size
-    return shape.num_layers * (tokens * per_token_linear + attention) + logits
+    return shape.num_layers * (tokens * per_token_linear + attention) + logits_flops(shape, tokens)
+
+
+def logits_flops(shape: LanguageShape, tokens: int) -> float:
+    """The output layer's forward over ``tokens`` tokens."""
+    return 2 * tokens * shape.hidden_size * shape.vocab_size
 
 
 def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
@@ -66,12 +73,17 @@ def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) 
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
                    vision: Optional[VisionShape] = None, image_patch_counts: Sequence[int] = (),
-                   recompute_full: bool = False) -> tuple:
-    """(model FLOPs, hardware FLOPs) of one training step over these sequences and images."""
+                   recompute_full: bool = False, loss_tokens: Optional[int] = None) -> tuple:
+    """(model FLOPs, hardware FLOPs) of one training step over these sequences and images.
+    ``loss_tokens``: the chunked loss's token count, None for megatron's full logits."""
     forward = language_forward_flops(language, segment_lengths)
     if vision is not None and image_patch_counts:
         forward += vision_forward_flops(vision, image_patch_counts)
-    return 3 * forward, (4 if recompute_full else 3) * forward
+    all_logits = logits_flops(language, sum(segment_lengths))
+    hardware = 3 * forward + (forward - all_logits if recompute_full else 0)
+    if loss_tokens is not None:
+        hardware += 4 * logits_flops(language, loss_tokens) - 3 * all_logits
+    return 3 * forward, hardware
 
 
 def peak_flops_per_device(device_name: Optional[str]) -> Optional[float]:
