@@ -242,7 +242,8 @@ def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, c
                                                               demo_tokenizer, tmp_path):
     """The example scripts' flags (bf16 + fp32 master weights, distributed optimizer, overlapped
     grad reduce and param gather, checkpoints written in the background with a reused save plan,
-    full recompute, packing; sequence parallelism at TP 2) on CPU: the checkpoint holds bf16
+    full recompute, packing; sequence parallelism at TP 2; the chunked loss and
+    gradient-accumulation fusion, GPU defaults) on CPU: the checkpoint holds bf16
     weights and a resume continues bit for bit. A save every step makes the reference's last
     checkpoint one written from the reused plan (its 4th save; the resumed run's 2nd)."""
     recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
@@ -250,12 +251,17 @@ def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, c
             "--ckpt-assume-constant-structure", "--manual-gc", "--recompute-granularity"} \
         <= set(recipe)
     assert ("--sequence-parallel" in recipe) == bool(layout)
+    # with the defaults a GPU run has and the CPU's leave off: the chunked loss (in chunks of
+    # 100 tokens here) and gradient-accumulation fusion
+    gpu_defaults = ("--loss-chunk-tokens", 100, "--gradient-accumulation-fusion")
     run = ("--train-iters", 4, "--save-interval", 1, "--global-batch-size", 4,
-           "--micro-batch-size", 1, "--seq-length", 384, *layout, *recipe)
+           "--micro-batch-size", 1, "--seq-length", 384, *layout, *recipe, *gpu_defaults)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_trainer(converted_demo, demo_tokenizer, reference, *run, nproc=2)
     run_trainer(converted_demo, demo_tokenizer, resumed, *run,
                 "--load", reference / "iter_0000002", nproc=2)
+    kernels = json.loads((reference / "run_config.json").read_text())["kernels"]
+    assert kernels["loss_chunk_tokens"] == 100 and kernels["gradient_accumulation_fusion"]
     expected, actual = metrics(reference), metrics(resumed)
     assert sorted(actual) == [3, 4]
     for iteration in (3, 4):
