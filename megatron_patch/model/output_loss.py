@@ -19,6 +19,11 @@ How, for each chunk of ``chunk_tokens`` tokens:
   adds into the fp32 ``main_grad`` under gradient-accumulation fusion (no logits-sized gradient,
   no weight-sized temporary).
 
+On a GPU each chunk's elementwise work (log-sum-exp and label logit; softmax, one-hot, scaling
+and rounding) runs as torch.compile'd kernels that read the bf16 logits once or twice, where the
+eager ops would pass over fp32 ``[rows, vocab]`` values ~6 times. Which tokens enter at all is
+the caller's choice: the language model passes only those in the loss (model/language.py).
+
 The arithmetic is megatron's: bf16 logits from a bf16 GEMM, fp32 softmax, the logits' gradient
 rounded to the weight dtype. What changes is summation order (per-chunk weight gradients,
 log-sum-exp combined across TP ranks), so results agree with megatron's path to float rounding,
@@ -29,7 +34,8 @@ shifted logits); its gradient, the softmax without a one-hot term, is megatron's
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+import functools
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,9 +48,35 @@ def _chunks(count: int, size: int) -> Iterator[Tuple[int, int]]:
         yield start, min(start + size, count)
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of a chunk, rounded through the weight dtype like megatron's output layer."""
-    return torch.mm(hidden, weight.t()).float()
+def label_logit_and_logsumexp(logits: torch.Tensor, local_labels: torch.Tensor,
+                              in_shard: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a chunk's logits (this rank's vocab shard), in fp32: the label's logit (0
+    where the label is in another shard) and the log-sum-exp."""
+    logits = logits.float()
+    label_logit = logits.gather(1, local_labels[:, None]).squeeze(1)
+    return torch.where(in_shard, label_logit, 0.0), torch.logsumexp(logits, dim=1)
+
+
+def logits_gradient(logits: torch.Tensor, logsumexp: torch.Tensor, local_labels: torch.Tensor,
+                    in_shard: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """(softmax - one-hot of the label) x the incoming gradient, per row of a chunk, in fp32,
+    rounded to the logits' dtype (megatron's cross entropy backward)."""
+    probs = (logits.float() - logsumexp[:, None]).exp()
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    is_label = (columns[None, :] == local_labels[:, None]) & in_shard[:, None]
+    return (torch.where(is_label, probs - 1.0, probs) * grad_loss[:, None]).to(logits.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel: Callable) -> Callable:
+    """One fused kernel instead of ~6 elementwise passes over the chunk's [rows, vocab] logits
+    (each several bytes per element: at 152k vocab the traffic, not the GEMM, would set the
+    pace). Shapes are dynamic from the start: the chunks' row counts vary."""
+    return torch.compile(kernel, dynamic=True)
+
+
+def _kernel(kernel: Callable, compiled: bool) -> Callable:
+    return _compiled(kernel) if compiled else kernel
 
 
 def _group_size(group) -> int:
@@ -82,7 +114,7 @@ def _accumulate_weight_gradient(hidden: torch.Tensor, grad_logits: torch.Tensor,
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, tp_group, fuse_wgrad):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, tp_group, fuse_wgrad, compiled):
         vocab_shard = weight.shape[0]
         tp_size = _group_size(tp_group)
         first = (dist.get_rank(tp_group) if tp_size > 1 else 0) * vocab_shard
@@ -91,24 +123,24 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         local_labels = torch.where(in_shard, local_labels, 0)
         logsumexp = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         label_logit = torch.empty_like(logsumexp)
+        statistics = _kernel(label_logit_and_logsumexp, compiled)
         for start, stop in _chunks(hidden.shape[0], chunk_tokens):
-            logits = _logits(hidden[start:stop], weight)
-            label_logit[start:stop] = logits.gather(1, local_labels[start:stop, None]).squeeze(1)
-            logsumexp[start:stop] = torch.logsumexp(logits, dim=1)
+            logits = torch.mm(hidden[start:stop], weight.t())  # the weight dtype, as megatron's
+            label_logit[start:stop], logsumexp[start:stop] = statistics(
+                logits, local_labels[start:stop], in_shard[start:stop])
             del logits
-        label_logit.masked_fill_(~in_shard, 0.0)
         if tp_size > 1:
             logsumexp = _global_logsumexp(logsumexp, tp_group)
             dist.all_reduce(label_logit, group=tp_group)
         ctx.save_for_backward(hidden, weight, local_labels, in_shard, logsumexp)
-        ctx.chunk_tokens, ctx.fuse_wgrad = chunk_tokens, fuse_wgrad
+        ctx.chunk_tokens, ctx.fuse_wgrad, ctx.compiled = chunk_tokens, fuse_wgrad, compiled
         return logsumexp - label_logit
 
     @staticmethod
     def backward(ctx, grad_loss):
         hidden, weight, local_labels, in_shard, logsumexp = ctx.saved_tensors
         grad_loss = grad_loss.float()
-        one_hot = in_shard.float()
+        gradient = _kernel(logits_gradient, ctx.compiled)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         fused = ctx.fuse_wgrad and hasattr(weight, "main_grad")
         weight_grad_sum = None
@@ -117,12 +149,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 weight.shape, dtype=torch.float32, device=weight.device)
         for start, stop in _chunks(hidden.shape[0], ctx.chunk_tokens):
             chunk = hidden[start:stop]
-            probs = _logits(chunk, weight).sub_(logsumexp[start:stop, None]).exp_()
-            rows = torch.arange(stop - start, device=probs.device)
-            probs.index_put_((rows, local_labels[start:stop]), -one_hot[start:stop],
-                             accumulate=True)
-            grad_logits = probs.mul_(grad_loss[start:stop, None]).to(weight.dtype)
-            del probs
+            grad_logits = gradient(torch.mm(chunk, weight.t()), logsumexp[start:stop],
+                                   local_labels[start:stop], in_shard[start:stop],
+                                   grad_loss[start:stop])
             if grad_hidden is not None:
                 torch.mm(grad_logits, weight, out=grad_hidden[start:stop])
             if weight_grad_sum is not None:
@@ -131,19 +160,23 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if weight_grad_sum is not None:
             grad_weight = _dummy_weight_gradient(weight) if fused else \
                 weight_grad_sum.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk_tokens: int, tp_group=None,
-                         fuse_wgrad: bool = False) -> torch.Tensor:
+                         chunk_tokens: int, tp_group=None, fuse_wgrad: bool = False,
+                         compiled: Optional[bool] = None) -> torch.Tensor:
     """Per-token cross entropy ``[tokens]`` (fp32) of ``hidden @ weight^T`` against ``labels``.
 
     ``hidden`` ``[tokens, h]`` is the whole input on every TP rank (the caller gathers it and
     reduces its gradient: megatron's region functions); ``weight`` ``[vocab / TP, h]`` is this
     rank's shard, rank r holding rows ``r * vocab / TP`` onwards. ``fuse_wgrad``: the weight's
-    gradient adds into its ``main_grad`` (megatron's ``gradient_accumulation_fusion``)."""
+    gradient adds into its ``main_grad`` (megatron's ``gradient_accumulation_fusion``).
+    ``compiled`` (default: on a GPU) runs each chunk's elementwise work as torch.compile'd
+    kernels; the CPU keeps the eager ones, the same arithmetic in more passes."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    if compiled is None:
+        compiled = hidden.is_cuda
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, tp_group,
-                                            fuse_wgrad)
+                                            fuse_wgrad, compiled)
