@@ -184,3 +184,10 @@ def test_compiled_chunk_kernels_equal_the_eager_ones():
         (loss * inputs[3]).sum().backward()
         for want, have in zip(eager, (loss.detach(), hidden.grad, weight.grad)):
             torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_without_autograd_gives_the_same_losses():
+    hidden, weight, labels, upstream = _inputs()
+    expected = _chunked(hidden, weight, labels, upstream, 5)[0]
+    with torch.no_grad():
+        assert torch.equal(linear_cross_entropy(hidden, weight, labels, 5), expected)

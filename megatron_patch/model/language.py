@@ -50,6 +50,16 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
+def loss_token_indices(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Where ``loss_mask`` ``[b, s]`` is nonzero, as indices into the hidden states' ``[s, b]``
+    token order, on ``device``. A mask on the host costs no device sync, and its indices travel
+    pinned, so the copy does not wait for the device either."""
+    kept = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
+    if device.type == "cuda" and not kept.is_cuda:
+        kept = kept.pin_memory()
+    return kept.to(device, non_blocking=True)
+
+
 class LanguageModel(GPTModel):
     """megatron's GPTModel whose training loss may run chunked (``loss_chunk_tokens > 0``): the
     output layer and the cross entropy together, a chunk of tokens at a time, without the whole
@@ -92,9 +102,8 @@ class LanguageModel(GPTModel):
         s, b, h = hidden.shape
         hidden, labels = hidden.reshape(s * b, h), labels.transpose(0, 1).reshape(s * b)
         kept = None
-        if loss_mask is not None:  # token order [s, b], as the hidden states'
-            kept = loss_mask.transpose(0, 1).reshape(s * b).nonzero().squeeze(1)
-            kept = kept.to(hidden.device, non_blocking=True)
+        if loss_mask is not None:
+            kept = loss_token_indices(loss_mask, hidden.device)
             hidden, labels = hidden.index_select(0, kept), labels.index_select(0, kept)
         loss = linear_cross_entropy(hidden, weight, labels, self.loss_chunk_tokens,
                                     tp_group=layer.tp_group,
