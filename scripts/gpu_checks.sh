@@ -31,12 +31,13 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
-pack() {  # $OUT -> $ARCHIVE (written outside $OUT, then moved: never a half-written archive)
+pack() {  # $OUT -> $ARCHIVE (written outside $OUT, then moved: never a half-written archive);
+  # without the memory snapshots (hundreds of MB: the summaries next to them come back)
   [ -n "${ARCHIVE:-}" ] || return 0
   local partial="${TMPDIR:-/tmp}/gpu_checks_archive.$$.tgz"
   mkdir -p "$(dirname "$ARCHIVE")"
-  tar czf "$partial" --exclude="$(basename "$ARCHIVE")" -C "$(dirname "$OUT")" "$(basename "$OUT")" \
-    && mv -f "$partial" "$ARCHIVE"
+  tar czf "$partial" --exclude="$(basename "$ARCHIVE")" --exclude="*.pickle" \
+    -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv -f "$partial" "$ARCHIVE"
 }
 
 step() {  # step NAME SECONDS COMMAND...: runs it within what is left of $BUDGET, keeps its output
@@ -160,11 +161,13 @@ for name in $STEPS; do
         --warmup-steps 2 --steps 5 --json "$OUT/seq8k_both.json"
       tail -12 "$OUT/bench_both.txt" ;;
     profile)  # one profiled megatron step of 2 micro-batches: device busy time, kernels by kind
-      # (8 micro-batches made 68.6k kernels, whose post-processing alone took about a minute)
+      # (8 micro-batches made 68.6k kernels, whose post-processing alone took about a minute);
+      # then one with its allocations recorded: what is alive at the memory peak, by line
       step bench_profile 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --grad-accum 2 --warmup-steps 2 --steps 3 --profile-dir "$OUT" \
-        --json "$OUT/seq8k_megatron_profiled.json"
-      tail -7 "$OUT/bench_profile.txt" ;;
+        --memory-dir "$OUT" --json "$OUT/seq8k_megatron_profiled.json"
+      tail -8 "$OUT/bench_profile.txt"
+      head -20 "$OUT/megatron_memory_peak.txt" 2>/dev/null ;;
     long)  # the same tokens per step in half as many micro-batches of twice the length: how
       # much of the step is per-micro-batch host overhead (the step was host-bound, 2026-12-04)
       step bench_long 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \

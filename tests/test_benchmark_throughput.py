@@ -86,10 +86,15 @@ def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     argv = SMALL + ["--num-layers", "1", "--vision-num-layers", "1", "--warmup-steps", "0",
                     "--steps", "1", "--trainer", "megatron", "--recompute-granularity", "full",
-                    "--profile-dir", str(tmp_path / "profile"), "--json", str(out)]
+                    "--profile-dir", str(tmp_path / "profile"), "--memory-dir",
+                    str(tmp_path / "memory"), "--json", str(out)]
     assert benchmark_main(argv) == 0
-    r = json.loads(out.read_text())["results"]["megatron"]
+    report = json.loads(out.read_text())
+    r = report["results"]["megatron"]
     assert r["mfu"] is None and r["hfu"] is None
+    # the allocator history is CUDA's: on the CPU the step is not recorded, and says so
+    assert r["memory"] == {"skipped": "the CUDA allocator's history needs a GPU"}
+    assert "megatron memory: not recorded" in format_report(report)
     # the profiled step comes after the timed one and is not counted; on the CPU it lists the
     # operators (the linear layers' matmuls among them)
     assert len(r["step_times_s"]) == 1 and r["profile"]["wall_s"] > 0

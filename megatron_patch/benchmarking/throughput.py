@@ -45,6 +45,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
+from megatron_patch.benchmarking.memory_peak import record_step
 from megatron_patch.benchmarking.profiling import profile_step
 from megatron_patch.benchmarking.runners import (MegatronRunner, baseline_runner, load_baseline,
                                                  trainer_namespace)
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-dir", help="after the timed steps, profile one more (untimed) "
                    "step of each trainer: device busy time, kernel time by category, top "
                    "kernels in DIR/<trainer>_profile.txt")
+    g.add_argument("--memory-dir", help="after the timed (and profiled) steps, record one more "
+                   "step's CUDA allocations: what is alive at its memory peak, by source line, in "
+                   "DIR/<trainer>_memory_peak.txt, and the snapshot for pytorch.org/memory_viz "
+                   "in DIR/<trainer>_memory.pickle (GPU only)")
     g.add_argument("--dry-run", action="store_true", help="parse, build both models on the meta "
                    "device, count parameters and FLOPs of one synthetic batch, then exit")
     return p
@@ -142,8 +147,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------- measuring
 def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: torch.device,
             flops_of: Callable, peak_flops: Optional[float],
-            profile_dir: Optional[str] = None) -> tuple:
-    """Runs warmup + timed steps (and, with ``profile_dir``, one profiled step after them);
+            profile_dir: Optional[str] = None, memory_dir: Optional[str] = None) -> tuple:
+    """Runs warmup + timed steps (and, with ``profile_dir``, one profiled step after them; with
+    ``memory_dir``, one step with its allocations recorded);
     returns (figures of the timed steps, sample keys per timed or warm-up step).
     ``flops_of(batch)``: (model, hardware) FLOPs of a micro-batch as this trainer runs it."""
     totals = dict.fromkeys(("tokens", "capacity", "samples", "images", "model_flops",
@@ -199,6 +205,10 @@ def measure(runner, batches, warmup: int, steps: int, num_micro: int, device: to
                                          profile_dir)
         if "kernels" in result["profile"]:  # the figure launch-count changes move
             result["profile"]["kernels_per_micro_batch"] = result["profile"]["kernels"] / num_micro
+    if memory_dir:
+        micro = [next(batches) for _ in range(num_micro)]
+        result["memory"] = record_step(lambda: runner.step(micro), device, runner.name,
+                                       memory_dir)
     return result, keys
 
 
@@ -280,7 +290,8 @@ def run(args) -> Dict:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     train_args = trainer_namespace(args)
     num_micro = train_args.num_microbatches
-    needed = (args.warmup_steps + args.steps + bool(args.profile_dir)) * num_micro
+    extra_steps = bool(args.profile_dir) + bool(args.memory_dir)
+    needed = (args.warmup_steps + args.steps + extra_steps) * num_micro
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
               "machine": machine_info(device), "settings": vars(args), "formula": FORMULA}
@@ -353,7 +364,7 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
         try:
             result, keys = measure(runner, batches, args.warmup_steps, args.steps,
                                    train_args.num_microbatches, device, flops_of, peak,
-                                   args.profile_dir)
+                                   args.profile_dir, args.memory_dir)
         finally:
             close_batches()  # no idle loader workers competing with the next trainer
         result["parameters"] = parameters
@@ -405,6 +416,8 @@ def format_report(report: Dict) -> str:
     for name, r in measured.items():
         if "profile" in r:
             lines.append(f"{name} profile: {_profile_line(r['profile'])}")
+        if "memory" in r:
+            lines.append(f"{name} memory: {_memory_line(r['memory'])}")
     if "megatron" in measured:
         used = measured["megatron"]["kernels"]
         lines.append("megatron kernels: " + "; ".join(f"{key} {value}" for key, value in used.items()))
@@ -426,6 +439,16 @@ def _profile_line(profile: Dict) -> str:
     return (f"step {profile['wall_s']:.3f} s, device busy {busy:.1f}%, "
             f"{profile['kernels_per_micro_batch']:.0f} kernels per micro-batch; "
             f"kernel s: {categories}")
+
+
+def _memory_line(memory: Dict) -> str:
+    if "skipped" in memory:
+        return f"not recorded ({memory['skipped']})"
+    top = memory["top_sites"][0] if memory["top_sites"] else None
+    largest = (f"; largest site {top['bytes'] / 2 ** 30:.2f} GiB at {top['site']}" if top
+               else "")
+    return (f"{memory['peak_gib']:.2f} GiB alive at the peak, {memory['before_step_gib']:.2f} "
+            f"of them from before the step{largest} ({memory['table']})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
