@@ -60,8 +60,9 @@ def add_kernel_arguments(group) -> None:
     group.add_argument("--loss-chunk-tokens", type=int, metavar="N",
                        help="compute the output layer and the cross entropy together, N tokens "
                             "at a time, so the [tokens, vocab] logits and their fp32 softmax "
-                            "never exist whole (at seq 8192 with Qwen3's 152k vocabulary: ~7 GiB "
-                            "less at the loss, for one more output-layer GEMM); 0: megatron's "
+                            "never exist whole (at seq 8192 with Qwen3's 152k vocabulary the "
+                            "softmax alone is 4.6 GiB), for one more output-layer GEMM over the "
+                            "tokens in the loss, the only ones computed; 0: megatron's "
                             "output layer, then its cross entropy. Default: 1024 with CUDA, 0 "
                             "on the CPU")
 
