@@ -130,8 +130,29 @@ def fp32_output_gemm():  # gradient-accumulation fusion without APEX
     assert fp32_output_gemm_works(torch.device("cuda"), torch.bfloat16)
 
 
+def compiled_rope():  # the GPU default --rope-fusion; its failure switches it off below
+    from megatron_patch.compat.packed_rope import fused_rotation, rotate
+    t = torch.randn(64, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    angles = torch.randn(64, 1, 128, device="cuda")
+    fused_rotation()(t, angles, 1.0).float().sum().backward()
+    torch.testing.assert_close(fused_rotation()(t, angles, 1.0), rotate(t, angles, 1.0),
+                               rtol=2e-2, atol=2e-2)
+
+
+def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure switches it off below
+    from megatron_patch.model.output_loss import linear_cross_entropy
+    hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 1000, (300,), device="cuda")
+    compiled = linear_cross_entropy(hidden, weight, labels, 128, compiled=True)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, linear_cross_entropy(hidden, weight, labels, 128,
+                                                              compiled=False))
+    assert torch.isfinite(weight.grad).all()
+
+
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
-              fp32_output_gemm):
+              fp32_output_gemm, compiled_rope, chunked_loss):
     started = time.time()
     try:
         check()
@@ -143,10 +164,19 @@ EOF
 grep -E "^(torch|megatron|transformer_engine|apex|fused|flash|preflight)" "$OUT/environment.txt"
 pack
 
+# a GPU default whose preflight failed is switched off for every step, so the others still
+# measure (the failure is in environment.txt and the summary)
+FALLBACKS=() LOSS_CHUNK=1024
+grep -q "^preflight compiled_rope: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-rope-fusion)
+grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
+  && FALLBACKS+=(--loss-chunk-tokens 0) && LOSS_CHUNK=0
+[ ${#FALLBACKS[@]} -gt 0 ] && echo "switched off after failed preflights: ${FALLBACKS[*]}" \
+  | tee -a "$OUT/summary.txt"
+
 # the LLaVA-OV-1.5 architecture with a Qwen3-1.7B-sized language model, seq 8192, packed, bf16
 COMMON=(--model llava-ov-1.5-4b --num-layers 28 --hidden-size 2048 --ffn-hidden-size 6144
         --num-attention-heads 16 --num-query-groups 8 --rotary-base 1000000 --seq-length 8192
-        --micro-batch-size 1 --grad-accum 8 --warmup-steps 3 --steps 8 --bf16)
+        --micro-batch-size 1 --grad-accum 8 --warmup-steps 3 --steps 8 --bf16 "${FALLBACKS[@]}")
 for name in $STEPS; do
   case $name in
     tests)
@@ -190,7 +220,7 @@ for name in $STEPS; do
       step activation_memory 120 "$PYTHON" benchmarks/bench_activation_memory.py \
         --model llava-ov-1.5-4b --num-layers 1 --vision-num-layers 1 --hidden-size 2048 \
         --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 8192 \
-        --bf16 --image-size-min 224 --image-size-max 672 --top 20 --loss-chunk-tokens 1024 \
+        --bf16 --image-size-min 224 --image-size-max 672 --top 20 --loss-chunk-tokens "$LOSS_CHUNK" \
         --json "$OUT/activation_memory.json"
       tail -23 "$OUT/activation_memory.txt" ;;
     recompute)
