@@ -191,3 +191,21 @@ def test_evaluation_without_autograd_gives_the_same_losses():
     expected = _chunked(hidden, weight, labels, upstream, 5)[0]
     with torch.no_grad():
         assert torch.equal(linear_cross_entropy(hidden, weight, labels, 5), expected)
+
+
+def test_a_failing_compiler_names_the_switch_that_avoids_it(monkeypatch):
+    from megatron_patch.model import output_loss
+
+    def broken_compile(kernel, dynamic):
+        def run(*args):
+            raise torch._dynamo.exc.TorchDynamoException("no working C compiler")
+        return run
+
+    output_loss._compiled.cache_clear()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    try:
+        hidden, weight, labels, _ = _inputs()
+        with pytest.raises(RuntimeError, match="--loss-chunk-tokens 0"):
+            linear_cross_entropy(hidden, weight, labels, 5, compiled=True)
+    finally:
+        output_loss._compiled.cache_clear()  # the real compiler for the other tests

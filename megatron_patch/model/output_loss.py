@@ -69,10 +69,23 @@ def logits_gradient(logits: torch.Tensor, logsumexp: torch.Tensor, local_labels:
 
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel: Callable) -> Callable:
-    """One fused kernel instead of ~6 elementwise passes over the chunk's [rows, vocab] logits
+    """Fused kernels instead of ~6 elementwise passes over the chunk's [rows, vocab] logits
     (each several bytes per element: at 152k vocab the traffic, not the GEMM, would set the
-    pace). Shapes are dynamic from the start: the chunks' row counts vary."""
-    return torch.compile(kernel, dynamic=True)
+    pace). Shapes are dynamic from the start: the chunks' row counts vary. A compiler that
+    fails (a broken Triton or C compiler on the node) is reported with the way around it."""
+    compiled = torch.compile(kernel, dynamic=True)
+
+    @functools.wraps(kernel)
+    def run(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            raise RuntimeError(
+                f"torch.compile failed on the chunked loss's {kernel.__name__} ({error}); run "
+                "with --loss-chunk-tokens 0 (megatron's output layer and cross entropy) or fix "
+                "the node's compiler setup (scripts/gpu_checks.sh's preflight tests it)") from error
+
+    return run
 
 
 def _kernel(kernel: Callable, compiled: bool) -> Callable:
