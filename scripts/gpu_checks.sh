@@ -40,6 +40,19 @@ pack() {  # $OUT -> $ARCHIVE (written outside $OUT, then moved: never a half-wri
     -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv -f "$partial" "$ARCHIVE"
 }
 
+# every process the steps start carries this tag in its environment: what kill_our_trainers
+# ends, and nothing else (not a user's own training on the same node)
+export GPU_CHECKS_TAG="gpu_checks.$$"
+
+kill_our_trainers() {
+  local pid
+  for pid in $(pgrep -f "train/pretrain_llava_ov.py"); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "GPU_CHECKS_TAG=$GPU_CHECKS_TAG"
+    then kill -KILL "$pid" 2>/dev/null
+    fi
+  done
+}
+
 step() {  # step NAME SECONDS COMMAND...: runs it within what is left of $BUDGET, keeps its output
   local name=$1 seconds=$2; shift 2
   local left=$((BUDGET - SECONDS - 15))  # 15 s for the interrupt, cleanup and packing
@@ -54,7 +67,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it within what is left of $BUDGET
   # sessions of their own); SIGKILL 10 s later if that hangs
   timeout -s INT -k 10 "$seconds" "$@" > "$OUT/$name.txt" 2>&1
   local status=$?
-  pkill -KILL -f "train/pretrain_llava_ov.py" 2>/dev/null  # no trainer keeps the GPU
+  kill_our_trainers  # no trainer of ours keeps the GPU
   echo "$name exit=$status seconds=$((SECONDS - started))" | tee -a "$OUT/summary.txt"
   pack
 }
