@@ -151,7 +151,8 @@ def _tiny_model_losses(loss_chunk_tokens, mask, upstream):
 
 def test_only_the_tokens_in_the_loss_are_computed_and_their_gradients_are_megatrons():
     """A loss mask with 23 of 64 tokens: the chunked loss runs the output layer on those 23
-    (chunks of 10: GEMMs of 10, 10 and 3 rows) and reports 0 for the others; the masked loss and every gradient equal megatron's full-logits path."""
+    (chunks of 10: GEMMs of 10, 10 and 3 rows) and reports 0 for the others; the masked loss
+    and every gradient equal megatron's full-logits path."""
     generator = torch.Generator().manual_seed(1)
     mask = torch.zeros(2, 32)
     mask.view(-1)[torch.randperm(64, generator=generator)[:23]] = 1.0

@@ -23,8 +23,8 @@ synchronised at both ends):
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
   forward). Model FLOPs use 3x; hardware FLOPs add the layers' recomputed forward under full
   recompute (selective recompute is not counted) and count megatron's chunked loss as it runs:
-  the output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else the dense bf16 table in
-  flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
+  the output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
+  the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
   on CPU the process's resident-set high-water mark (VmHWM, reset through
   ``/proc/self/clear_refs`` before each trainer where the kernel allows it, else ru_maxrss which

@@ -36,8 +36,8 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     applies to the language model only: the vision tower's images are short and each runs whole
     on every TP rank. ``loss_chunk_tokens > 0`` computes the training loss's output layer and
     cross entropy that many tokens at a time, never holding the whole logits
-    (model/output_loss.py). Extra keyword arguments go to both megatron ``TransformerConfig``s (e.g.
-    ``recompute_granularity``, ``variable_seq_lengths``)."""
+    (model/output_loss.py). Extra keyword arguments go to both megatron ``TransformerConfig``s
+    (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     apply_packed_rope_fast_path()
     apply_wgrad_accumulation()  # gradient_accumulation_fusion=True without APEX
