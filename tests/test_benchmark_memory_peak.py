@@ -48,7 +48,7 @@ def test_the_breakdown_is_taken_at_the_peak_not_at_the_end():
         {"site": "cross_entropy.py:232 forward", "bytes": 500 * MIB, "allocations": 1},
         {"site": "mlp.py:224 forward", "bytes": 200 * MIB, "allocations": 2}]
     text = format_breakdown("megatron", breakdown, max_allocated=1670 * MIB)
-    assert text.splitlines()[0] == ("megatron: 1.63 GiB alive at the step's peak "
+    assert text.splitlines()[0] == ("megatron: 1.63 GiB alive at the peak "
                                     "(torch.cuda.max_memory_allocated: 1.63 GiB)")
     assert "0.49 GiB       1 x  cross_entropy.py:232 forward" in text
 

@@ -38,6 +38,7 @@ def test_derived_values(paths):
     (["--async-save"], 1, "--async-save needs --save"),
     (["--manual-gc", "--manual-gc-interval", "-1"], 1, "--manual-gc-interval -1 is negative"),
     (["--loss-chunk-tokens", "-1"], 1, "--loss-chunk-tokens -1 is negative"),
+    (["--record-memory-history"], 1, "this machine has no GPU; drop the flag"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,
      "--seq-length 1022 is not divisible by 4"),

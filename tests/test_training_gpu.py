@@ -52,3 +52,16 @@ def test_two_gpus_train_as_one(layout, converted_demo, demo_tokenizer, tmp_path)
         assert actual[iteration]["train/loss"] == pytest.approx(
             expected[iteration]["train/loss"], rel=2e-2), iteration
     assert (two / "iter_0000008").is_dir()
+
+
+def test_memory_history_is_written_after_the_first_iteration(converted_demo, demo_tokenizer,
+                                                             tmp_path):
+    """--record-memory-history: rank 0's allocator snapshot and, next to it, what was alive at
+    the recorded peak by source line (the weights' and the optimizer's allocations among it)."""
+    save = tmp_path / "run"
+    run_trainer(converted_demo, demo_tokenizer, save, *GPU_RUN, "--train-iters", 3,
+                "--record-memory-history")
+    assert (save / "memory_snapshot_rank0.pickle").stat().st_size > 0
+    summary = (save / "memory_snapshot_rank0.txt").read_text().splitlines()
+    assert summary[0].startswith("rank 0, recorded after the first iteration: ")
+    assert len(summary) > 3 and "GiB" in summary[2]

@@ -81,12 +81,13 @@ def live_at_peak(trace: Sequence[dict], allocated_before: int) -> Dict:
     return {"peak_bytes": replay.total, "before_step_bytes": replay.before, "sites": rows}
 
 
-def format_breakdown(label: str, breakdown: Dict, max_allocated: Optional[int]) -> str:
+def format_breakdown(label: str, breakdown: Dict, max_allocated: Optional[int],
+                     before: str = BEFORE_THE_STEP) -> str:
     gib = 2 ** 30
-    lines = [f"{label}: {breakdown['peak_bytes'] / gib:.2f} GiB alive at the step's peak"
+    lines = [f"{label}: {breakdown['peak_bytes'] / gib:.2f} GiB alive at the peak"
              + (f" (torch.cuda.max_memory_allocated: {max_allocated / gib:.2f} GiB)"
                 if max_allocated is not None else ""),
-             f"{breakdown['before_step_bytes'] / gib:9.2f} GiB  {BEFORE_THE_STEP}"]
+             f"{breakdown['before_step_bytes'] / gib:9.2f} GiB  {before}"]
     for row in breakdown["sites"][:TOP_SITES]:
         lines.append(f"{row['bytes'] / gib:9.2f} GiB  {row['allocations']:6d} x  {row['site']}")
     rest = breakdown["sites"][TOP_SITES:]

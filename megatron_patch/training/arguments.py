@@ -67,6 +67,11 @@ def add_kernel_arguments(group) -> None:
                             "on the CPU")
 
 
+def _cuda_available() -> bool:
+    import torch  # here: parsing arguments should not wait for torch's import
+    return torch.cuda.is_available()
+
+
 def model_overrides(args) -> dict:
     """The override values from any namespace built with add_model_override_arguments."""
     return {key: getattr(args, key, None) for key in MODEL_OVERRIDE_KEYS}
@@ -204,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="a collective waiting longer than this fails (a dead or stuck rank "
                         "ends the job instead of hanging it)")
+    g.add_argument("--record-memory-history", action="store_true",
+                   help="record each rank's CUDA allocations and write them once, after the "
+                        "first iteration or at an out-of-memory error: the allocator snapshot "
+                        "(for pytorch.org/memory_viz) and what was alive at the peak, by "
+                        "source line (Megatron-LM's flag; GPU only)")
+    g.add_argument("--memory-snapshot-path",
+                   help="where --record-memory-history writes, one file per rank "
+                        "(default: SAVE/memory_snapshot.pickle -> memory_snapshot_rankR.pickle)")
     # fault injection for tests and drills: the loss of this iteration becomes NaN
     g.add_argument("--debug-nan-at-iteration", type=int, help=argparse.SUPPRESS)
 
@@ -277,6 +290,12 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.manual_gc_interval < 0:
         raise ArgumentError(f"--manual-gc-interval {args.manual_gc_interval} is negative; use 0 "
                             "(no collection during training) or a number of iterations")
+    if args.record_memory_history and not _cuda_available():
+        raise ArgumentError("--record-memory-history records the CUDA allocator, and this "
+                            "machine has no GPU; drop the flag")
+    if args.record_memory_history and not (args.memory_snapshot_path or args.save):
+        raise ArgumentError("--record-memory-history needs --memory-snapshot-path or --save "
+                            "to write to")
     if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
         raise ArgumentError(f"--loss-chunk-tokens {args.loss_chunk_tokens} is negative; use 0 "
                             "(megatron's output layer and cross entropy) or a number of tokens")

@@ -32,6 +32,7 @@ from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.garbage_collection import GarbageCollection
 from megatron_patch.training.interval_stats import (IntervalStats, batch_flops, interval_metrics,
                                                     model_shapes)
+from megatron_patch.training.memory_history import MemoryHistory
 from megatron_patch.training.metrics import (METRICS_FILE, MetricsLogger, StepTimer,
                                              setup_logging, truncate_metrics_file)
 from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
@@ -56,8 +57,8 @@ class DataReadError(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, args, ranks: Ranks):
-        self.args, self.ranks = args, ranks
+    def __init__(self, args, ranks: Ranks, memory_history: Optional[MemoryHistory] = None):
+        self.args, self.ranks, self.memory_history = args, ranks, memory_history
         if args.save:
             checkpoint_writer.start()  # overlaps the first save's 2-3 s of setup with ours
         self.device = torch.device("cuda", torch.cuda.current_device()) \
@@ -154,6 +155,8 @@ class Trainer:
         logger.info("training from iteration %d to %d", state.iteration, args.train_iters)
         while state.iteration < args.train_iters:
             outcome = self.train_step(stats, timer)
+            if self.memory_history:
+                self.memory_history.after_step()
             state.iteration += 1
             state.consumed_samples += args.global_batch_size
             if outcome.stepped:
@@ -381,8 +384,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ranks = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                        args.seed, args.distributed_timeout_minutes)
     setup_logging(args.save, ranks.rank)
+    memory_history = None
+    if args.record_memory_history:  # before the model is built: its allocations count too
+        memory_history = MemoryHistory(
+            args.memory_snapshot_path or os.path.join(args.save, "memory_snapshot.pickle"),
+            ranks.rank)
     try:
-        trainer = Trainer(args, ranks)
+        trainer = Trainer(args, ranks, memory_history)
         code = trainer.train()
         trainer.metrics.close()
         return code
