@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_patch.compat import wgrad_accumulation
 
@@ -92,10 +93,6 @@ def _kernel(kernel: Callable, compiled: bool) -> Callable:
     return _compiled(kernel) if compiled else kernel
 
 
-def _group_size(group) -> int:
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
-
-
 def _global_logsumexp(local: torch.Tensor, group) -> torch.Tensor:
     """log(sum over ranks of exp(local)): each rank holds the log-sum-exp of its vocab shard."""
     peak = local.clone()
@@ -129,8 +126,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, tp_group, fuse_wgrad, compiled):
         vocab_shard = weight.shape[0]
-        tp_size = _group_size(tp_group)
-        first = (dist.get_rank(tp_group) if tp_size > 1 else 0) * vocab_shard
+        tp_size = get_pg_size(tp_group)
+        first = get_pg_rank(tp_group) * vocab_shard
         local_labels = labels - first
         in_shard = (local_labels >= 0) & (local_labels < vocab_shard)
         local_labels = torch.where(in_shard, local_labels, 0)
