@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_patch.benchmarking.memory_peak import outside_torch  # noqa: E402
 from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec  # noqa: E402
 from megatron_patch.model import build_model, get_config  # noqa: E402
 from megatron_patch.training import arguments  # noqa: E402
@@ -51,8 +52,7 @@ def parse_args(argv=None):
 
 def _saving_line() -> str:
     """The innermost source line outside torch itself: which module saved the tensor."""
-    frames = [f for f in traceback.extract_stack()[:-2]
-              if f"{os.sep}torch{os.sep}" not in f.filename]
+    frames = [f for f in traceback.extract_stack()[:-2] if outside_torch(f.filename)]
     frame = frames[-1]
     return f"{os.path.basename(frame.filename)}:{frame.lineno} {(frame.line or '').strip()}"
 

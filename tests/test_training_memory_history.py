@@ -5,7 +5,7 @@ import pickle
 
 import torch
 
-from megatron_patch.training import memory_history
+from megatron_patch.benchmarking import memory_peak
 from megatron_patch.training.memory_history import MemoryHistory, snapshot_path
 
 MIB = 2 ** 20
@@ -43,7 +43,7 @@ def test_the_first_trigger_dumps_once_and_stops_recording(tmp_path, monkeypatch)
                         "(torch.cuda.max_memory_allocated: 0.06 GiB)")
     assert lines[1].endswith("allocated before recording began")
     assert lines[2].endswith("1 x  optimizer.py:7 step")
-    assert memory_history.MAX_ENTRIES >= 1_000_000
+    assert memory_peak.MAX_ENTRIES >= 1_000_000
 
 
 def test_an_out_of_memory_error_dumps_what_filled_the_device(tmp_path, monkeypatch):

@@ -16,19 +16,25 @@ from __future__ import annotations
 import os
 import pickle
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 BEFORE_THE_STEP = "allocated before the step (weights, gradient buffers, optimizer state)"
 TOP_SITES = 25
+MAX_ENTRIES = 2_000_000  # allocator events kept (a ring): a few steps of a large model
+
+
+def outside_torch(filename: str) -> bool:
+    """Whether a source file is not torch's own: where a tensor's owner is found."""
+    return f"{os.sep}torch{os.sep}" not in filename
 
 
 def allocation_site(frames: Sequence[dict]) -> str:
     """The innermost frame outside torch's own files (frames come innermost first)."""
     for frame in frames:
         filename = frame.get("filename", "")
-        if f"{os.sep}torch{os.sep}" not in filename:
+        if outside_torch(filename):
             return f"{os.path.basename(filename)}:{frame.get('line')} {frame.get('name', '')}"
     return "inside torch"
 
@@ -96,6 +102,27 @@ def format_breakdown(label: str, breakdown: Dict, max_allocated: Optional[int],
     return "\n".join(lines)
 
 
+def start_recording() -> None:
+    """The CUDA allocator's history from now on, with Python stacks (cheaper than C++ ones)."""
+    torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES, stacks="python")
+
+
+def write_snapshot(snapshot: Dict, pickle_path: str, text_path: str, label: str,
+                   allocated_before: int, before: str = BEFORE_THE_STEP) -> Tuple[Dict, str]:
+    """Writes ``snapshot`` (for memory_viz) and ``text_path``: what was alive at its trace's
+    peak, by source line. Returns (the breakdown, the text)."""
+    os.makedirs(os.path.dirname(os.path.abspath(pickle_path)), exist_ok=True)
+    with open(pickle_path, "wb") as handle:
+        pickle.dump(snapshot, handle)
+    # one trace per visible GPU; a process allocates on its own only
+    trace = max(snapshot.get("device_traces", []), key=len, default=[])
+    breakdown = live_at_peak(trace, allocated_before)
+    text = format_breakdown(label, breakdown, torch.cuda.max_memory_allocated(), before)
+    with open(text_path, "w") as handle:
+        handle.write(text + "\n")
+    return breakdown, text
+
+
 def record_step(run_step: Callable[[], object], device: torch.device, label: str,
                 directory: str) -> Dict:
     """Runs ``run_step`` once with CUDA memory history on; writes
@@ -106,27 +133,21 @@ def record_step(run_step: Callable[[], object], device: torch.device, label: str
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     allocated_before = torch.cuda.memory_allocated(device)
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    start_recording()
     try:
         run_step()
         torch.cuda.synchronize(device)
         snapshot = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f"{label}_memory.pickle"), "wb") as handle:
-        pickle.dump(snapshot, handle)
-    traces = snapshot.get("device_traces", [])
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    breakdown = live_at_peak(traces[index] if index < len(traces) else [], allocated_before)
-    max_allocated = torch.cuda.max_memory_allocated(device)
     path = os.path.join(directory, f"{label}_memory_peak.txt")
-    with open(path, "w") as handle:
-        handle.write(format_breakdown(label, breakdown, max_allocated) + "\n")
+    breakdown, _ = write_snapshot(snapshot, os.path.join(directory, f"{label}_memory.pickle"),
+                                  path, label, allocated_before)
     return {"peak_gib": breakdown["peak_bytes"] / 2 ** 30,
-            "max_allocated_gib": max_allocated / 2 ** 30,
+            "max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
             "before_step_gib": breakdown["before_step_bytes"] / 2 ** 30,
             "top_sites": breakdown["sites"][:10], "table": path}
 
 
-__all__ = ["allocation_site", "format_breakdown", "live_at_peak", "record_step"]
+__all__ = ["allocation_site", "format_breakdown", "live_at_peak", "outside_torch",
+           "record_step", "start_recording", "write_snapshot"]

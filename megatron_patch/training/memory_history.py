@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 
 import torch
 
-from megatron_patch.benchmarking.memory_peak import format_breakdown, live_at_peak
+from megatron_patch.benchmarking.memory_peak import start_recording, write_snapshot
 
 logger = logging.getLogger(__name__)
-MAX_ENTRIES = 2_000_000  # allocator events kept (a ring): a few steps of a large model
 
 
 def snapshot_path(template: str, rank: int) -> str:
@@ -33,7 +31,7 @@ class MemoryHistory:
     def __init__(self, path_template: str, rank: int):
         self.path, self.rank, self.recording = snapshot_path(path_template, rank), rank, True
         self.allocated_before = torch.cuda.memory_allocated()
-        torch.cuda.memory._record_memory_history(max_entries=MAX_ENTRIES, stacks="python")
+        start_recording()
         torch._C._cuda_attach_out_of_memory_observer(self._on_out_of_memory)
 
     def _on_out_of_memory(self, device, allocated, device_allocated, device_free) -> None:
@@ -49,18 +47,10 @@ class MemoryHistory:
         self.recording = False
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        with open(self.path, "wb") as handle:
-            pickle.dump(snapshot, handle)
-        # one trace per visible GPU; a rank allocates on its own only
-        trace = max(snapshot.get("device_traces", []), key=len, default=[])
-        breakdown = live_at_peak(trace, self.allocated_before)
-        text = format_breakdown(f"rank {self.rank}, recorded {when}", breakdown,
-                                torch.cuda.max_memory_allocated(),
-                                before="allocated before recording began")
         summary = os.path.splitext(self.path)[0] + ".txt"
-        with open(summary, "w") as handle:
-            handle.write(text + "\n")
+        _, text = write_snapshot(snapshot, self.path, summary,
+                                 f"rank {self.rank}, recorded {when}", self.allocated_before,
+                                 before="allocated before recording began")
         logger.warning("memory history %s: %s and %s\n%s", when, self.path, summary,
                        "\n".join(text.splitlines()[:8]))
 
