@@ -35,3 +35,16 @@ def test_efficiency_above_95_percent_on_long_tailed_lengths():
 def test_image_cap_binds_before_tokens_do():
     packs = plan_packs([10] * 40, [2] * 40, capacity=1000, max_images=8)
     assert all(len(pack) == 4 for pack in packs) and len(packs) == 10
+
+
+def test_sample_cap_binds_when_given():
+    """--max-samples-per-pack (the fixed segment count of CUDA graphs): short samples that
+    would share one pack are spread over packs of at most that many; without it, no limit."""
+    assert len(plan_packs([10] * 40, [0] * 40, capacity=1000, max_images=8)) == 1
+    packs = plan_packs([10] * 40, [0] * 40, capacity=1000, max_images=8, max_samples=6)
+    assert max(len(pack) for pack in packs) == 6 and len(packs) == 7
+    assert sorted(i for pack in packs for i in pack) == list(range(40))
+    # at the default cap (63) the long-tailed mix packs as well as without one
+    lengths = long_tailed_lengths(2000)
+    capped = plan_packs(lengths, [1] * len(lengths), capacity=8192, max_images=64, max_samples=63)
+    assert packing_efficiency(lengths, capped, 8192) > 0.95

@@ -171,6 +171,15 @@ def test_packed_batches(converted_demo, tokenizer, train_lengths):
     assert sum(b.num_samples for b in batches) / len(batches) > 2
 
 
+def test_sample_cap_limits_the_segments_of_a_pack(converted_demo, tokenizer):
+    """--max-samples-per-pack reaches the task encoder's packer: at most that many samples,
+    so at most one more segment (the trailing padding), where ~3 would share a pack."""
+    batches = take(train_loader(converted_demo, tokenizer, seq_length=256, micro_batch_size=1,
+                                packing=True, max_samples_per_pack=2, packing_buffer_size=32), 12)
+    assert max(batch.num_samples for batch in batches) == 2
+    assert max(batch.cu_seqlens.numel() - 1 for batch in batches) <= 3
+
+
 def test_overlong_samples_are_dropped_and_counted(converted_demo, tokenizer, train_lengths):
     limit = 60
     fits = {key for key, (length, _) in train_lengths.items() if length <= limit}

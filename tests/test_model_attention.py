@@ -210,3 +210,43 @@ def test_covering_segments_skip_the_padding_guard(monkeypatch):
 def test_segments_that_stop_short_of_the_last_row_are_refused():
     with pytest.raises(ValueError, match="segments end at row 9 of 12: the last segment must end"):
         attention.covering_packed_seq_params(torch.tensor([0, 5, 9]), 12, 5, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("path", ["segment-loop", "kernel"])
+def test_fixed_segment_counts_change_nothing(monkeypatch, path):
+    """``with_fixed_segments`` (what the language layers' CUDA graphs need: one shape of
+    ``cu_seqlens``, one ``max_seqlen``) appends empty segments at the last row and raises the
+    longest segment to every row: the same attention, exactly, in the segment loop and through
+    the kernel (its stand-in here; the real one in tests/test_model_gpu.py)."""
+    q, k, v, _ = packed_inputs(seed=5)
+    cu = torch.tensor([0, 5, 14, PADDED])
+    params = attention.covering_packed_seq_params(cu, PADDED, 12, torch.device("cpu"))
+    fixed = attention.with_fixed_segments(params, 7, PADDED)
+    assert fixed.cu_seqlens_q.tolist() == [0, 5, 14, PADDED, PADDED, PADDED, PADDED, PADDED]
+    assert fixed.cu_seqlens_kv is fixed.cu_seqlens_q and fixed.cu_seqlens_q.dtype == torch.int32
+    assert (fixed.max_seqlen_q, fixed.max_seqlen_kv) == (PADDED, PADDED)
+    assert isinstance(fixed, attention.CoveringPackedSeqParams)  # still no padding guard
+    if path == "kernel":
+        kernel = KernelLater()
+        monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: kernel)
+        monkeypatch.setattr(SDPACoreAttention, "flash_varlen_applies", lambda self, query: True)
+    module = core_attention(AttnMaskType.causal)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    results = []
+    for packed in (params, fixed):
+        out = module(q, k, v, None, packed_seq_params=packed)
+        results.append((out, torch.autograd.grad(out.square().sum(), (q, k, v))))
+    (out, grads), (fixed_out, fixed_grads) = results
+    torch.testing.assert_close(fixed_out, out, rtol=0, atol=0)
+    for a, b in zip(fixed_grads, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if path == "kernel":
+        assert [call["max_q"] for call in kernel.calls] == [12, PADDED]
+
+
+def test_more_segments_than_the_graphs_hold_are_refused():
+    params = attention.covering_packed_seq_params(torch.tensor([0, 5, 9, 12]), 12, 5,
+                                                  torch.device("cpu"))
+    assert attention.with_fixed_segments(params, 3, 12).cu_seqlens_q.tolist() == [0, 5, 9, 12]
+    with pytest.raises(ValueError, match="has 3 segments .* more than the 2 its CUDA graphs"):
+        attention.with_fixed_segments(params, 2, 12)

@@ -16,7 +16,7 @@ from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 from megatron_patch.model import build_model, get_config  # noqa: E402
 from megatron_patch.model.attention import (covering_packed_seq_params,  # noqa: E402
-                                            flash_varlen_kernel)
+                                            flash_varlen_kernel, with_fixed_segments)
 from megatron_patch.model.hf_mapping import hf_to_mcore  # noqa: E402
 from megatron_patch.model.layer_specs import te_available  # noqa: E402
 from megatron_patch.model.sharding import load_full_state_dict  # noqa: E402
@@ -131,6 +131,29 @@ def test_flash_varlen_path_matches_the_segment_loop_on_cuda(causal, covering):
     torch.testing.assert_close(fast, loop, rtol=2e-2, atol=2e-2)
     for a, b in zip(fast_grads, loop_grads):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(flash_varlen_kernel() is None, reason="torch has no varlen_attn (< 2.10)")
+def test_flash_varlen_takes_empty_segments_and_a_longest_of_every_row():
+    """What the language layers' CUDA graphs pass the real kernel (``with_fixed_segments``):
+    empty segments at the last row and ``max_seqlen`` = every row. Same outputs and input
+    gradients as the exact segments, to the backward's atomics."""
+    from test_model_attention import PADDED, core_attention, packed_inputs
+
+    q, k, v, cu = packed_inputs(seed=4)
+    cu = torch.cat([cu, torch.tensor([PADDED])])
+    exact = covering_packed_seq_params(cu, PADDED, int((cu[1:] - cu[:-1]).max()), DEV)
+    fixed = with_fixed_segments(exact, 12, PADDED)
+    q, k, v = (x.to(DEV, torch.bfloat16).requires_grad_() for x in (q, k, v))
+    module = core_attention(AttnMaskType.causal).to(DEV)
+    results = []
+    for params in (exact, fixed):
+        out = module(q, k, v, None, packed_seq_params=params)
+        results.append((out.float(), torch.autograd.grad(out.float().square().sum(), (q, k, v))))
+    (out, grads), (fixed_out, fixed_grads) = results
+    torch.testing.assert_close(fixed_out, out, rtol=1e-3, atol=1e-3)
+    for a, b in zip(fixed_grads, grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_compiled_rotation_matches_megatrons_rope_on_cuda():

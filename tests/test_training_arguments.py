@@ -1,5 +1,7 @@
 """Invalid settings fail in argument validation, before any process group or model, with one
 message that says what to change."""
+import os
+
 import pytest
 import torch
 
@@ -39,6 +41,8 @@ def test_derived_values(paths):
     (["--manual-gc", "--manual-gc-interval", "-1"], 1, "--manual-gc-interval -1 is negative"),
     (["--loss-chunk-tokens", "-1"], 1, "--loss-chunk-tokens -1 is negative"),
     (["--record-memory-history"], 1, "this machine has no GPU; drop the flag"),
+    (["--cuda-graph-impl", "local"], 1, "captures CUDA graphs, and this machine has no GPU"),
+    (["--max-samples-per-pack", "0"], 1, "--max-samples-per-pack 0 must be at least 1"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,
      "--seq-length 1022 is not divisible by 4"),
@@ -149,3 +153,27 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
                                                    "buffer")
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")
     assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")
+
+
+def test_cuda_graphs_need_packing_and_no_full_recompute(paths, monkeypatch):
+    """--cuda-graph-impl local on a GPU: fixed shapes (packing), no full recompute (megatron
+    refuses it); packs default to 63 samples (64 segments with the trailing padding), which the
+    summary states; megatron's NCCL setting for expandable segments is made before NCCL starts."""
+    from megatron_patch.training import kernels
+    monkeypatch.setattr(arguments, "_cuda_available", lambda: True)
+    graphs = paths + ["--cuda-graph-impl", "local"]
+    with pytest.raises(arguments.ArgumentError, match="add --packing"):
+        validate(graphs)
+    with pytest.raises(arguments.ArgumentError, match="drop --recompute-granularity full"):
+        validate(graphs + ["--packing", "--recompute-granularity", "full"])
+    monkeypatch.delenv("NCCL_GRAPH_REGISTER", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    args = validate(graphs + ["--packing", "--recompute-granularity", "selective"])
+    assert args.max_samples_per_pack == 63 and kernels.cuda_graph_segments(args) == 64
+    assert kernels.summary(args)["cuda_graphs"] == "language layers, packs of 64 segments"
+    assert os.environ["NCCL_GRAPH_REGISTER"] == "0"
+    args = validate(graphs + ["--packing", "--max-samples-per-pack", "8"])
+    assert kernels.cuda_graph_segments(args) == 9
+    eager = validate(paths + ["--packing", "--max-samples-per-pack", "8"])
+    assert kernels.cuda_graph_segments(eager) is None and not kernels.summary(eager)["cuda_graphs"]
+    assert eager.max_samples_per_pack == 8

@@ -72,6 +72,30 @@ def test_device_rng_states_are_restored_only_on_the_device_kind_they_came_from()
                for name in saved["tracker"])
 
 
+def test_graph_safe_tracker_states_are_saved_as_states_and_restored_into_the_generators():
+    """Under --cuda-graph-impl local megatron's tracker holds generators (graph-safe; CPU ones
+    play them here): the checkpoint keeps their byte states, which a resume writes back into
+    the live generators, the objects captured graphs refer to."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    from megatron_patch.training.checkpointing import _rng_state, _set_rng_state
+
+    init_parallel(1, 1)
+    tracker = get_cuda_rng_tracker()
+    generators = {name: torch.Generator().manual_seed(index)
+                  for index, name in enumerate(tracker.get_states())}
+    tracker.set_states(dict(generators))
+    saved = _rng_state()
+    assert all(torch.equal(saved["tracker"][name], generator.get_state())
+               for name, generator in generators.items())
+    expected = {name: torch.rand(4, generator=generator) for name, generator in generators.items()}
+    assert _set_rng_state(saved) is True
+    live = tracker.get_states()
+    for name, generator in generators.items():
+        assert live[name] is generator
+        assert torch.equal(torch.rand(4, generator=generator), expected[name])
+    init_parallel(1, 1)  # a plain tracker again for the other tests
+
+
 def _save_and_load_one_tensor(directory):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor

@@ -3,6 +3,8 @@ bf16 with fp32 master weights, distributed optimizer with overlapped grad reduce
 gather, full recompute, packing; the attention backend megatron-core picks (TE + flash where
 installed). It must learn, save, and resume from its checkpoint to the uninterrupted run's
 losses within bf16/atomics noise (GPU kernels are not bit-reproducible, unlike the CPU tests)."""
+import json
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA and `pytest -m gpu` (the CPU suite hides GPUs: conftest)",
                 allow_module_level=True)
 
-from trainer_runs import metrics, run_trainer  # noqa: E402
+from trainer_runs import metrics, run_trainer, tensorboard_scalars  # noqa: E402
 
 GPU_RUN = ("--train-iters", 8, "--save-interval", 4, "--packing", "--micro-batch-size", 1,
            "--seq-length", 1024, "--global-batch-size", 4, "--bf16",
@@ -65,3 +67,35 @@ def test_memory_history_is_written_after_the_first_iteration(converted_demo, dem
     summary = (save / "memory_snapshot_rank0.txt").read_text().splitlines()
     assert summary[0].startswith("rank 0, recorded after the first iteration: ")
     assert len(summary) > 3 and "GiB" in summary[2]
+
+
+def test_cuda_graphs_train_like_eager_and_resume(converted_demo, demo_tokenizer, tmp_path):
+    """--cuda-graph-impl local: megatron-core records the language layers in iteration 1,
+    captures them at its end and replays them from then on (evaluation too). The losses follow
+    the eager run's to bf16/atomics noise, and a resumed run captures again and continues
+    the same. At most 4 samples per pack, so the segments are padded (5 per captured pack)."""
+    run = tuple(arg for arg in GPU_RUN if arg not in ("--recompute-granularity", "full"))
+    run += ("--max-samples-per-pack", 4)
+    eager, graphs, resumed = tmp_path / "eager", tmp_path / "graphs", tmp_path / "resumed"
+    run_trainer(converted_demo, demo_tokenizer, eager, *run)
+    run_trainer(converted_demo, demo_tokenizer, graphs, *run, "--cuda-graph-impl", "local")
+    log = "".join(path.read_text() for path in graphs.glob("run_*.log"))
+    assert "cuda graph(s)" in log, log[-3000:]  # megatron's "built N cuda graph(s)" line
+    kernels = json.loads((graphs / "run_config.json").read_text())["kernels"]
+    assert kernels["cuda_graphs"] == "language layers, packs of 5 segments"
+    expected, actual = metrics(eager), metrics(graphs)
+    for iteration in range(1, 9):
+        assert actual[iteration]["train/loss"] == pytest.approx(
+            expected[iteration]["train/loss"], rel=2e-2), iteration
+    eager_eval = tensorboard_scalars(eager / "tensorboard")["eval/loss"]
+    graphs_eval = tensorboard_scalars(graphs / "tensorboard")["eval/loss"]
+    assert set(graphs_eval) == {4, 8}  # evaluated on the replayed graphs
+    for iteration in (4, 8):
+        assert graphs_eval[iteration] == pytest.approx(eager_eval[iteration], rel=2e-2)
+
+    run_trainer(converted_demo, demo_tokenizer, resumed, *run, "--cuda-graph-impl", "local",
+                "--load", graphs / "iter_0000004")
+    again = metrics(resumed)
+    for iteration in range(5, 9):
+        assert again[iteration]["train/loss"] == pytest.approx(
+            actual[iteration]["train/loss"], rel=2e-2), iteration

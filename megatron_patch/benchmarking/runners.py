@@ -31,7 +31,8 @@ _PASSED = ("model", *arguments.MODEL_OVERRIDE_KEYS, *arguments.KERNEL_SWITCH_KEY
            "attention_backend", "recompute_granularity",
            "recompute_method", "recompute_num_layers", "micro_batch_size", "global_batch_size",
            "seq_length", "bf16", "use_distributed_optimizer", "lr", "clip_grad", "seed",
-           "num_workers", "packing", "max_images_per_pack", "data_path", "tokenizer_path")
+           "num_workers", "packing", "max_images_per_pack", "max_samples_per_pack", "data_path",
+           "tokenizer_path")
 
 
 def trainer_namespace(bench_args, world_size: int = 1):

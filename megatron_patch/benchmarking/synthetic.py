@@ -45,6 +45,7 @@ class SyntheticSpec:
     text_length_sigma: float = 0.9
     answer_fraction: float = 0.4       # share of a sample's text tokens in the loss
     max_images_per_pack: int = 32
+    max_samples_per_pack: Optional[int] = None
     packing_buffer_size: int = 64
     seed: int = 1234
 
@@ -148,7 +149,8 @@ class SyntheticPackedBatches:
                 continue
             buffer.append(sample)
         groups = plan_packs([s.length for s in buffer], [s.num_images for s in buffer],
-                            self.spec.seq_length, self.spec.max_images_per_pack)
+                            self.spec.seq_length, self.spec.max_images_per_pack,
+                            self.spec.max_samples_per_pack)
         self.pending.extend(pack_samples([buffer[i] for i in group]) for group in groups)
 
     def __iter__(self) -> Iterator[SFTMicroBatch]:

@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-packing", dest="packing", action="store_false",
                    help="with --data-path: one sample per row (synthetic data is always packed)")
     g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--max-samples-per-pack", type=int, metavar="N",
+                   help="the trainer's option (default: no limit; 63 with --cuda-graph-impl local)")
     g.add_argument("--images-per-sample", type=int, default=1)
     g.add_argument("--image-size-min", type=int, default=224, help="pixels, multiple of 28")
     g.add_argument("--image-size-max", type=int, default=672, help="pixels, multiple of 28")
@@ -230,7 +232,9 @@ class _Synthetic:
         return iter(self.batches), lambda: None
 
 
-def synthetic_spec(args, cfg) -> SyntheticSpec:
+def synthetic_spec(args, cfg, train_args) -> SyntheticSpec:
+    """The synthetic packs, planned under the trainer's limits (``train_args``: validated, with
+    --max-samples-per-pack completed)."""
     vision = cfg.vision
     return SyntheticSpec(
         vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
@@ -238,7 +242,8 @@ def synthetic_spec(args, cfg) -> SyntheticSpec:
         patch_size=vision.patch_size, images_per_sample=args.images_per_sample,
         image_side_min=args.image_size_min, image_side_max=args.image_size_max,
         text_length_median=args.text_length_median, text_length_sigma=args.text_length_sigma,
-        max_images_per_pack=args.max_images_per_pack, seed=args.seed)
+        max_images_per_pack=args.max_images_per_pack,
+        max_samples_per_pack=train_args.max_samples_per_pack, seed=args.seed)
 
 
 def _real_data(args, train_args):
@@ -277,7 +282,7 @@ def dry_run(args, cfg, train_args) -> Dict:
             theirs = load_baseline().count_parameters(baseline)
     finally:
         shutdown()
-    batch = SyntheticPackedBatches(synthetic_spec(args, cfg)).take(1)[0]
+    batch = SyntheticPackedBatches(synthetic_spec(args, cfg, train_args)).take(1)[0]
     flops = batch_flops(batch, *model_shapes(cfg), args.recompute_granularity == "full")
     return {"parameters": {"megatron": ours, "baseline": theirs},
             "one_micro_batch": {"real_tokens": batch.real_tokens, "samples": batch.num_samples,
@@ -304,7 +309,7 @@ def run(args) -> Dict:
         report["dry_run"] = dry_run(args, cfg, train_args)
         return report
     if args.data_path is None:
-        synthetic = _Synthetic(synthetic_spec(args, cfg), needed)
+        synthetic = _Synthetic(synthetic_spec(args, cfg, train_args), needed)
         open_batches = synthetic.open
         report["data"] = {"source": "synthetic", "generation_s": synthetic.seconds,
                           "micro_batches": needed, "dropped_overlong": synthetic.dropped_overlong}
@@ -313,7 +318,7 @@ def run(args) -> Dict:
                           "packing": args.packing}
 
     from megatron_patch.training.parallel_setup import initialize, shutdown
-    initialize(1, 1, args.seed)
+    initialize(1, 1, args.seed, cuda_graphs=kernels.cuda_graph_segments(train_args) is not None)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_per_device(
         torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     report["peak_tflops"] = peak / 1e12 if peak else None
@@ -347,7 +352,7 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
     if device.type == "cuda":
         torch.cuda.empty_cache()
     memory_kind = reset_peak_memory(device)
-    seed_everything(args.seed)
+    seed_everything(args.seed, cuda_graphs=kernels.cuda_graph_segments(train_args) is not None)
     runner = (MegatronRunner(train_args, cfg, device) if name == "megatron"
               else baseline_runner(train_args, cfg, device))
     # the baseline computes every token's logits; megatron's chunked loss the loss tokens' only

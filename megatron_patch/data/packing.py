@@ -1,16 +1,17 @@
 """Choosing which samples share a packed sequence: best-fit decreasing under two limits.
 
 Each pack holds at most `capacity` tokens and `max_images` images (the vision tower's memory grows
-with images, not tokens). Best-fit decreasing — longest sample first, into the pack it fills most
+with images, not tokens), and optionally at most `max_samples` samples (CUDA graphs of the language
+layers are captured for a fixed number of packed segments: model/attention.py). Best-fit decreasing — longest sample first, into the pack it fills most
 tightly — wastes little on long-tailed SFT length distributions; a sample longer than `capacity`
 gets a pack of its own (the task encoder truncates or drops it before this point).
 """
 import bisect
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 
 def plan_packs(lengths: Sequence[int], image_counts: Sequence[int], capacity: int,
-               max_images: int) -> List[List[int]]:
+               max_images: int, max_samples: Optional[int] = None) -> List[List[int]]:
     """Groups of sample indices; every index appears in exactly one group."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     packs: List[List[int]] = []
@@ -23,7 +24,8 @@ def plan_packs(lengths: Sequence[int], image_counts: Sequence[int], capacity: in
         chosen = None
         while position < len(by_room):
             _, pack = by_room[position]
-            if images[pack] + pictures <= max_images:
+            if (images[pack] + pictures <= max_images
+                    and (max_samples is None or len(packs[pack]) < max_samples)):
                 chosen = pack
                 break
             position += 1

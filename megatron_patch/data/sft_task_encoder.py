@@ -78,6 +78,7 @@ class EncoderSettings:
     overlong: str = "drop"               # 'drop' | 'truncate'
     packing: bool = False
     max_images_per_pack: int = 16
+    max_samples_per_pack: Optional[int] = None  # CUDA graphs: a fixed number of segments
     packing_buffer_size: int = 64        # samples energon buffers to choose packs from
     pad_to_seq_length: bool = False      # pad every micro-batch to seq_length (PP > 1, packing)
     pad_to_multiple_of: int = 1          # sequence parallelism splits the length over TP ranks
@@ -88,8 +89,10 @@ class EncoderSettings:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, not {self.overlong!r}")
         if self.seq_length < 1:
             raise ValueError(f"seq_length must be positive, not {self.seq_length}")
-        if self.packing and (self.max_images_per_pack < 1 or self.packing_buffer_size < 1):
-            raise ValueError("packing needs max_images_per_pack >= 1 and packing_buffer_size >= 1")
+        if self.packing and (self.max_images_per_pack < 1 or self.packing_buffer_size < 1
+                             or (self.max_samples_per_pack or 1) < 1):
+            raise ValueError("packing needs max_images_per_pack, max_samples_per_pack and "
+                             "packing_buffer_size >= 1")
         if self.pad_to_multiple_of < 1 or (self.pads_to_seq_length
                                            and self.seq_length % self.pad_to_multiple_of):
             raise ValueError(f"pad_to_multiple_of {self.pad_to_multiple_of} must be positive and "
@@ -208,10 +211,12 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
     # ------------------------------------------------------------------ packing
     def select_samples_to_pack(self, samples: List[SFTEncodedSample]
                                ) -> List[List[SFTEncodedSample]]:
-        """Best-fit-decreasing groups under seq_length tokens and max_images_per_pack images."""
+        """Best-fit-decreasing groups under seq_length tokens, max_images_per_pack images and
+        max_samples_per_pack samples."""
         groups = plan_packs([s.encoded.length for s in samples],
                             [s.encoded.num_images for s in samples],
-                            self.settings.seq_length, self.settings.max_images_per_pack)
+                            self.settings.seq_length, self.settings.max_images_per_pack,
+                            self.settings.max_samples_per_pack)
         return [[samples[i] for i in group] for group in groups]
 
     @stateless

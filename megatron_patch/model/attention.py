@@ -64,6 +64,31 @@ def covering_packed_seq_params(cu_seqlens: torch.Tensor, rows: int, max_seqlen: 
                                    max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 
 
+def with_fixed_segments(params: PackedSeqParams, segments: int, rows: int) -> PackedSeqParams:
+    """The same packed sequence described with exactly ``segments`` segments and a longest
+    segment of ``rows``: what a captured CUDA graph needs (``--cuda-graph-impl local``), since
+    it replays kernels launched for one shape of ``cu_seqlens`` and one ``max_seqlen``, which
+    megatron's graph manager checks on every replay. The added segments are empty (they start
+    and end at the last row): attention gives them no rows, so the result is unchanged. Runs
+    on the device copy without reading it (the count is its shape), so no sync.
+
+    The cost: the varlen kernel's grid has a block per segment and per 128 rows of
+    ``max_seqlen``; the empty ones return at once."""
+    cu = params.cu_seqlens_q
+    if (params.cu_seqlens_kv is not cu or params.cu_seqlens_q_padded is not None
+            or params.cu_seqlens_kv_padded is not None):
+        raise ValueError("fixed segment counts are for self-attention over one set of "
+                         "cu_seqlens (the trainer's packs)")
+    present = cu.numel() - 1
+    if present > segments:
+        raise ValueError(f"a packed micro-batch has {present} segments (samples and trailing "
+                         f"padding), more than the {segments} its CUDA graphs were captured "
+                         "for; keep --max-samples-per-pack below that count")
+    cu = torch.nn.functional.pad(cu, (0, segments - present), value=rows)
+    return dataclasses.replace(params, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=rows,
+                               max_seqlen_kv=rows)
+
+
 @functools.lru_cache(maxsize=None)  # asked once per layer call: import once
 def flash_varlen_kernel() -> Optional[Callable]:
     """torch's ``varlen_attn`` (flash attention over ``cu_seqlens``), or None before torch 2.10."""

@@ -28,6 +28,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
                 fused_kernels: Optional[bool] = None, sequence_parallel: bool = False,
                 rope_fusion: Optional[bool] = None, loss_chunk_tokens: int = 0,
+                cuda_graph_segments: Optional[int] = None,
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
     rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
@@ -36,8 +37,11 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     applies to the language model only: the vision tower's images are short and each runs whole
     on every TP rank. ``loss_chunk_tokens > 0`` computes the training loss's output layer and
     cross entropy that many tokens at a time, never holding the whole logits
-    (model/output_loss.py). Extra keyword arguments go to both megatron ``TransformerConfig``s
-    (e.g. ``recompute_granularity``, ``variable_seq_lengths``)."""
+    (model/output_loss.py). ``cuda_graph_segments``: the language decoder layers run as
+    megatron-core's local CUDA graphs (``cuda_graph_impl="local"``), captured for packs of that
+    many segments (the trainer's ``--cuda-graph-impl local``; needs CUDA). Extra keyword
+    arguments go to both megatron ``TransformerConfig``s (e.g. ``recompute_granularity``,
+    ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
     apply_packed_rope_fast_path()
     apply_wgrad_accumulation()  # gradient_accumulation_fusion=True without APEX
@@ -54,15 +58,18 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                   use_cpu_initialization=use_cpu_initialization,
                   perform_initialization=perform_initialization, **transformer_config_extra)
     vision_config = vision_transformer_config(cfg, **common)
+    graphs = dict(cuda_graph_impl="local") if cuda_graph_segments else {}
     language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp,
                                                   fused_kernels=fused_kernels,
-                                                  sequence_parallel=sequence_parallel, **common)
+                                                  sequence_parallel=sequence_parallel,
+                                                  **common, **graphs)
     for config in (vision_config, language_config):  # read by compat/packed_rope per call
         config.compiled_rope = torch.cuda.is_available() if rope_fusion is None else rope_fusion
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
                          language_block_spec(backend, language_config, vp_stage),
                          pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
-                         loss_chunk_tokens=loss_chunk_tokens)
+                         loss_chunk_tokens=loss_chunk_tokens,
+                         graph_segments=cuda_graph_segments)
     if params_dtype != torch.float32:
         model.to(params_dtype)  # plain nn modules (patch embed, norms, class token) follow megatron's
     return model

@@ -21,7 +21,8 @@ Forward inputs (per micro-batch), matching the HF model and the data encoder:
   where it is 0 are not computed (loss 0, no gradient; model/language.py).
 * ``packed_seq_params``: ``PackedSeqParams(qkv_format='thd', cu_seqlens_q/kv=...)`` for packed
   samples (``b == 1``); attention stays inside each segment. ``cu_seqlens[-1]`` must equal ``s``
-  (put trailing padding in a segment of its own).
+  (put trailing padding in a segment of its own). With the language layers as CUDA graphs
+  (``graph_segments``) every micro-batch's segments are padded to that fixed count.
 
 Sequence parallelism (language config ``sequence_parallel``; needs ``s`` divisible by the TP
 size): each TP rank keeps ``s / TP`` tokens of the hidden states between the tensor-parallel
@@ -43,6 +44,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.adapter import VisionAdapter
+from megatron_patch.model.attention import with_fixed_segments
 from megatron_patch.model.configs import LlavaOVConfig
 from megatron_patch.model.language import build_language_model, rope_position_ids
 from megatron_patch.model.vision import RiceVisionModel
@@ -53,9 +55,11 @@ class LlavaOVModel(MegatronModule):
                  language_config: TransformerConfig, vision_spec: ModuleSpec,
                  language_spec: TransformerBlockSubmodules, pre_process: bool = True,
                  post_process: bool = True,
-                 vp_stage: Optional[int] = None, loss_chunk_tokens: int = 0):
+                 vp_stage: Optional[int] = None, loss_chunk_tokens: int = 0,
+                 graph_segments: Optional[int] = None):
         super().__init__(config=language_config)
         self.cfg = cfg
+        self.graph_segments = graph_segments
         self.pre_process, self.post_process = pre_process, post_process
         self.image_token_id = cfg.image_token_id
         if pre_process:
@@ -111,6 +115,9 @@ class LlavaOVModel(MegatronModule):
                 # clone: the slice is a view that would keep the whole sequence alive
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(
                     decoder_input).clone()
+        if packed_seq_params is not None and self.graph_segments:
+            packed_seq_params = with_fixed_segments(packed_seq_params, self.graph_segments,
+                                                    input_ids.shape[1])
         return self.language_model(
             input_ids=input_ids,
             position_ids=rope_position_ids(position_ids),

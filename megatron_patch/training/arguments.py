@@ -35,7 +35,8 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
 
 # the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
 KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "cross_entropy_loss_fusion",
-                      "gradient_accumulation_fusion", "loss_chunk_tokens")
+                      "gradient_accumulation_fusion", "loss_chunk_tokens", "cuda_graph_impl")
+DEFAULT_GRAPH_SAMPLES_PER_PACK = 63  # + the trailing padding: 64 segments per captured pack
 
 
 def add_kernel_arguments(group) -> None:
@@ -65,6 +66,15 @@ def add_kernel_arguments(group) -> None:
                             "tokens in the loss, the only ones computed; 0: megatron's "
                             "output layer, then its cross entropy. Default: 1024 with CUDA, 0 "
                             "on the CPU")
+    group.add_argument("--cuda-graph-impl", choices=("none", "local"), default="none",
+                       help="local: megatron-core captures each language decoder layer's "
+                            "forward and backward as CUDA graphs after the first iteration and "
+                            "replays them, one launch per layer instead of ~150 kernels (the "
+                            "host-bound GPU step, docs/BENCHMARKS.md). Needs a GPU, --packing "
+                            "(fixed shapes) and no full recompute; the vision tower stays eager "
+                            "(its shapes follow the images). Packs then hold at most "
+                            f"--max-samples-per-pack samples (default "
+                            f"{DEFAULT_GRAPH_SAMPLES_PER_PACK})")
 
 
 def _cuda_available() -> bool:
@@ -148,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--packing", action="store_true", help="pack several samples per sequence")
     g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--max-samples-per-pack", type=int, metavar="N",
+                   help="at most N samples per packed sequence (default: no limit; "
+                        f"{DEFAULT_GRAPH_SAMPLES_PER_PACK} with --cuda-graph-impl local)")
     g.add_argument("--packing-buffer-size", type=int,
                    help="samples each loader worker buffers to choose packs from (default: "
                         "seq-length / 32, at least 64: about 30 sequences' worth, 98%% packing "
@@ -299,10 +312,37 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
         raise ArgumentError(f"--loss-chunk-tokens {args.loss_chunk_tokens} is negative; use 0 "
                             "(megatron's output layer and cross entropy) or a number of tokens")
+    _check_cuda_graphs(args)
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")
     return args
+
+
+def _check_cuda_graphs(args: argparse.Namespace) -> None:
+    """--cuda-graph-impl local and the fixed shapes it needs; completes --max-samples-per-pack."""
+    if args.max_samples_per_pack is not None and args.max_samples_per_pack < 1:
+        raise ArgumentError(f"--max-samples-per-pack {args.max_samples_per_pack} must be at "
+                            "least 1")
+    if args.cuda_graph_impl != "local":
+        return
+    if not _cuda_available():
+        raise ArgumentError("--cuda-graph-impl local captures CUDA graphs, and this machine has "
+                            "no GPU; drop the flag")
+    if not args.packing:
+        raise ArgumentError("--cuda-graph-impl local replays the language layers with fixed "
+                            "shapes, which packed micro-batches have ([1, seq-length]); add "
+                            "--packing")
+    if args.recompute_granularity == "full":
+        raise ArgumentError("--cuda-graph-impl local captures whole layers, which full recompute "
+                            "would re-run inside the backward (megatron-core refuses it); drop "
+                            "--recompute-granularity full or the graphs")
+    if args.max_samples_per_pack is None:
+        args.max_samples_per_pack = DEFAULT_GRAPH_SAMPLES_PER_PACK
+    if "expandable_segments:True" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
+        # megatron-core asks for it before NCCL starts: graph-registered NCCL buffers and
+        # expandable segments give illegal memory accesses on GPUs before Blackwell
+        os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
 
 
 def _check_model_divisibility(config, tp: int, pp: int) -> None:

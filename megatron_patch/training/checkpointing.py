@@ -123,9 +123,32 @@ def _model_sharded_state_dict(model_chunks) -> dict:
     return {"model": model.sharded_state_dict()}
 
 
+def _tracker_states() -> dict:
+    """megatron's tracker states as byte tensors. With CUDA graphs (``--cuda-graph-impl local``)
+    the tracker holds graph-safe generators instead of states; saving their states keeps a
+    checkpoint resumable with or without graphs."""
+    return {name: state.get_state() if isinstance(state, torch.Generator) else state
+            for name, state in get_cuda_rng_tracker().get_states().items()}
+
+
+def _restore_tracker(saved: dict) -> None:
+    """Saved states into the tracker: into its generators where it holds graph-safe ones (the
+    captured graphs refer to those objects), as plain states otherwise."""
+    tracker = get_cuda_rng_tracker()
+    live = tracker.get_states()
+    states = {}
+    for name, state in saved.items():
+        generator = live.get(name)
+        if isinstance(generator, torch.Generator):
+            generator.set_state(state)
+            state = generator
+        states[name] = state
+    tracker.set_states(states)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+             "torch": torch.get_rng_state(), "tracker": _tracker_states()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -141,7 +164,7 @@ def _set_rng_state(state: dict) -> bool:
     saved_on_cuda = "cuda" in state
     if saved_on_cuda != torch.cuda.is_available():
         return False
-    get_cuda_rng_tracker().set_states(state["tracker"])
+    _restore_tracker(state["tracker"])
     if saved_on_cuda:
         torch.cuda.set_rng_state(state["cuda"])
     return True

@@ -42,6 +42,7 @@ def wrap_model(args, cfg, device: torch.device):
                         fused_kernels=kernels.fused_swiglu(args),
                         rope_fusion=kernels.fused_rope(args),
                         loss_chunk_tokens=kernels.loss_chunk_tokens(args),
+                        cuda_graph_segments=kernels.cuda_graph_segments(args),
                         sequence_parallel=args.sequence_parallel, **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)
@@ -77,6 +78,7 @@ def encoder_settings(args) -> EncoderSettings:
     return EncoderSettings(
         seq_length=args.seq_length, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
         overlong=args.overlong, packing=args.packing, max_images_per_pack=args.max_images_per_pack,
+        max_samples_per_pack=args.max_samples_per_pack,
         packing_buffer_size=args.packing_buffer_size,
         pad_to_seq_length=args.packing or args.pipeline_model_parallel_size > 1,
         pad_to_multiple_of=args.tensor_model_parallel_size if args.sequence_parallel else 1)

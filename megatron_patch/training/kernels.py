@@ -8,7 +8,7 @@ the kernels that produced it.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -73,6 +73,15 @@ def fused_rope(args) -> bool:
     return args.rope_fusion and torch.cuda.is_available()
 
 
+def cuda_graph_segments(args) -> Optional[int]:
+    """--cuda-graph-impl local: the language decoder layers replay as megatron-core's CUDA
+    graphs, captured for packs of this many segments (--max-samples-per-pack samples and the
+    trailing padding; model/attention.with_fixed_segments). None: every layer runs eagerly."""
+    if getattr(args, "cuda_graph_impl", "none") != "local":
+        return None
+    return args.max_samples_per_pack + 1
+
+
 def _wgrad_kernel(args):
     """False, or which kernel the fused weight gradients take (TE's linears fuse themselves)."""
     if not gradient_accumulation_fusion(args):
@@ -99,6 +108,8 @@ def summary(args) -> Dict[str, object]:
         "fused_cross_entropy": fused_cross_entropy(args),
         "loss_chunk_tokens": loss_chunk_tokens(args),
         "gradient_accumulation_fusion": _wgrad_kernel(args),
+        "cuda_graphs": (f"language layers, packs of {cuda_graph_segments(args)} segments"
+                        if cuda_graph_segments(args) else False),
         "recompute": args.recompute_granularity or "off",
         "sequence_parallel": args.sequence_parallel,
         "distributed_optimizer": args.use_distributed_optimizer,

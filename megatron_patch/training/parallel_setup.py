@@ -45,9 +45,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize(tp: int, pp: int, seed: int, timeout_minutes: float = 10.0) -> Ranks:
+def initialize(tp: int, pp: int, seed: int, timeout_minutes: float = 10.0,
+               cuda_graphs: bool = False) -> Ranks:
     """`timeout_minutes` bounds every collective: a rank whose peer died or hangs fails after it
-    (gloo raises; NCCL aborts via torch's watchdog) instead of waiting forever."""
+    (gloo raises; NCCL aborts via torch's watchdog) instead of waiting forever. `cuda_graphs`:
+    the model will capture CUDA graphs (see :func:`seed_everything`)."""
     apply_cpu_redirects()  # no-op with CUDA
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain python: a world of one, on a port of its own
@@ -61,17 +63,19 @@ def initialize(tp: int, pp: int, seed: int, timeout_minutes: float = 10.0) -> Ra
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  distributed_timeout_minutes=timeout_minutes)
-    seed_everything(seed)
+    seed_everything(seed, cuda_graphs)
     return current_ranks()
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, cuda_graphs: bool = False) -> None:
     """Same seed on every rank: with CPU initialisation megatron builds the full weight and
-    slices it, so the initial model is identical for every TP/PP layout."""
+    slices it, so the initial model is identical for every TP/PP layout. With `cuda_graphs`
+    megatron's RNG tracker keeps graph-safe generator states, which its graph manager
+    requires (``--cuda-graph-impl local``)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed, use_cudagraphable_rng=cuda_graphs)
 
 
 def current_ranks() -> Ranks:

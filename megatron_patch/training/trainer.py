@@ -382,7 +382,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments.validate_args(args, world_size)  # fails before any heavy work
     ranks = initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                       args.seed, args.distributed_timeout_minutes)
+                       args.seed, args.distributed_timeout_minutes,
+                       cuda_graphs=kernels.cuda_graph_segments(args) is not None)
     setup_logging(args.save, ranks.rank)
     memory_history = None
     if args.record_memory_history:  # before the model is built: its allocations count too

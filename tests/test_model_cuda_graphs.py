@@ -1,0 +1,83 @@
+"""``--cuda-graph-impl local`` as far as a CPU can check it: which layers megatron-core's graph
+manager takes (the language decoder layers, not the vision tower, whose shapes follow the
+images), and the fixed segment count the model gives every packed micro-batch, which must not
+change a single value. Capturing and replaying needs CUDA: tests/test_training_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer import cuda_graphs
+
+from megatron_patch.model import build_model, get_config
+from megatron_patch.model.attention import covering_packed_seq_params
+from test_model_reference import init_parallel
+
+
+class RecordingGraphManager(torch.nn.Module):
+    """Stands in for megatron's CudaGraphManager, whose constructor needs a GPU; it only
+    records which configs asked for one."""
+
+    built = []
+
+    def __init__(self, config):
+        super().__init__()
+        RecordingGraphManager.built.append(config)
+
+
+def test_only_the_language_layers_get_graph_managers(monkeypatch):
+    init_parallel(1, 1)
+    monkeypatch.setattr(cuda_graphs, "CudaGraphManager", RecordingGraphManager)
+    RecordingGraphManager.built = []
+    cfg = get_config("tiny")
+    model = build_model(cfg, attention_backend="local", cuda_graph_segments=6)
+    language_layers = model.language_model.decoder.layers
+    assert all(isinstance(layer.cudagraph_manager, RecordingGraphManager)
+               for layer in language_layers)
+    # and the decoder block's, which megatron uses for whole-model inference graphs only
+    assert isinstance(model.language_model.decoder.cudagraph_manager, RecordingGraphManager)
+    assert len(RecordingGraphManager.built) == cfg.language.num_layers + 1
+    assert not any(hasattr(module, "cudagraph_manager")
+                   for module in model.vision_model.modules())
+    assert model.language_model.config.cuda_graph_impl == "local"
+    assert model.vision_model.config.cuda_graph_impl == "none"
+    assert model.graph_segments == 6
+    plain = build_model(cfg, attention_backend="local")
+    assert plain.graph_segments is None and plain.language_model.config.cuda_graph_impl == "none"
+
+
+def _packed_batch(cfg, lengths, rows):
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(16, cfg.language.vocab_size, (1, rows), generator=generator)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    params = covering_packed_seq_params(cu, rows, max(lengths), torch.device("cpu"))
+    labels = torch.roll(ids, -1, dims=1)
+    return dict(input_ids=ids, position_ids=positions, labels=labels, packed_seq_params=params)
+
+
+def test_fixed_segment_counts_give_the_same_losses_and_gradients():
+    """The model pads every pack's segments to ``graph_segments`` (the shapes its CUDA graphs
+    were captured with): the same per-token losses and gradients, bit for bit."""
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, attention_backend="local")
+    batch = _packed_batch(cfg, [7, 12, 5, 8], 32)
+    results = []
+    for segments in (None, 9):
+        model.graph_segments = segments
+        model.zero_grad()
+        losses = model(**batch)
+        losses.sum().backward()
+        results.append((losses.detach(), {name: param.grad.clone()
+                                          for name, param in model.named_parameters()
+                                          if param.grad is not None}))
+    (losses, grads), (fixed_losses, fixed_grads) = results
+    assert torch.equal(fixed_losses, losses)
+    assert fixed_grads.keys() == grads.keys() and len(grads) > 10
+    for name in grads:
+        assert torch.equal(fixed_grads[name], grads[name]), name
+
+    model.graph_segments = 3  # the pack has 4 segments
+    with pytest.raises(ValueError, match="has 4 segments .* more than the 3"):
+        model(**batch)
