@@ -4,7 +4,8 @@
 # that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
 # one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
 # baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
-# ("long"), the megatron step without each of its fusions and the chunked loss ("levers"), the
+# ("long"), the language layers as CUDA graphs ("graphs"), the megatron step without each of
+# its fusions and the chunked loss ("levers"), the
 # activations one layer and the loss keep ("memory"), full recompute ("recompute"), the
 # checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
@@ -217,6 +218,13 @@ for name in $STEPS; do
         --trainer megatron --seq-length 16384 --grad-accum 4 --warmup-steps 2 --steps 4 \
         --json "$OUT/seq16k_megatron.json"
       tail -6 "$OUT/bench_long.txt" ;;
+    graphs)  # the language layers replayed as CUDA graphs (--cuda-graph-impl local): 28 of the
+      # 52 layers launch as one graph each way instead of ~150 kernels (the step was host-bound,
+      # 2026-12-04); against "bench". The warm-up steps include the capture
+      step bench_graphs 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --warmup-steps 3 --steps 4 --cuda-graph-impl local \
+        --json "$OUT/seq8k_megatron_graphs.json"
+      tail -6 "$OUT/bench_graphs.txt" ;;
     levers)  # the megatron step with one of its defaults off at a time; "bench" (all on) is
       # the reference: what each saves in time and peak memory
       for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
@@ -247,7 +255,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests, bench, profile, long, levers, memory, recompute, ckpt)" \
+    *) echo "unknown step $name (tests bench profile long graphs levers memory recompute ckpt)" \
          | tee -a "$OUT/summary.txt" ;;
   esac
 done

@@ -1,8 +1,12 @@
 """``--cuda-graph-impl local`` as far as a CPU can check it: which layers megatron-core's graph
 manager takes (the language decoder layers, not the vision tower, whose shapes follow the
 images), and the fixed segment count the model gives every packed micro-batch, which must not
-change a single value. Capturing and replaying needs CUDA: tests/test_training_gpu.py."""
+change a single value; and the sync-free image merge, without which the host would wait for
+the device at every micro-batch's start however fast it launches the rest. Capturing and
+replaying needs CUDA: tests/test_training_gpu.py."""
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -10,7 +14,7 @@ from megatron.core.transformer import cuda_graphs
 
 from megatron_patch.model import build_model, get_config
 from megatron_patch.model.attention import covering_packed_seq_params
-from test_model_reference import init_parallel
+from test_model_reference import image_batch, init_parallel
 
 
 class RecordingGraphManager(torch.nn.Module):
@@ -81,3 +85,35 @@ def test_fixed_segment_counts_give_the_same_losses_and_gradients():
     model.graph_segments = 3  # the pack has 4 segments
     with pytest.raises(ValueError, match="has 4 segments .* more than the 3"):
         model(**batch)
+
+
+def test_image_features_are_merged_without_reading_the_device():
+    """``embed`` on meta tensors, which have no values to read: any count or mask read back
+    from the device (a sync on a GPU) would raise here. The image features are stubbed (the
+    vision tower's own RoPE reads host-side segment offsets on the CPU path)."""
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    with torch.device("meta"):
+        model = build_model(cfg, attention_backend="local", use_cpu_initialization=True,
+                            perform_initialization=False)
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4), (1, 2, 6)], 32, [0, 1])
+    tokens = int(grid.prod(1).sum()) // cfg.vision.spatial_merge_size ** 2
+    model.image_features = lambda pixel_values, grid_thw: torch.zeros(
+        tokens, cfg.language.hidden_size, device="meta")
+    merged = model.embed(ids.to("meta"), pixels.to("meta"), grid)
+    assert merged.shape == (32, 2, cfg.language.hidden_size) and merged.is_meta
+
+
+def test_image_tokens_that_disagree_with_the_images_are_refused():
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, attention_backend="local")
+    ids, pixels, grid = image_batch(cfg, [(1, 4, 4)], 32, [0])
+    ids[0, -1] = cfg.image_token_id  # one <|image_pad|> more than the image's 4 tokens
+    with pytest.raises(ValueError, match=re.escape("5 <|image_pad|> tokens, but the images "
+                                                   "(image_grid_thw) give 4")):
+        model.embed(ids, pixels, grid)
+    with pytest.raises(ValueError, match=re.escape("1 <|image_pad|> tokens, but the images "
+                                                   "(image_grid_thw) give 0")):
+        model.embed(ids[:, -2:], None, None)

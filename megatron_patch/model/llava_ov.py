@@ -86,20 +86,42 @@ class LlavaOVModel(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
               image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token embeddings with image features at the ``<|image_pad|>`` positions: ``[s, b, h]``."""
+        """Token embeddings with image features at the ``<|image_pad|>`` positions: ``[s, b, h]``.
+
+        No device sync: the number of image tokens comes from ``image_grid_thw`` (on the host,
+        as the trainer passes it), their positions from a fixed-size ``nonzero``. Counting them
+        on the device and reading the count back would make the host wait, every micro-batch,
+        for everything queued before, and leave the GPU idle while the host then launches the
+        vision tower. So on a GPU a count that disagrees with the images stops the run with a
+        device-side assertion; on the CPU, where reading it costs nothing, with a message."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
-        is_image = input_ids == self.image_token_id
-        n_slots = int(is_image.sum())
-        if pixel_values is None or pixel_values.numel() == 0:
-            if n_slots:
-                raise ValueError(f"{n_slots} <|image_pad|> tokens but no pixel_values")
+        is_image = (input_ids == self.image_token_id).reshape(-1)  # [b * s], row-major
+        has_pixels = pixel_values is not None and pixel_values.numel() > 0
+        merged = self.cfg.vision.spatial_merge_size ** 2
+        slots = int(image_grid_thw.prod(dim=-1).sum()) // merged if has_pixels else 0
+        self._check_image_tokens(is_image, slots)
+        if not has_pixels:
             return emb
         feats = self.image_features(pixel_values, image_grid_thw)
-        if feats.shape[0] != n_slots:
-            raise ValueError(f"image features ({feats.shape[0]}) != <|image_pad|> tokens ({n_slots})")
-        emb = emb.transpose(0, 1).clone()  # [b, s, h]: row-major order == HF masked_scatter order
-        emb[is_image] = feats.to(emb.dtype)
-        return emb.transpose(0, 1).contiguous()
+        if feats.shape[0] != slots:
+            raise ValueError(f"image features ({feats.shape[0]}) != the images' {slots} tokens")
+        positions = torch.nonzero_static(is_image, size=slots).squeeze(1)
+        hidden = emb.shape[-1]
+        # [b * s, h] in row-major [b, s] order: the order of HF's masked_scatter
+        flat = emb.transpose(0, 1).reshape(-1, hidden).clone()
+        flat[positions] = feats.to(flat.dtype)
+        return flat.view(emb.shape[1], emb.shape[0], hidden).transpose(0, 1).contiguous()
+
+    @staticmethod
+    def _check_image_tokens(is_image: torch.Tensor, slots: int) -> None:
+        """As many ``<|image_pad|>`` tokens as the images give (see :meth:`embed`)."""
+        if is_image.device.type != "cpu":
+            torch._assert_async(is_image.sum() == slots)
+            return
+        found = int(is_image.sum())
+        if found != slots:
+            raise ValueError(f"{found} <|image_pad|> tokens, but the images (image_grid_thw) "
+                             f"give {slots}")
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
