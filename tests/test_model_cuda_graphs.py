@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer import cuda_graphs
 
 from megatron_patch.model import build_model, get_config
@@ -57,6 +58,37 @@ def _packed_batch(cfg, lengths, rows):
     params = covering_packed_seq_params(cu, rows, max(lengths), torch.device("cpu"))
     labels = torch.roll(ids, -1, dims=1)
     return dict(input_ids=ids, position_ids=positions, labels=labels, packed_seq_params=params)
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed-segments", "as-packed"])
+def test_the_first_iteration_records_one_graph_per_layer(monkeypatch, fixed):
+    """megatron's graph manager in its first iteration (eager, recording; the capture at its
+    end needs CUDA): micro-batches whose packs hold 1, 3 and 4 segments of other lengths must
+    all match the first one's arguments, or a layer gets a graph per shape and, once captured,
+    asserts on any shape it has not seen. With the model's fixed segment count every language
+    layer records one runner, a forward and a backward; as packed, one per pack."""
+    init_parallel(1, 1)
+    for name, stand_in in (("get_device_capability", lambda *args: (9, 0)),
+                           ("graph_pool_handle", lambda: None), ("Stream", lambda: None),
+                           ("set_stream", lambda stream: None)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)  # the manager's constructor's calls
+    monkeypatch.setattr(get_cuda_rng_tracker(), "use_cudagraphable_rng", True, raising=False)
+    monkeypatch.setattr(cuda_graphs.CudaGraphManager, "global_mempool", None)
+    monkeypatch.setattr(cuda_graphs._CudagraphGlobalRecord, "cudagraph_record", [])
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(cfg, attention_backend="local", cuda_graph_segments=6)
+    model.graph_segments = 6 if fixed else None
+    for lengths in ([32], [7, 12, 13], [5, 5, 5, 17]):
+        model(**_packed_batch(cfg, lengths, 32)).sum().backward()
+    runners = [len(layer.cudagraph_manager.cudagraph_runners)
+               for layer in model.language_model.decoder.layers]
+    record = [kind for _, kind, *_ in cuda_graphs._CudagraphGlobalRecord.cudagraph_record]
+    layers = cfg.language.num_layers
+    if fixed:
+        assert runners == [1] * layers and record == ["fwd"] * layers + ["bwd"] * layers
+    else:
+        assert runners == [3] * layers and len(record) == 3 * 2 * layers
 
 
 def test_fixed_segment_counts_give_the_same_losses_and_gradients():

@@ -1,10 +1,11 @@
-"""Choosing which samples share a packed sequence: best-fit decreasing under two limits.
+"""Choosing which samples share a packed sequence: best-fit decreasing under a few limits.
 
 Each pack holds at most `capacity` tokens and `max_images` images (the vision tower's memory grows
-with images, not tokens), and optionally at most `max_samples` samples (CUDA graphs of the language
-layers are captured for a fixed number of packed segments: model/attention.py). Best-fit decreasing — longest sample first, into the pack it fills most
-tightly — wastes little on long-tailed SFT length distributions; a sample longer than `capacity`
-gets a pack of its own (the task encoder truncates or drops it before this point).
+with images, not tokens), and optionally at most `max_samples` samples (the language layers' CUDA
+graphs are captured for a fixed number of packed segments: model/attention.py). Best-fit
+decreasing — longest sample first, into the pack it fills most tightly — wastes little on
+long-tailed SFT length distributions; a sample longer than `capacity` gets a pack of its own (the
+task encoder truncates or drops it before this point).
 """
 import bisect
 from typing import List, Optional, Sequence
