@@ -373,6 +373,24 @@ def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):
     assert all(torch.equal(constant[key], value) for key, value in plain.items())
 
 
+def test_host_syncs_are_put_on_the_line_that_caused_them():
+    """--profile-dir's sync count names the innermost line outside torch, the warnings
+    machinery and the profiler (torch's sync debug mode warns from inside torch's calls);
+    on the CPU there is nothing to count."""
+    from traceback import FrameSummary
+
+    from megatron_patch.benchmarking import profiling
+    stack = [FrameSummary("/repo/megatron_patch/training/trainer.py", 200, "train"),
+             FrameSummary("/repo/megatron_patch/model/llava_ov.py", 92, "embed"),
+             FrameSummary("/venv/site-packages/torch/_tensor.py", 1100, "__int__"),
+             FrameSummary("/usr/lib/python3.11/warnings.py", 110, "_showwarnmsg"),
+             FrameSummary(profiling.__file__, 70, "show")]
+    assert profiling.sync_site(stack) == "llava_ov.py:92 embed"
+    assert profiling.sync_site(stack[2:]) == "inside torch"
+    with profiling.counting_syncs(torch.device("cpu")) as syncs:
+        assert syncs is None
+
+
 def test_profile_summary_merges_kernel_intervals_and_sorts_them_by_kind():
     """The GPU side of --profile-dir on recorded events: busy time is the union of the kernels'
     intervals (overlapping streams are not counted twice), kernel time is split by name."""
@@ -397,5 +415,27 @@ def test_profile_summary_merges_kernel_intervals_and_sorts_them_by_kind():
         {"matmul": 400e-6, "attention": 200e-6, "other": 100e-6, "optimizer": 100e-6})
     line = throughput._profile_line({**summary, "kernels_per_micro_batch": 2.0})
     assert "device busy 70.0%, 2 kernels per micro-batch; kernel s: matmul 0.000" in line
+    line = throughput._profile_line({**summary, "kernels_per_micro_batch": 2.0, "host_syncs": 3})
+    assert line.endswith("; 3 host syncs")
     assert profiling.categorise("CatArrayBatchedCopy") == "copy"
     assert profiling.categorise("scatter_gather_elementwise_kernel") == "other"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (`pytest -m gpu`)")
+def test_a_profiled_cuda_step_counts_its_host_syncs_by_line(tmp_path):
+    """Two reads of a CUDA value back to the host (``.item()``, a boolean-mask index) are
+    counted at their lines; launching alone is not."""
+    from megatron_patch.benchmarking import profiling
+    x = torch.arange(8.0, device="cuda")
+
+    def step():
+        (x * 2).sum().item()  # one sync here
+        x[x > 3].sum()  # the mask's nonzero: another
+        torch.cumsum(x, 0)  # no sync
+
+    summary = profiling.profile_step(step, torch.device("cuda"), "toy", str(tmp_path))
+    assert summary["host_syncs"] >= 2
+    sites = summary["host_syncs_by_site"]
+    assert all(site.startswith("test_benchmark_throughput.py:") for site in sites), sites
+    assert "host syncs in the step" in (tmp_path / "toy_profile.txt").read_text()

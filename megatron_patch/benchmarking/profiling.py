@@ -4,17 +4,26 @@ A throughput figure says how fast, not why. On a GPU this answers the first ques
 slow step: is the device busy (then which kernels: matmuls, attention, elementwise, optimizer)
 or idle, waiting on the host (launch overhead, synchronising calls, data)? It records the
 device's kernels, merges their intervals into busy time, and sorts kernel time into a few
-categories by kernel name. On the CPU, where there are no kernels, the same report lists the
-operators' own CPU time instead, so the code path runs in the CPU tests.
+categories by kernel name. It also counts the host's waits for the device in that step (torch's
+sync debug mode), by the line that caused each: a wait inside every micro-batch drains the
+GPU's queue and leaves it idle while the host launches what follows. On the CPU, where there
+are no kernels, the same report lists the operators' own CPU time instead, so the code path
+runs in the CPU tests.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import time
-from typing import Callable, Dict, List, Tuple
+import traceback
+import warnings
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from megatron_patch.benchmarking.memory_peak import allocation_site
 
 # kernel-name fragments (lower case) -> category; the first match wins
 CATEGORIES = (
@@ -50,6 +59,43 @@ def merged_length(intervals: List[Tuple[float, float]]) -> float:
     return total
 
 
+def sync_site(stack: Sequence[traceback.FrameSummary]) -> str:
+    """The line a host sync came from: the innermost frame of ``stack`` (outermost first, as
+    ``traceback.extract_stack`` gives it) outside torch, the warnings machinery and this
+    module."""
+    frames = [{"filename": frame.filename, "line": frame.lineno, "name": frame.name}
+              for frame in reversed(stack)
+              if frame.filename != __file__ and os.path.basename(frame.filename) != "warnings.py"]
+    return allocation_site(frames)
+
+
+@contextlib.contextmanager
+def counting_syncs(device: torch.device):
+    """Yields a Counter of the host's waits for the device by :func:`sync_site`, filled while
+    the block runs (torch's sync debug mode, which warns at each one); None on the CPU."""
+    if device.type != "cuda":
+        yield None
+        return
+    sites: collections.Counter = collections.Counter()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                sites[sync_site(traceback.extract_stack()[:-1])] += 1
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
 def profile_step(run_step: Callable[[], object], device: torch.device, label: str,
                  directory: str) -> Dict:
     """Runs ``run_step`` once under the profiler; writes ``<directory>/<label>_profile.txt``
@@ -61,11 +107,15 @@ def profile_step(run_step: Callable[[], object], device: torch.device, label: st
         torch.cuda.synchronize(device)
     with profile(activities=activities) as profiler:
         started = time.perf_counter()
-        run_step()
+        with counting_syncs(device) as syncs:
+            run_step()
         if on_gpu:
             torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - started) * 1e6
     summary = _kernel_summary(profiler, wall_us) if on_gpu else {"wall_s": wall_us / 1e6}
+    if syncs is not None:
+        summary["host_syncs"] = sum(syncs.values())
+        summary["host_syncs_by_site"] = dict(syncs.most_common())
     averages = profiler.key_averages()
     # by device time: which kernels; by the host's own time: which calls keep it from
     # launching them sooner (a host-bound step's question)
@@ -107,7 +157,10 @@ def _format_summary(label: str, summary: Dict) -> str:
                      f"{summary['kernels']} kernels")
         lines += [f"  {name}: {seconds:.3f} s"
                   for name, seconds in summary["kernel_seconds_by_category"].items()]
+    if "host_syncs" in summary:
+        lines.append(f"host syncs in the step: {summary['host_syncs']}")
+        lines += [f"  {count} x {site}" for site, count in summary["host_syncs_by_site"].items()]
     return "\n".join(lines)
 
 
-__all__ = ["categorise", "merged_length", "profile_step"]
+__all__ = ["categorise", "counting_syncs", "merged_length", "profile_step", "sync_site"]

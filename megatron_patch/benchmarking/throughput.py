@@ -441,9 +441,10 @@ def _profile_line(profile: Dict) -> str:
     categories = ", ".join(f"{name} {seconds:.3f}"
                            for name, seconds in profile["kernel_seconds_by_category"].items())
     busy = 100 * profile["device_busy_fraction"]
+    syncs = (f"; {profile['host_syncs']} host syncs" if "host_syncs" in profile else "")
     return (f"step {profile['wall_s']:.3f} s, device busy {busy:.1f}%, "
             f"{profile['kernels_per_micro_batch']:.0f} kernels per micro-batch; "
-            f"kernel s: {categories}")
+            f"kernel s: {categories}{syncs}")
 
 
 def _memory_line(memory: Dict) -> str:
