@@ -224,7 +224,12 @@ for name in $STEPS; do
       step bench_graphs 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --warmup-steps 3 --steps 4 --cuda-graph-impl local \
         --json "$OUT/seq8k_megatron_graphs.json"
-      tail -6 "$OUT/bench_graphs.txt" ;;
+      tail -6 "$OUT/bench_graphs.txt"
+      # then profiled as "profile" is: device busy time, kernels and host syncs with graphs
+      step bench_graphs_profile 150 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --grad-accum 2 --warmup-steps 2 --steps 2 --cuda-graph-impl local \
+        --profile-dir "$OUT/graphs" --json "$OUT/seq8k_megatron_graphs_profiled.json"
+      tail -8 "$OUT/bench_graphs_profile.txt" ;;
     levers)  # the megatron step with one of its defaults off at a time; "bench" (all on) is
       # the reference: what each saves in time and peak memory
       for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
