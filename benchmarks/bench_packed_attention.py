@@ -1,15 +1,26 @@
-"""Packed attention alone: torch's varlen flash kernel against the per-segment SDPA loop.
+"""Packed attention alone: the per-segment SDPA loop, torch's varlen flash kernel, the same kernel
+as the language layers' CUDA graphs call it, and torch's cuDNN attention over the same segments.
 
 What the local (non-TE) spec's ``SDPACoreAttention`` does for one packed sequence, forward and
 backward, with the language model's head layout (Qwen3-1.7B-sized: 16 query heads, 8 KV groups,
 head_dim 128) on a typical pack planned from the long-tailed SFT length mix
 (``synthetic.long_tailed_lengths`` through ``plan_packs``, as the packing benchmark). Prints
-milliseconds per layer for each path, the ratio and their largest output difference.
+milliseconds per layer for each path, the loop-to-varlen ratio and each path's largest output
+difference from the loop. The paths:
+
+* ``loop``: one SDPA call per segment (CPU, fp32, old torch);
+* ``varlen``: torch's varlen flash kernel on the segments as packed (the trainer's default);
+* ``varlen_fixed_segments``: the same with the segments padded to 64 and ``max_seqlen`` raised
+  to the sequence length (``attention.with_fixed_segments``, what ``--cuda-graph-impl local``
+  needs): the price of the graphs' fixed shapes;
+* ``cudnn``: ``aten._cudnn_attention_forward`` over the same ``cu_seqlens`` (what SDPA runs for
+  nested jagged tensors on cuDNN), a candidate for a faster kernel on Hopper.
 
     python benchmarks/bench_packed_attention.py                 # CUDA, bf16
     python benchmarks/bench_packed_attention.py --device cpu --dtype float32 --seq-length 1024
 
-The varlen kernel needs CUDA and bf16/fp16; elsewhere only the loop is timed.
+The kernels need CUDA and bf16/fp16; elsewhere only the loop is timed. A kernel that fails is
+reported with its error instead of a time.
 """
 import argparse
 import json
@@ -22,7 +33,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron.core.packed_seq_params import PackedSeqParams  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
@@ -62,6 +72,19 @@ def timed(step, device: torch.device, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def cudnn_attention(q, k, v, cu_seqlens, longest: int, scale: float) -> torch.Tensor:
+    """Causal attention within each ``cu_seqlens`` segment through torch's cuDNN kernel, the
+    call SDPA makes for nested jagged tensors; q ``[t, hq, d]``, k/v ``[t, hkv, d]`` (KV heads
+    repeated for the query groups) -> ``[t, hq * d]``."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    out = torch.ops.aten._cudnn_attention_forward(
+        q, k, v, None, cu_seqlens, cu_seqlens, longest, longest, True, 0.0, True, False,
+        scale=scale)[0]
+    return out.reshape(q.shape[0], -1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,9 +100,9 @@ def main(argv=None) -> int:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     segments = one_pack(args.seq_length, args.seed)
-    cu = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=max(segments), max_seqlen_kv=max(segments))
+    cu_host = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    # segments that cover every row, as the trainer's packs do (no padding guard)
+    params = attention.covering_packed_seq_params(cu_host, args.seq_length, max(segments), device)
     config = TransformerConfig(num_layers=1, hidden_size=args.heads * args.head_dim,
                                num_attention_heads=args.heads, num_query_groups=args.groups,
                                kv_channels=args.head_dim, attention_dropout=0.0)
@@ -93,29 +116,41 @@ def main(argv=None) -> int:
     grad_out = torch.randn(args.seq_length, args.heads * args.head_dim, device=device, dtype=dtype,
                            generator=generator)
 
-    def run(varlen: bool):
-        module.flash_varlen_enabled = varlen
-        out = module(q, k, v, None, packed_seq_params=params)
-        out.backward(grad_out)
-        return out.detach()
+    def through_module(varlen: bool, packed):
+        def forward():
+            module.flash_varlen_enabled = varlen
+            return module(q, k, v, None, packed_seq_params=packed)
+        return forward
 
-    paths = {"loop": False}
-    if module.flash_varlen_applies(q) and attention.flash_varlen_kernel() is not None:
-        paths["varlen"] = True
+    paths = {"loop": through_module(False, params)}
+    kernels_apply = module.flash_varlen_applies(q)
+    if kernels_apply and attention.flash_varlen_kernel() is not None:
+        paths["varlen"] = through_module(True, params)
+        fixed = attention.with_fixed_segments(params, 64, args.seq_length)
+        paths["varlen_fixed_segments"] = through_module(True, fixed)
+    if kernels_apply:
+        paths["cudnn"] = lambda: cudnn_attention(q, k, v, params.cu_seqlens_q, max(segments),
+                                                 module.softmax_scale)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": args.dtype, "seq_length": args.seq_length, "segments": len(segments),
                "segment_lengths": segments, "heads": args.heads, "groups": args.groups,
-               "head_dim": args.head_dim}
+               "head_dim": args.head_dim, "varlen_ms": None, "failed": {}}
     outputs = {}
-    for name, varlen in paths.items():
-        outputs[name] = run(varlen)
-        results[f"{name}_ms"] = timed(lambda: run(varlen), device, args.repeats)
-    if "varlen" in outputs:
+    for name, forward in paths.items():
+        def step(forward=forward):
+            out = forward()
+            out.backward(grad_out)
+            return out.detach()
+        try:
+            outputs[name] = step()
+            results[f"{name}_ms"] = timed(step, device, args.repeats)
+        except Exception as error:  # noqa: BLE001 - a kernel this torch lacks: say so, go on
+            results["failed"][name] = f"{type(error).__name__}: {str(error)[:300]}"
+    for name in outputs.keys() - {"loop"}:
+        results[f"{name}_max_abs_difference"] = float(
+            (outputs[name].float() - outputs["loop"].float()).abs().max())
+    if results["varlen_ms"]:
         results["speedup"] = results["loop_ms"] / results["varlen_ms"]
-        results["max_abs_difference"] = float((outputs["varlen"].float()
-                                               - outputs["loop"].float()).abs().max())
-    else:
-        results["varlen_ms"] = None  # needs CUDA, bf16/fp16 and torch >= 2.10
     print(json.dumps(results, indent=1))
     if args.json:
         with open(args.json, "w") as handle:

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one batch, sized for a short lease on one GPU: a preflight of what the
 # rest needs (CUDA, NCCL, torch.compile, the varlen flash kernel), then the steps of $STEPS in
-# that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark and the
-# one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer and the plain-PyTorch
-# baseline in one run), one profiled megatron step ("profile"), packs of 16384 tokens
-# ("long"), the language layers as CUDA graphs ("graphs"), the megatron step without each of
-# its fusions and the chunked loss ("levers"), the
-# activations one layer and the loss keep ("memory"), full recompute ("recompute"), the
-# checkpoint-save stall ("ckpt").
+# that order: the gpu-marked tests ("tests"), the packed-attention micro-benchmark alone
+# ("attention") or with the one-GPU benchmark of docs/BENCHMARKS.md ("bench": megatron trainer
+# and the plain-PyTorch baseline in one run), one profiled megatron step ("profile"), packs of
+# 16384 tokens ("long"), the language layers as CUDA graphs ("graphs"), the megatron step
+# without each of its fusions and the chunked loss ("levers"), the activations one layer and
+# the loss keep ("memory"), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next. Everything lands in $OUT (default ./gpu_results) for
 # BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
@@ -196,10 +195,15 @@ for name in $STEPS; do
     tests)
       step pytest_gpu 240 "$PYTHON" -m pytest -m gpu -q -rA -p no:cacheprovider tests
       tail -3 "$OUT/pytest_gpu.txt" ;;
-    bench)  # packed attention alone (varlen kernel vs segment loop), then both trainers
+    attention)  # packed attention alone: segment loop, varlen kernel (as packed, and with the
+      # CUDA graphs' fixed segments), cuDNN's kernel; milliseconds per layer forward + backward
       step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
         --json "$OUT/packed_attention.json"
-      grep -E '"(loop_ms|varlen_ms|speedup|max_abs_difference)"' "$OUT/bench_attention.txt"
+      grep -E '"([a-z_]+_ms|speedup|[a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt" ;;
+    bench)  # packed attention alone (see "attention"), then both trainers
+      step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
+        --json "$OUT/packed_attention.json"
+      grep -E '"([a-z_]+_ms|speedup|[a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt"
       # 2 + 5 steps: the baseline's 17.5 s steps (H200, 2026-12-04) then fit the limit
       step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
         --warmup-steps 2 --steps 5 --json "$OUT/seq8k_both.json"
@@ -260,7 +264,7 @@ for name in $STEPS; do
         --image-size-min 224 --image-size-max 672 --bf16 --use-distributed-optimizer --saves 3 \
         --json "$OUT/checkpoint_save.json"
       tail -6 "$OUT/bench_checkpoint.txt" ;;
-    *) echo "unknown step $name (tests bench profile long graphs levers memory recompute ckpt)" \
+    *) echo "unknown step $name (the steps are listed at the top of scripts/gpu_checks.sh)" \
          | tee -a "$OUT/summary.txt" ;;
   esac
 done

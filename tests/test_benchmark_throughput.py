@@ -289,6 +289,27 @@ def test_packed_attention_benchmark_times_a_typical_pack(tmp_path):
     assert attention.flash_varlen_kernel is kernel_getter  # the benchmark put it back
 
 
+def test_packed_attention_benchmark_runs_each_kernel_path(tmp_path, monkeypatch):
+    """The GPU paths with the varlen kernel played by a stand-in (tests/test_model_attention.py):
+    exact segments and the CUDA graphs' fixed segments give the loop's result; the cuDNN
+    kernel, which has no CPU implementation, is reported as failed instead of stopping the
+    run."""
+    from megatron_patch.model import attention
+    from test_model_attention import KernelLater
+    monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: KernelLater())
+    monkeypatch.setattr(attention.SDPACoreAttention, "flash_varlen_applies", lambda *args: True)
+    bench = _load_benchmark("bench_packed_attention")
+    out = tmp_path / "attention.json"
+    assert bench.main(["--device", "cpu", "--dtype", "float32", "--seq-length", "512",
+                       "--heads", "4", "--groups", "2", "--head-dim", "16", "--repeats", "1",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["varlen_ms"] > 0 and report["varlen_fixed_segments_ms"] > 0
+    assert report["varlen_max_abs_difference"] < 1e-5
+    assert report["varlen_fixed_segments_max_abs_difference"] < 1e-5
+    assert set(report["failed"]) == {"cudnn"} and "cudnn_ms" not in report
+
+
 def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_path):
     """benchmarks/bench_activation_memory.py under torchrun (TP=2): the bytes autograd keeps
     per decoder layer shrink with TP and, with --sequence-parallel, to half of TP=1's (every
