@@ -110,7 +110,7 @@ def gradients_after_one_step(extra):
     args = throughput.parse_args(SMALL + extra)
     cfg = get_config(args.model, throughput.model_overrides(args))
     train_args = trainer_namespace(args)
-    synthetic = throughput._Synthetic(throughput.synthetic_spec(args, cfg), 2)
+    synthetic = throughput._Synthetic(throughput.synthetic_spec(args, cfg, train_args), 2)
     initialize(1, 1, args.seed)
     try:
         seed_everything(args.seed)
