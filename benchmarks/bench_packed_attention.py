@@ -13,8 +13,8 @@ difference from the loop. The paths:
 * ``varlen_fixed_segments``: the same with the segments padded to 64 and ``max_seqlen`` raised
   to the sequence length (``attention.with_fixed_segments``, what ``--cuda-graph-impl local``
   needs): the price of the graphs' fixed shapes;
-* ``cudnn``: ``aten._cudnn_attention_forward`` over the same ``cu_seqlens`` (what SDPA runs for
-  nested jagged tensors on cuDNN), a candidate for a faster kernel on Hopper.
+* ``cudnn``: torch's cuDNN attention over the same ``cu_seqlens`` (what SDPA runs for nested
+  jagged tensors; ``--packed-attention-kernel cudnn``), a candidate faster kernel on Hopper.
 
     python benchmarks/bench_packed_attention.py                 # CUDA, bf16
     python benchmarks/bench_packed_attention.py --device cpu --dtype float32 --seq-length 1024
@@ -72,19 +72,6 @@ def timed(step, device: torch.device, repeats: int) -> float:
     return statistics.median(samples)
 
 
-def cudnn_attention(q, k, v, cu_seqlens, longest: int, scale: float) -> torch.Tensor:
-    """Causal attention within each ``cu_seqlens`` segment through torch's cuDNN kernel, the
-    call SDPA makes for nested jagged tensors; q ``[t, hq, d]``, k/v ``[t, hkv, d]`` (KV heads
-    repeated for the query groups) -> ``[t, hq * d]``."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    out = torch.ops.aten._cudnn_attention_forward(
-        q, k, v, None, cu_seqlens, cu_seqlens, longest, longest, True, 0.0, True, False,
-        scale=scale)[0]
-    return out.reshape(q.shape[0], -1)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -116,21 +103,21 @@ def main(argv=None) -> int:
     grad_out = torch.randn(args.seq_length, args.heads * args.head_dim, device=device, dtype=dtype,
                            generator=generator)
 
-    def through_module(varlen: bool, packed):
+    def through_module(kernel, packed):
         def forward():
-            module.flash_varlen_enabled = varlen
+            module.flash_varlen_enabled = kernel is not None
+            module.config.packed_attention_kernel = kernel or "flash"
             return module(q, k, v, None, packed_seq_params=packed)
         return forward
 
-    paths = {"loop": through_module(False, params)}
+    paths = {"loop": through_module(None, params)}
     kernels_apply = module.flash_varlen_applies(q)
     if kernels_apply and attention.flash_varlen_kernel() is not None:
-        paths["varlen"] = through_module(True, params)
+        paths["varlen"] = through_module("flash", params)
         fixed = attention.with_fixed_segments(params, 64, args.seq_length)
-        paths["varlen_fixed_segments"] = through_module(True, fixed)
+        paths["varlen_fixed_segments"] = through_module("flash", fixed)
     if kernels_apply:
-        paths["cudnn"] = lambda: cudnn_attention(q, k, v, params.cu_seqlens_q, max(segments),
-                                                 module.softmax_scale)
+        paths["cudnn"] = through_module("cudnn", params)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "dtype": args.dtype, "seq_length": args.seq_length, "segments": len(segments),
                "segment_lengths": segments, "heads": args.heads, "groups": args.groups,

@@ -234,10 +234,12 @@ for name in $STEPS; do
         --trainer megatron --grad-accum 2 --warmup-steps 2 --steps 2 --cuda-graph-impl local \
         --profile-dir "$OUT/graphs" --json "$OUT/seq8k_megatron_graphs_profiled.json"
       tail -8 "$OUT/bench_graphs_profile.txt" ;;
-    levers)  # the megatron step with one of its defaults off at a time; "bench" (all on) is
-      # the reference: what each saves in time and peak memory
+    levers)  # the megatron step with one of its defaults off at a time, then with cuDNN's
+      # packed attention instead of flash; "bench" (defaults) is the reference: what each
+      # saves in time and peak memory
       for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
-                   "no_rope_fusion:--no-rope-fusion" "megatron_loss:--loss-chunk-tokens 0"; do
+                   "no_rope_fusion:--no-rope-fusion" "megatron_loss:--loss-chunk-tokens 0" \
+                   "cudnn_attention:--packed-attention-kernel cudnn"; do
         name=${lever%%:*}
         # shellcheck disable=SC2086  # the flags split into words on purpose
         step "bench_$name" 120 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \

@@ -250,3 +250,35 @@ def test_more_segments_than_the_graphs_hold_are_refused():
     assert attention.with_fixed_segments(params, 3, 12).cu_seqlens_q.tolist() == [0, 5, 9, 12]
     with pytest.raises(ValueError, match="has 3 segments .* more than the 2 its CUDA graphs"):
         attention.with_fixed_segments(params, 2, 12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_kernel_takes_the_same_packed_call(monkeypatch, causal):
+    """``packed_attention_kernel="cudnn"`` (``--packed-attention-kernel cudnn``): the packed call
+    goes to torch's cuDNN op with the segments, their longest, causality and the scale, KV heads
+    repeated for the query groups; it gives the segment loop's result. The op needs CUDA, so the
+    dense reference plays it here; the real one runs in tests/test_model_gpu.py."""
+    calls = []
+
+    def cudnn_op(q, k, v, bias, cu_q, cu_k, max_q, max_k, logsumexp, dropout, is_causal,
+                 debug_mask, *, scale):
+        calls.append(dict(heads=(q.shape[1], k.shape[1]), cu=cu_q.tolist(), cu_k=cu_k.tolist(),
+                          longest=(max_q, max_k), causal=is_causal, scale=scale,
+                          logsumexp=logsumexp, dropout=dropout, bias=bias))
+        return kernel_like(q, k, v, cu_q, is_causal, scale), None
+
+    monkeypatch.setattr(attention, "_cudnn_forward", cudnn_op)
+    q, k, v, _ = packed_inputs(seed=6)
+    params = attention.covering_packed_seq_params(torch.tensor([0, 5, 14, PADDED]), PADDED, 12,
+                                                  torch.device("cpu"))
+    module = core_attention(AttnMaskType.causal if causal else AttnMaskType.no_mask)
+    loop = module(q, k, v, None, packed_seq_params=params)
+    module.config.packed_attention_kernel = "cudnn"
+    monkeypatch.setattr(SDPACoreAttention, "flash_varlen_applies", lambda self, query: True)
+    fused = module(q, k, v, None, packed_seq_params=params)
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+    assert calls == [dict(heads=(HEADS, HEADS), cu=[0, 5, 14, PADDED], cu_k=[0, 5, 14, PADDED],
+                          longest=(12, 12), causal=causal, scale=module.softmax_scale,
+                          logsumexp=True, dropout=0.0, bias=None)]
+    with pytest.raises(ValueError, match="one of \\('flash', 'cudnn'\\)"):
+        attention.packed_attention_kernel("triton")

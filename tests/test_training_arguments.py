@@ -141,6 +141,9 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     gpu = kernels.summary(arguments.parse_args(
         paths + ["--bf16", "--recompute-granularity", "full", "--no-bias-swiglu-fusion"]))
     assert gpu["attention"] == "torch SDPA; packed sequences: torch varlen flash kernel"
+    cudnn = kernels.summary(arguments.parse_args(paths + ["--bf16", "--packed-attention-kernel",
+                                                          "cudnn"]))
+    assert cudnn["attention"] == "torch SDPA; packed sequences: torch cuDNN attention kernel"
     # the chunked loss replaces megatron's cross entropy, fused or not
     assert gpu["loss_chunk_tokens"] == 1024 and not gpu["fused_cross_entropy"]
     assert gpu["fused_rope"] and not gpu["fused_swiglu"]

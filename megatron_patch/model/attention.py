@@ -20,7 +20,10 @@ Packed sequences on a GPU in bf16/fp16 go through torch's own variable-length fl
 one SDPA call per segment (a typical 8192-token pack of long-tailed SFT data holds 7
 conversations, some up to 45: hundreds of small launches per micro-batch) and a host sync per
 layer. This is the fast path where Transformer Engine is not
-installed; elsewhere (CPU, fp32, older torch) the segment loop runs.
+installed; elsewhere (CPU, fp32, older torch) the segment loop runs. The same call can go to
+torch's cuDNN attention instead (``packed_attention_kernel="cudnn"``, the kernel SDPA runs for
+nested jagged tensors; on Hopper cuDNN's fused attention is of FlashAttention-3's generation,
+torch's in-tree flash kernel of FlashAttention-2's), with the same ``cu_seqlens``.
 """
 from __future__ import annotations
 
@@ -97,6 +100,39 @@ def flash_varlen_kernel() -> Optional[Callable]:
     except ImportError:
         return None
     return varlen_attn
+
+
+def _cudnn_forward(*args, **kwargs):
+    """torch's ``aten._cudnn_attention_forward`` (one place calls it; tests stand in for it)."""
+    return torch.ops.aten._cudnn_attention_forward(*args, **kwargs)
+
+
+def cudnn_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: int, *,
+                      scale: Optional[float] = None, window_size=(-1, -1),
+                      enable_gqa: bool = False) -> torch.Tensor:
+    """Attention within each ``cu_seqlens`` segment through torch's cuDNN kernel, with the
+    signature of torch's ``varlen_attn`` so :func:`flash_varlen` drives either: q
+    ``[t, hq, d]``, k/v ``[t, hkv, d]`` (KV heads repeated for the query groups), window
+    ``(-1, 0)`` causal, ``(-1, -1)`` full."""
+    if tuple(window_size) not in ((-1, 0), (-1, -1)):
+        raise ValueError(f"cuDNN packed attention: no sliding window ({window_size})")
+    if key.shape[1] != query.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return _cudnn_forward(query, key, value, None, cu_seq_q, cu_seq_k, max_q, max_k, True, 0.0,
+                          tuple(window_size) == (-1, 0), False, scale=scale)[0]
+
+
+PACKED_ATTENTION_KERNELS = ("flash", "cudnn")
+
+
+def packed_attention_kernel(name: str) -> Optional[Callable]:
+    """The kernel packed bf16/fp16 attention takes on a GPU: torch's varlen flash kernel (None
+    before torch 2.10) or :func:`cudnn_varlen_attn`."""
+    if name not in PACKED_ATTENTION_KERNELS:
+        raise ValueError(f"packed attention kernel must be one of {PACKED_ATTENTION_KERNELS}, "
+                         f"not {name!r}")
+    return cudnn_varlen_attn if name == "cudnn" else flash_varlen_kernel()
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,7 +239,8 @@ class SDPACoreAttention(MegatronModule):
         """q/k/v: [t, h, d] holding several sequences back to back (``cu_seqlens``)."""
         cu_q = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         cu_k = params.cu_seqlens_kv_padded if params.cu_seqlens_kv_padded is not None else params.cu_seqlens_kv
-        kernel = flash_varlen_kernel() if self.flash_varlen_applies(query) else None
+        kernel = (packed_attention_kernel(getattr(self.config, "packed_attention_kernel", "flash"))
+                  if self.flash_varlen_applies(query) else None)
         if kernel is not None and params.max_seqlen_q and params.max_seqlen_kv:
             out = flash_varlen(kernel, query, key, value, cu_q, cu_k, params.max_seqlen_q,
                                params.max_seqlen_kv, causal, self.softmax_scale,

@@ -15,6 +15,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.compat import (apply_cpu_redirects, apply_packed_rope_fast_path,
                                    apply_wgrad_accumulation)
+from megatron_patch.model.attention import PACKED_ATTENTION_KERNELS
 from megatron_patch.model.configs import LlavaOVConfig
 from megatron_patch.model.layer_specs import language_block_spec, resolve_backend, vision_layer_spec
 from megatron_patch.model.llava_ov import LlavaOVModel
@@ -29,6 +30,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 fused_kernels: Optional[bool] = None, sequence_parallel: bool = False,
                 rope_fusion: Optional[bool] = None, loss_chunk_tokens: int = 0,
                 cuda_graph_segments: Optional[int] = None,
+                packed_attention_kernel: str = "flash",
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
     rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
@@ -39,7 +41,9 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     cross entropy that many tokens at a time, never holding the whole logits
     (model/output_loss.py). ``cuda_graph_segments``: the language decoder layers run as
     megatron-core's local CUDA graphs (``cuda_graph_impl="local"``), captured for packs of that
-    many segments (the trainer's ``--cuda-graph-impl local``; needs CUDA). Extra keyword
+    many segments (the trainer's ``--cuda-graph-impl local``; needs CUDA).
+    ``packed_attention_kernel``: "flash" or "cudnn", the GPU kernel of packed bf16 attention in
+    the local spec (model/attention.py). Extra keyword
     arguments go to both megatron ``TransformerConfig``s (e.g. ``recompute_granularity``,
     ``variable_seq_lengths``)."""
     apply_cpu_redirects()  # no-op with CUDA
@@ -63,8 +67,12 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                                                   fused_kernels=fused_kernels,
                                                   sequence_parallel=sequence_parallel,
                                                   **common, **graphs)
-    for config in (vision_config, language_config):  # read by compat/packed_rope per call
+    if packed_attention_kernel not in PACKED_ATTENTION_KERNELS:
+        raise ValueError(f"packed_attention_kernel must be one of {PACKED_ATTENTION_KERNELS}, "
+                         f"not {packed_attention_kernel!r}")
+    for config in (vision_config, language_config):  # read per call: compat/packed_rope.py,
         config.compiled_rope = torch.cuda.is_available() if rope_fusion is None else rope_fusion
+        config.packed_attention_kernel = packed_attention_kernel  # model/attention.py
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
                          language_block_spec(backend, language_config, vp_stage),
                          pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,

@@ -35,7 +35,8 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
 
 # the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
 KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "cross_entropy_loss_fusion",
-                      "gradient_accumulation_fusion", "loss_chunk_tokens", "cuda_graph_impl")
+                      "gradient_accumulation_fusion", "loss_chunk_tokens", "cuda_graph_impl",
+                      "packed_attention_kernel")
 DEFAULT_GRAPH_SAMPLES_PER_PACK = 63  # + the trailing padding: 64 segments per captured pack
 
 
@@ -66,6 +67,12 @@ def add_kernel_arguments(group) -> None:
                             "tokens in the loss, the only ones computed; 0: megatron's "
                             "output layer, then its cross entropy. Default: 1024 with CUDA, 0 "
                             "on the CPU")
+    group.add_argument("--packed-attention-kernel", choices=("flash", "cudnn"), default="flash",
+                       help="the GPU kernel of packed bf16 attention without Transformer Engine: "
+                            "torch's varlen flash kernel (FlashAttention-2's generation) or "
+                            "torch's cuDNN attention over the same segments (on Hopper of "
+                            "FlashAttention-3's); the CPU runs one SDPA call per sample either "
+                            "way")
     group.add_argument("--cuda-graph-impl", choices=("none", "local"), default="none",
                        help="local: megatron-core captures each language decoder layer's "
                             "forward and backward as CUDA graphs after the first iteration and "

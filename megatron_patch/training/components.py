@@ -43,6 +43,7 @@ def wrap_model(args, cfg, device: torch.device):
                         rope_fusion=kernels.fused_rope(args),
                         loss_chunk_tokens=kernels.loss_chunk_tokens(args),
                         cuda_graph_segments=kernels.cuda_graph_segments(args),
+                        packed_attention_kernel=args.packed_attention_kernel,
                         sequence_parallel=args.sequence_parallel, **extra)
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)

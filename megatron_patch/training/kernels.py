@@ -96,6 +96,8 @@ def summary(args) -> Dict[str, object]:
     """What this run computes with, in words and switches (see the module docstring)."""
     if attention_backend(args) == "te":
         attention = "Transformer Engine (flash/cuDNN; packed sequences natively)"
+    elif torch.cuda.is_available() and args.bf16 and args.packed_attention_kernel == "cudnn":
+        attention = "torch SDPA; packed sequences: torch cuDNN attention kernel"
     elif torch.cuda.is_available() and args.bf16 and flash_varlen_kernel() is not None:
         attention = "torch SDPA; packed sequences: torch varlen flash kernel"
     else:
