@@ -152,6 +152,18 @@ def compiled_rope():  # the GPU default --rope-fusion; its failure switches it o
                                rtol=2e-2, atol=2e-2)
 
 
+def compiled_norms():  # the GPU default (no --no-norm-fusion); its failure switches it off below
+    from megatron_patch.model.norms import compiled, layer_norm, rms_norm
+    x = torch.randn(300, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for function, args in ((rms_norm, (x, weight, 1e-6)), (layer_norm, (x, weight, bias, 1e-5))):
+        out = compiled(function)(*args)
+        out.float().sum().backward()
+        torch.testing.assert_close(out, function(*args), rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+
+
 def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure switches it off below
     from megatron_patch.model.output_loss import linear_cross_entropy
     hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
@@ -165,7 +177,7 @@ def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure swi
 
 
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
-              fp32_output_gemm, compiled_rope, chunked_loss):
+              fp32_output_gemm, compiled_rope, compiled_norms, chunked_loss):
     started = time.time()
     try:
         check()
@@ -181,6 +193,7 @@ pack
 # measure (the failure is in environment.txt and the summary)
 FALLBACKS=() LOSS_CHUNK=1024
 grep -q "^preflight compiled_rope: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-rope-fusion)
+grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--loss-chunk-tokens 0) && LOSS_CHUNK=0
 [ ${#FALLBACKS[@]} -gt 0 ] && echo "switched off after failed preflights: ${FALLBACKS[*]}" \
@@ -238,7 +251,8 @@ for name in $STEPS; do
       # packed attention instead of flash; "bench" (defaults) is the reference: what each
       # saves in time and peak memory
       for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
-                   "no_rope_fusion:--no-rope-fusion" "megatron_loss:--loss-chunk-tokens 0" \
+                   "no_rope_fusion:--no-rope-fusion" "no_norm_fusion:--no-norm-fusion" \
+                   "megatron_loss:--loss-chunk-tokens 0" \
                    "cudnn_attention:--packed-attention-kernel cudnn"; do
         name=${lever%%:*}
         # shellcheck disable=SC2086  # the flags split into words on purpose

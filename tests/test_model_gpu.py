@@ -181,6 +181,29 @@ def test_cudnn_packed_attention_matches_the_segment_loop_on_cuda(causal):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
 
 
+def test_compiled_norms_match_torchs_on_cuda():
+    """The GPU default: every decoder norm compiled (model/norms.py). bf16 forward and gradients
+    against torch's own modules with the same weights, to bf16 tolerance."""
+    from megatron_patch.model import norms
+    torch.manual_seed(0)
+    x = torch.randn(4096, 2, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    for plain, fused in ((torch.nn.RMSNorm(128, eps=1e-6), norms.CompiledRMSNorm(128, eps=1e-6)),
+                         (torch.nn.LayerNorm(128), norms.CompiledLayerNorm(128))):
+        with torch.no_grad():
+            for p in plain.parameters():
+                p.uniform_(0.5, 1.5)
+        fused.load_state_dict(plain.state_dict())
+        results = []
+        for module in (plain.to(DEV, torch.bfloat16), fused.to(DEV, torch.bfloat16)):
+            out = module(x)
+            grads = torch.autograd.grad(out.float().square().sum(), (x, module.weight))
+            results.append((out.float(), [g.float() for g in grads]))
+        (want, want_grads), (got, got_grads) = results
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-1)
+
+
 def test_compiled_rotation_matches_megatrons_rope_on_cuda():
     """The fused RoPE kernel the GPU runs (compat/packed_rope.fused_rotation, torch.compile),
     bf16, packed layout, learned angles: output and the gradients of the input and the angles

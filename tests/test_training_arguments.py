@@ -123,7 +123,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     cpu = kernels.summary(arguments.parse_args(paths + ["--bf16"]))
     assert cpu["attention"] == "torch SDPA; packed sequences: one call per sample"
     assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"] or cpu["fused_rope"]
-                or cpu["gradient_accumulation_fusion"])
+                or cpu["fused_norms"] or cpu["gradient_accumulation_fusion"])
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
     assert cpu["loss_chunk_tokens"] == 0  # the CPU keeps megatron's output layer + cross entropy
     assert not cpu["sequence_parallel"]
@@ -151,6 +151,8 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
                                                                   "--loss-chunk-tokens", "0"]))
     assert megatron_loss["fused_cross_entropy"] and megatron_loss["loss_chunk_tokens"] == 0
     assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))["fused_rope"]
+    assert gpu["fused_norms"]
+    assert not kernels.summary(arguments.parse_args(paths + ["--no-norm-fusion"]))["fused_norms"]
     assert gpu["recompute"] == "full"
     assert gpu["gradient_accumulation_fusion"] == ("torch addmm with fp32 output into the fp32 "
                                                    "buffer")

@@ -28,14 +28,16 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                 params_dtype: torch.dtype = torch.float32, vp_stage: Optional[int] = None,
                 use_cpu_initialization: Optional[bool] = None, perform_initialization: bool = True,
                 fused_kernels: Optional[bool] = None, sequence_parallel: bool = False,
-                rope_fusion: Optional[bool] = None, loss_chunk_tokens: int = 0,
+                rope_fusion: Optional[bool] = None, norm_fusion: Optional[bool] = None,
+                loss_chunk_tokens: int = 0,
                 cuda_graph_segments: Optional[int] = None,
                 packed_attention_kernel: str = "flash",
                 **transformer_config_extra: Any) -> LlavaOVModel:
     """One pipeline stage of the model. ``pre_process``/``post_process`` default to whether this
     rank is the first/last pipeline stage. ``fused_kernels`` (default: with CUDA) selects the
     language model's fused SwiGLU and cross entropy; ``rope_fusion`` (default: with CUDA) both
-    towers' compiled RoPE kernel on GPU tensors (compat/packed_rope.py). ``sequence_parallel``
+    towers' compiled RoPE kernel on GPU tensors (compat/packed_rope.py), ``norm_fusion`` (the
+    same default) their compiled norms (model/norms.py). ``sequence_parallel``
     applies to the language model only: the vision tower's images are short and each runs whole
     on every TP rank. ``loss_chunk_tokens > 0`` computes the training loss's output layer and
     cross entropy that many tokens at a time, never holding the whole logits
@@ -72,6 +74,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                          f"not {packed_attention_kernel!r}")
     for config in (vision_config, language_config):  # read per call: compat/packed_rope.py,
         config.compiled_rope = torch.cuda.is_available() if rope_fusion is None else rope_fusion
+        config.compiled_norm = torch.cuda.is_available() if norm_fusion is None else norm_fusion
         config.packed_attention_kernel = packed_attention_kernel  # model/attention.py
     model = LlavaOVModel(cfg, vision_config, language_config, vision_layer_spec(backend),
                          language_block_spec(backend, language_config, vp_stage),

@@ -134,5 +134,7 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
         spec = gls.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     else:
         spec = gls.get_gpt_layer_local_spec(qk_layernorm=False, normalization="LayerNorm")
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        layer = spec.submodules
+        layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm  # compiled on a GPU
+        layer.self_attention.submodules.core_attention = SDPACoreAttention
     return _with_mask_type(spec, AttnMaskType.no_mask)

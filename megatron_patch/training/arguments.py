@@ -34,7 +34,8 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
 
 
 # the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
-KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "cross_entropy_loss_fusion",
+KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "norm_fusion",
+                      "cross_entropy_loss_fusion",
                       "gradient_accumulation_fusion", "loss_chunk_tokens", "cuda_graph_impl",
                       "packed_attention_kernel")
 DEFAULT_GRAPH_SAMPLES_PER_PACK = 63  # + the trailing padding: 64 segments per captured pack
@@ -50,6 +51,10 @@ def add_kernel_arguments(group) -> None:
                        help="rotate queries and keys with megatron's unfused elementwise RoPE "
                             "instead of one compiled kernel (used with CUDA; e.g. where "
                             "torch.compile fails)")
+    group.add_argument("--no-norm-fusion", dest="norm_fusion", action="store_false",
+                       help="run the decoder layers' RMSNorm/LayerNorm with torch's kernels "
+                            "instead of compiled ones (used with CUDA; e.g. where torch.compile "
+                            "fails)")
     group.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                        help="megatron's fused vocab-parallel cross entropy; default: on with "
                             "--bf16 on CUDA (it rounds the logits' gradient to bf16, which the "

@@ -41,6 +41,7 @@ def wrap_model(args, cfg, device: torch.device):
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         fused_kernels=kernels.fused_swiglu(args),
                         rope_fusion=kernels.fused_rope(args),
+                        norm_fusion=kernels.fused_norms(args),
                         loss_chunk_tokens=kernels.loss_chunk_tokens(args),
                         cuda_graph_segments=kernels.cuda_graph_segments(args),
                         packed_attention_kernel=args.packed_attention_kernel,

@@ -82,6 +82,12 @@ def cuda_graph_segments(args) -> Optional[int]:
     return args.max_samples_per_pack + 1
 
 
+def fused_norms(args) -> bool:
+    """Both towers' layer norms as compiled kernels (model/norms.py): with CUDA unless
+    --no-norm-fusion. Not bit-identical to torch's kernels, which the CPU keeps."""
+    return getattr(args, "norm_fusion", True) and torch.cuda.is_available()
+
+
 def _wgrad_kernel(args):
     """False, or which kernel the fused weight gradients take (TE's linears fuse themselves)."""
     if not gradient_accumulation_fusion(args):
@@ -107,6 +113,7 @@ def summary(args) -> Dict[str, object]:
         "precision": "bf16 weights, fp32 master weights and gradients" if args.bf16 else "fp32",
         "fused_swiglu": fused_swiglu(args),
         "fused_rope": fused_rope(args),
+        "fused_norms": fused_norms(args),
         "fused_cross_entropy": fused_cross_entropy(args),
         "loss_chunk_tokens": loss_chunk_tokens(args),
         "gradient_accumulation_fusion": _wgrad_kernel(args),
