@@ -38,9 +38,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 @functools.lru_cache(maxsize=None)
 def compiled(function):
-    """``function`` through ``torch.compile`` (built on first use; the token count, which varies
-    with the images, becomes a dynamic dimension after the second shape)."""
-    return torch.compile(function)
+    """``function`` through ``torch.compile``, built on first use with dynamic shapes: one
+    kernel serves the hidden states, the per-head queries and keys and the vision tower's
+    varying token counts, instead of a recompilation for each (torch stops compiling a function
+    after 8 and runs it eagerly)."""
+    return torch.compile(function, dynamic=True)
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
