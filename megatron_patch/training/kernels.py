@@ -85,7 +85,7 @@ def cuda_graph_segments(args) -> Optional[int]:
 def fused_norms(args) -> bool:
     """Both towers' layer norms as compiled kernels (model/norms.py): with CUDA unless
     --no-norm-fusion. Not bit-identical to torch's kernels, which the CPU keeps."""
-    return getattr(args, "norm_fusion", True) and torch.cuda.is_available()
+    return args.norm_fusion and torch.cuda.is_available()
 
 
 def _wgrad_kernel(args):
