@@ -34,9 +34,9 @@ def add_model_override_arguments(group, help_suffix: str = "override the config'
 
 
 # the kernel switches (megatron_patch/training/kernels.py), shared by the trainer and the benchmark
-KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "norm_fusion", "cross_entropy_loss_fusion",
-                      "gradient_accumulation_fusion", "loss_chunk_tokens", "cuda_graph_impl",
-                      "packed_attention_kernel")
+KERNEL_SWITCH_KEYS = ("bias_swiglu_fusion", "rope_fusion", "norm_fusion",
+                      "cross_entropy_loss_fusion", "gradient_accumulation_fusion",
+                      "loss_chunk_tokens", "cuda_graph_impl", "packed_attention_kernel")
 DEFAULT_GRAPH_SAMPLES_PER_PACK = 63  # + the trailing padding: 64 segments per captured pack
 
 
