@@ -272,17 +272,21 @@ def _load_benchmark(name: str):
     return module
 
 
+def _packed_attention_report(tmp_path, seq_length: int, repeats: int) -> dict:
+    """benchmarks/bench_packed_attention.py on the CPU at small sizes: its JSON report."""
+    out = tmp_path / "attention.json"
+    assert _load_benchmark("bench_packed_attention").main(
+        ["--device", "cpu", "--dtype", "float32", "--seq-length", str(seq_length), "--heads", "4",
+         "--groups", "2", "--head-dim", "16", "--repeats", str(repeats), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_packed_attention_benchmark_times_a_typical_pack(tmp_path):
     """benchmarks/bench_packed_attention.py on CPU: the loop is timed on a pack of the
     long-tailed mix that fills the sequence (padding last); the varlen kernel needs CUDA."""
     from megatron_patch.model import attention
     kernel_getter = attention.flash_varlen_kernel
-    bench = _load_benchmark("bench_packed_attention")
-    out = tmp_path / "attention.json"
-    assert bench.main(["--device", "cpu", "--dtype", "float32", "--seq-length", "1024",
-                       "--heads", "4", "--groups", "2", "--head-dim", "16", "--repeats", "2",
-                       "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = _packed_attention_report(tmp_path, 1024, 2)
     lengths = report["segment_lengths"]
     assert sum(lengths) == 1024 and report["segments"] == len(lengths) > 1
     assert report["loop_ms"] > 0 and report["varlen_ms"] is None
@@ -298,12 +302,7 @@ def test_packed_attention_benchmark_runs_each_kernel_path(tmp_path, monkeypatch)
     from test_model_attention import KernelLater
     monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: KernelLater())
     monkeypatch.setattr(attention.SDPACoreAttention, "flash_varlen_applies", lambda *args: True)
-    bench = _load_benchmark("bench_packed_attention")
-    out = tmp_path / "attention.json"
-    assert bench.main(["--device", "cpu", "--dtype", "float32", "--seq-length", "512",
-                       "--heads", "4", "--groups", "2", "--head-dim", "16", "--repeats", "1",
-                       "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    report = _packed_attention_report(tmp_path, 512, 1)
     assert report["varlen_ms"] > 0 and report["varlen_fixed_segments_ms"] > 0
     assert report["varlen_max_abs_difference"] < 1e-5
     assert report["varlen_fixed_segments_max_abs_difference"] < 1e-5
