@@ -237,7 +237,11 @@ for name in $STEPS; do
       tail -6 "$OUT/bench_long.txt" ;;
     graphs)  # the language layers replayed as CUDA graphs (--cuda-graph-impl local): 28 of the
       # 52 layers launch as one graph each way instead of ~150 kernels (the step was host-bound,
-      # 2026-12-04); against "bench". The warm-up steps include the capture
+      # 2026-12-04): the eager step first, then the same with graphs (its warm-up steps include
+      # the capture), both megatron alone with every other default as is
+      step bench_eager 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
+        --trainer megatron --warmup-steps 3 --steps 4 --json "$OUT/seq8k_megatron_eager.json"
+      tail -6 "$OUT/bench_eager.txt"
       step bench_graphs 200 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --warmup-steps 3 --steps 4 --cuda-graph-impl local \
         --json "$OUT/seq8k_megatron_graphs.json"
