@@ -126,13 +126,20 @@ def cudnn_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q: int, max_k: 
 PACKED_ATTENTION_KERNELS = ("flash", "cudnn")
 
 
-def packed_attention_kernel(name: str) -> Optional[Callable]:
-    """The kernel packed bf16/fp16 attention takes on a GPU: torch's varlen flash kernel (None
-    before torch 2.10) or :func:`cudnn_varlen_attn`."""
+def check_packed_attention_kernel(name: str) -> str:
+    """``name`` if it is one of :data:`PACKED_ATTENTION_KERNELS`, else a ValueError."""
     if name not in PACKED_ATTENTION_KERNELS:
         raise ValueError(f"packed attention kernel must be one of {PACKED_ATTENTION_KERNELS}, "
                          f"not {name!r}")
-    return cudnn_varlen_attn if name == "cudnn" else flash_varlen_kernel()
+    return name
+
+
+def packed_attention_kernel(name: str) -> Optional[Callable]:
+    """The kernel packed bf16/fp16 attention takes on a GPU: torch's varlen flash kernel (None
+    before torch 2.10) or :func:`cudnn_varlen_attn`."""
+    if check_packed_attention_kernel(name) == "cudnn":
+        return cudnn_varlen_attn
+    return flash_varlen_kernel()
 
 
 @functools.lru_cache(maxsize=None)

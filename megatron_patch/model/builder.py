@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 
 from megatron_patch.compat import (apply_cpu_redirects, apply_packed_rope_fast_path,
                                    apply_wgrad_accumulation)
-from megatron_patch.model.attention import PACKED_ATTENTION_KERNELS
+from megatron_patch.model.attention import check_packed_attention_kernel
 from megatron_patch.model.configs import LlavaOVConfig
 from megatron_patch.model.layer_specs import language_block_spec, resolve_backend, vision_layer_spec
 from megatron_patch.model.llava_ov import LlavaOVModel
@@ -69,9 +69,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                                                   fused_kernels=fused_kernels,
                                                   sequence_parallel=sequence_parallel,
                                                   **common, **graphs)
-    if packed_attention_kernel not in PACKED_ATTENTION_KERNELS:
-        raise ValueError(f"packed_attention_kernel must be one of {PACKED_ATTENTION_KERNELS}, "
-                         f"not {packed_attention_kernel!r}")
+    check_packed_attention_kernel(packed_attention_kernel)  # refused before any module is built
     for config in (vision_config, language_config):  # read per call: compat/packed_rope.py,
         config.compiled_rope = torch.cuda.is_available() if rope_fusion is None else rope_fusion
         config.compiled_norm = torch.cuda.is_available() if norm_fusion is None else norm_fusion
