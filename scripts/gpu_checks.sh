@@ -252,12 +252,13 @@ for name in $STEPS; do
         --profile-dir "$OUT/graphs" --json "$OUT/seq8k_megatron_graphs_profiled.json"
       tail -8 "$OUT/bench_graphs_profile.txt" ;;
     levers)  # the megatron step with one of its defaults off at a time, then with cuDNN's
-      # packed attention instead of flash; "bench" (defaults) is the reference: what each
-      # saves in time and peak memory
+      # packed attention instead of flash, then with the norms and MLPs recomputed (the H100
+      # fit); "bench" (defaults) is the reference: what each costs or saves in time and memory
       for lever in "no_wgrad_fusion:--no-gradient-accumulation-fusion" \
                    "no_rope_fusion:--no-rope-fusion" "no_norm_fusion:--no-norm-fusion" \
                    "megatron_loss:--loss-chunk-tokens 0" \
-                   "cudnn_attention:--packed-attention-kernel cudnn"; do
+                   "cudnn_attention:--packed-attention-kernel cudnn" \
+                   "recompute_mlp:--recompute-granularity selective --recompute-modules layernorm mlp"; do
         name=${lever%%:*}
         # shellcheck disable=SC2086  # the flags split into words on purpose
         step "bench_$name" 120 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \

@@ -35,7 +35,8 @@ def _micro_batches(cfg):
     return out
 
 
-def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chunk_tokens=0):
+def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chunk_tokens=0,
+             recompute_modules=()):
     """One forward/backward over N_MICRO micro-batches on the current parallel state.
     Returns the mean loss, the global grad norm and the first stage's replicated gradients
     (see `_replicated_gradients`), identical on every rank."""
@@ -44,8 +45,10 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chu
     from megatron_patch.model.sharding import load_full_state_dict
 
     cfg = get_config("tiny", {"decoder_first_pipeline_num_layers": first_stage_layers})
+    recompute = (dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
+                 if recompute_modules else {})
     model = build_model(cfg, attention_backend="local", sequence_parallel=sequence_parallel,
-                        loss_chunk_tokens=loss_chunk_tokens)
+                        loss_chunk_tokens=loss_chunk_tokens, **recompute)
     load_full_state_dict(model, full_sd)
     losses = []
 
@@ -118,9 +121,9 @@ def _worker(rank, world, port, sd_path, layouts, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     full_sd = torch.load(sd_path)
     results = []
-    for tp, pp, first, sequence_parallel, loss_chunk_tokens in layouts:
+    for tp, pp, *settings in layouts:
         init_parallel(tp, pp)
-        results.append(run_step(full_sd, first, sequence_parallel, loss_chunk_tokens))
+        results.append(run_step(full_sd, *settings))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
@@ -161,9 +164,11 @@ def _check(results, layouts, reference):
 
 def test_tp2_and_pp2_match_tp1(reference, tmp_path):
     sd_path, expected = reference
-    # (TP, PP, layers on the first stage, sequence parallel, loss chunk tokens: 0 = megatron's)
+    # (TP, PP, layers on the first stage, sequence parallel, loss chunk tokens: 0 = megatron's
+    # [, selective recompute modules])
     layouts = [(2, 1, None, False, 0), (2, 1, None, True, 0), (1, 2, None, False, 0),
-               (1, 2, 1, False, 0), (2, 1, None, False, 7), (2, 1, None, True, 7)]
+               (1, 2, 1, False, 0), (2, 1, None, False, 7), (2, 1, None, True, 7),
+               (2, 1, None, True, 7, ("layernorm", "mlp")), (1, 2, None, False, 0, ("mlp",))]
     _check(_spawn(2, layouts, sd_path, tmp_path), layouts, expected)
 
 

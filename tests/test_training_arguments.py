@@ -160,6 +160,24 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")
 
 
+def test_recompute_modules_belong_to_selective_recompute(paths):
+    """--recompute-modules (Megatron-LM's flag) only means something for selective recompute:
+    refused without it; the summary names what is recomputed, megatron's default included."""
+    from megatron_patch.training import kernels
+    with pytest.raises(arguments.ArgumentError, match="add --recompute-granularity selective"):
+        validate(paths + ["--recompute-modules", "mlp"])
+    with pytest.raises(arguments.ArgumentError, match="add --recompute-granularity selective"):
+        validate(paths + ["--recompute-granularity", "full", "--recompute-modules", "mlp"])
+    with pytest.raises(SystemExit):  # argparse: not one of megatron's modules for this model
+        arguments.parse_args(paths + ["--recompute-granularity", "selective",
+                                      "--recompute-modules", "moe"])
+    args = validate(paths + ["--recompute-granularity", "selective",
+                             "--recompute-modules", "layernorm", "mlp"])
+    assert kernels.summary(args)["recompute"] == "selective (layernorm, mlp)"
+    args = validate(paths + ["--recompute-granularity", "selective"])
+    assert kernels.summary(args)["recompute"] == "selective (core_attn)"
+
+
 def test_cuda_graphs_need_packing_and_no_full_recompute(paths, monkeypatch):
     """--cuda-graph-impl local on a GPU: fixed shapes (packing), no full recompute (megatron
     refuses it); packs default to 63 samples (64 segments with the trailing padding), which the

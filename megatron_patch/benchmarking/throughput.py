@@ -55,7 +55,8 @@ from megatron_patch.benchmarking.system import (machine_info, peak_memory_gib, r
 from megatron_patch.model import build_model, count_parameters, get_config
 from megatron_patch.training import kernels
 from megatron_patch.training.arguments import (add_kernel_arguments,
-                                               add_model_override_arguments, model_overrides)
+                                               add_model_override_arguments,
+                                               add_recompute_arguments, model_overrides)
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.interval_stats import batch_flops, model_shapes
 
@@ -81,9 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default="tiny", help="tiny, llava-ov-1.5-4b, llava-ov-1.5-8b")
     add_model_override_arguments(g)
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
-    g.add_argument("--recompute-granularity", choices=("full", "selective"))
-    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    add_recompute_arguments(g)
     g.add_argument("--bf16", action="store_true", help="megatron: bf16 params + fp32 master "
                    "weights; baseline: bf16 autocast over fp32 weights")
     g.add_argument("--use-distributed-optimizer", action="store_true")

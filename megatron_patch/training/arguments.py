@@ -98,6 +98,21 @@ def model_overrides(args) -> dict:
     return {key: getattr(args, key, None) for key in MODEL_OVERRIDE_KEYS}
 
 
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
+
+
+def add_recompute_arguments(g) -> None:
+    """Megatron-LM's activation recompute flags (the trainer's and the benchmark's)."""
+    g.add_argument("--recompute-granularity", choices=("full", "selective"))
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES,
+                   help="with --recompute-granularity selective: what each layer recomputes in "
+                        "the backward instead of keeping (Megatron-LM's flag; default core_attn). "
+                        "mlp: the MLP's activations, the most per layer, for one more MLP "
+                        "forward; layernorm: the norms' outputs, for one more norm. Both towers")
+
+
 def default_packing_buffer_size(seq_length: int) -> int:
     """About 30 sequences' worth of samples, at least 64 (docs/BENCHMARKS.md, packing)."""
     return max(64, seq_length // 32)
@@ -111,9 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_override_arguments(g)
     g.add_argument("--attention-backend", choices=("auto", "te", "sdpa"), default="auto")
     add_kernel_arguments(g)
-    g.add_argument("--recompute-granularity", choices=("full", "selective"))
-    g.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    add_recompute_arguments(g)
 
     g = p.add_argument_group("parallelism and batch")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -323,6 +336,9 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
     if args.loss_chunk_tokens is not None and args.loss_chunk_tokens < 0:
         raise ArgumentError(f"--loss-chunk-tokens {args.loss_chunk_tokens} is negative; use 0 "
                             "(megatron's output layer and cross entropy) or a number of tokens")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        raise ArgumentError("--recompute-modules chooses what selective recompute repeats; add "
+                            "--recompute-granularity selective")
     _check_cuda_graphs(args)
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "

@@ -37,6 +37,8 @@ def wrap_model(args, cfg, device: torch.device):
         if args.recompute_granularity == "full":
             extra.update(recompute_method=args.recompute_method,
                          recompute_num_layers=args.recompute_num_layers)
+        elif getattr(args, "recompute_modules", None):
+            extra.update(recompute_modules=list(args.recompute_modules))
     model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         fused_kernels=kernels.fused_swiglu(args),

@@ -98,6 +98,13 @@ def _wgrad_kernel(args):
     return f"TE's linears; the others: {own}" if attention_backend(args) == "te" else own
 
 
+def recompute(args) -> str:
+    """What activation recompute runs: off, full, or selective with its modules."""
+    if args.recompute_granularity != "selective":
+        return args.recompute_granularity or "off"
+    return f"selective ({', '.join(getattr(args, 'recompute_modules', None) or ['core_attn'])})"
+
+
 def summary(args) -> Dict[str, object]:
     """What this run computes with, in words and switches (see the module docstring)."""
     if attention_backend(args) == "te":
@@ -119,7 +126,7 @@ def summary(args) -> Dict[str, object]:
         "gradient_accumulation_fusion": _wgrad_kernel(args),
         "cuda_graphs": (f"language layers, packs of {cuda_graph_segments(args)} segments"
                         if cuda_graph_segments(args) else False),
-        "recompute": args.recompute_granularity or "off",
+        "recompute": recompute(args),
         "sequence_parallel": args.sequence_parallel,
         "distributed_optimizer": args.use_distributed_optimizer,
         "overlap_grad_reduce": args.overlap_grad_reduce,
