@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_patch.benchmarking.memory_peak import outside_torch  # noqa: E402
 from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec  # noqa: E402
 from megatron_patch.model import build_model, get_config  # noqa: E402
-from megatron_patch.training import arguments  # noqa: E402
+from megatron_patch.training import arguments, kernels  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 from megatron_patch.training.train_step import model_inputs  # noqa: E402
 
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--recompute-granularity", choices=("full", "selective"))
+    p.add_argument("--recompute-modules", nargs="+", choices=arguments.RECOMPUTE_MODULES,
+                   help="with --recompute-granularity selective (megatron's default: core_attn)")
     p.add_argument("--loss-chunk-tokens", type=int, default=0,
                    help="the trainer's chunked output layer + cross entropy (0: megatron's)")
     p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
@@ -58,7 +60,8 @@ def _saving_line() -> str:
 
 
 def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
-    """Bytes of the distinct storages autograd saves during one forward, parameters excluded:
+    """Bytes of the distinct storages autograd saves during one forward and still holds at its
+    end (selective recompute frees the norms' outputs after saving them), parameters excluded:
     ``{"decoder_per_layer": ..., "other": ...}``, and with ``top`` the largest of them, each
     with the line that saved it (``"largest"``)."""
     parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -69,7 +72,7 @@ def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
     def pack(tensor):
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = (region[0], storage.nbytes())
+            saved[storage.data_ptr()] = (region[0], storage)
             if top:
                 largest.append(dict(region=region[0], bytes=storage.nbytes(),
                                     shape=list(tensor.shape), dtype=str(tensor.dtype),
@@ -91,10 +94,10 @@ def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
     finally:
         for hook in hooks:
             hook.remove()
-    del loss
     totals = {"decoder": 0, "other": 0}
-    for where, nbytes in saved.values():
-        totals[where] += nbytes
+    for where, storage in saved.values():
+        totals[where] += storage.nbytes()  # now: 0 for an output recompute discarded
+    del loss
     result = {"decoder_per_layer": totals["decoder"] / len(decoder.layers),
               "other": totals["other"]}
     if top:
@@ -105,9 +108,12 @@ def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
 def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device, top: int = 0) -> dict:
     initialize(tp, 1, args.seed)
     extra = {}
-    if args.recompute_granularity:
-        extra = dict(recompute_granularity=args.recompute_granularity, recompute_method="uniform",
+    if args.recompute_granularity == "full":
+        extra = dict(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
+    elif args.recompute_granularity:
+        extra = dict(recompute_granularity="selective",
+                     recompute_modules=args.recompute_modules or ["core_attn"])
     model = build_model(cfg, attention_backend="local",
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         sequence_parallel=sequence_parallel,
@@ -141,7 +147,7 @@ def main(argv=None):
                 else "megatron's output layer + cross entropy")
         print(f"model {args.model}, seq {args.seq_length}, {batch.num_samples} samples / "
               f"{batch.num_images} images in the pack, recompute "
-              f"{args.recompute_granularity or 'off'}, {'bf16' if args.bf16 else 'fp32'}, {loss}")
+              f"{kernels.recompute(args)}, {'bf16' if args.bf16 else 'fp32'}, {loss}")
         print(f"{'layout':<12} {'MiB/rank per decoder layer':>27} {'vs TP=1':>8} "
               f"{'MiB/rank other':>15}")
         for row in rows:

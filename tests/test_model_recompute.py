@@ -74,49 +74,21 @@ def test_recompute_changes_no_number(granularity):
         assert torch.allclose(gradients_re[name], gradients[name], rtol=1e-5, atol=1e-6), name
 
 
-def kept_bytes_per_layer(model, batch) -> dict:
-    """Bytes of the distinct storages autograd still holds for the backward once the forward
-    has ended (recompute frees some after saving them), parameters excluded, per decoder layer
-    of each tower."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    region, storages = ["other"], {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages.setdefault(storage.data_ptr(), (region[0], storage))
-        return tensor
-
-    hooks = []
-    for tower in ("language_model", "vision_model"):
-        for layer in getattr(model, tower).decoder.layers:
-            hooks += [layer.register_forward_pre_hook(lambda *_, t=tower: region.__setitem__(0, t)),
-                      layer.register_forward_hook(lambda *_: region.__setitem__(0, "other"))]
-    batch = dict(batch)
-    batch.pop("loss_mask")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = model(**batch)
-    for hook in hooks:
-        hook.remove()
-    kept = {"language_model": 0, "vision_model": 0, "other": 0}
-    for where, storage in storages.values():
-        kept[where] += storage.nbytes()  # read now: 0 for an output recompute discarded
-    del output
-    return {tower: kept[tower] / len(getattr(model, tower).decoder.layers)
-            for tower in ("language_model", "vision_model")}
-
 
 def test_selective_recompute_of_norms_and_mlp_frees_their_activations():
-    """Both towers keep less per layer: the MLP keeps only its input, the norms' outputs are
-    freed after use. What is left is at least the layer's input and the attention's tensors."""
+    """What the forward leaves for the backward (benchmarks/bench_activation_memory.py's count,
+    taken after the forward, when recompute has freed the norms' outputs): each MLP keeps only
+    its input, in both towers, so at least the fc1 outputs (2 x FFN per token for SwiGLU, FFN
+    for the vision tower's GELU MLP, fp32) are gone."""
+    from test_benchmark_throughput import _load_benchmark
+    count = _load_benchmark("bench_activation_memory").saved_activation_bytes
     cfg, plain, recomputing = _models(RECOMPUTE["selective_layernorm_mlp"])
-    batch = _micro_batches(cfg)[0]
-    kept_plain = kept_bytes_per_layer(plain, batch)
-    kept = kept_bytes_per_layer(recomputing, batch)
-    language = cfg.language
-    tokens = batch["input_ids"].numel()
-    # without recompute the MLP alone keeps its fc1 output (2 x ffn for SwiGLU) and more
-    mlp_bytes = tokens * 2 * language.ffn_hidden_size * 4
-    assert kept_plain["language_model"] - kept["language_model"] >= mlp_bytes
-    assert 0 < kept["language_model"] < 0.6 * kept_plain["language_model"]
-    assert 0 < kept["vision_model"] < 0.7 * kept_plain["vision_model"]
+    inputs = dict(_micro_batches(cfg)[0])
+    inputs.pop("loss_mask")
+    kept_plain, kept = count(plain, inputs), count(recomputing, inputs)
+    language_fc1 = inputs["input_ids"].numel() * 2 * cfg.language.ffn_hidden_size * 4
+    assert kept_plain["decoder_per_layer"] - kept["decoder_per_layer"] >= language_fc1
+    assert 0 < kept["decoder_per_layer"] < 0.6 * kept_plain["decoder_per_layer"]
+    patches = inputs["pixel_values"].shape[0]
+    vision_fc1 = cfg.vision.num_layers * patches * cfg.vision.ffn_hidden_size * 4
+    assert kept_plain["other"] - kept["other"] >= vision_fc1
