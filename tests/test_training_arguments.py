@@ -174,8 +174,12 @@ def test_recompute_modules_belong_to_selective_recompute(paths):
     args = validate(paths + ["--recompute-granularity", "selective",
                              "--recompute-modules", "layernorm", "mlp"])
     assert kernels.summary(args)["recompute"] == "selective (layernorm, mlp)"
+    assert kernels.recomputed_flops(args) == "mlp"  # HFU counts the MLPs' forward again
     args = validate(paths + ["--recompute-granularity", "selective"])
     assert kernels.summary(args)["recompute"] == "selective (core_attn)"
+    assert kernels.recomputed_flops(args) is None
+    args = validate(paths + ["--recompute-granularity", "full"])
+    assert kernels.recomputed_flops(args) == "full"
 
 
 def test_cuda_graphs_need_packing_and_no_full_recompute(paths, monkeypatch):

@@ -31,8 +31,22 @@ def test_training_counts_three_forwards_and_recompute_repeats_the_layers():
     forward = language_forward_flops(shape, [5, 7])
     logits = 2 * 12 * 8 * 10  # the output layer, which full recompute does not repeat
     assert training_flops(shape, [5, 7]) == (3 * forward, 3 * forward)
-    model, hardware = training_flops(shape, [5, 7], recompute_full=True)
+    model, hardware = training_flops(shape, [5, 7], recompute="full")
     assert model == 3 * forward and hardware == 4 * forward - logits
+
+
+def test_mlp_recompute_repeats_the_mlps_of_both_towers():
+    """Selective recompute of "mlp": the hardware runs every MLP's forward once more, in the
+    language layers (SwiGLU: 3 matmuls) and the vision layers (2 matmuls, class token
+    included); the model FLOPs do not change."""
+    language = LanguageShape(2, 8, 16, 2, 1, 4, 10)
+    vision = VisionShape(num_layers=3, hidden_size=4, ffn_hidden_size=8, patch_dim=6,
+                         out_hidden_size=8)
+    plain = training_flops(language, [5, 7], vision, [4, 8])
+    model, hardware = training_flops(language, [5, 7], vision, [4, 8], recompute="mlp")
+    language_mlps = 2 * 12 * 3 * 2 * 8 * 16
+    vision_mlps = 3 * (5 + 9) * 2 * 2 * 4 * 8
+    assert model == plain[0] and hardware == plain[1] + language_mlps + vision_mlps
 
 
 def test_chunked_loss_hardware_flops_count_the_loss_tokens_logits_four_times():

@@ -22,7 +22,8 @@ synchronised at both ends):
   image), the adapter and the language model (attention causal within each packed segment,
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
   forward). Model FLOPs use 3x; hardware FLOPs add the layers' recomputed forward under full
-  recompute (selective recompute is not counted) and count megatron's chunked loss as it runs:
+  recompute, the MLPs' forward again under selective recompute of "mlp" (its other modules are
+  not counted), and count megatron's chunked loss as it runs:
   the output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
   the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
@@ -66,7 +67,8 @@ FORMULA = {
     "tokens_per_s_per_device": "real (non-padding) tokens of the timed steps / their wall time / devices",
     "model_flops": "3 x forward FLOPs of vision tower + adapter + language model "
                    "(megatron_patch/training/flops.py, interval_stats.batch_flops)",
-    "hardware_flops": "model FLOPs + the layers' forward again under full recompute; with the "
+    "hardware_flops": "model FLOPs + the layers' forward again under full recompute (the MLPs' "
+                      "under selective recompute of mlp); with the "
                       "chunked loss the output layer counts 4 x forward of the loss tokens "
                       "instead of 3 x forward of every token",
     "mfu": "model_flops / time / devices / peak_flops",
@@ -282,7 +284,7 @@ def dry_run(args, cfg, train_args) -> Dict:
     finally:
         shutdown()
     batch = SyntheticPackedBatches(synthetic_spec(args, cfg, train_args)).take(1)[0]
-    flops = batch_flops(batch, *model_shapes(cfg), args.recompute_granularity == "full")
+    flops = batch_flops(batch, *model_shapes(cfg), kernels.recomputed_flops(train_args))
     return {"parameters": {"megatron": ours, "baseline": theirs},
             "one_micro_batch": {"real_tokens": batch.real_tokens, "samples": batch.num_samples,
                                 "images": batch.num_images, "model_flops": flops[0],
@@ -356,9 +358,12 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
               else baseline_runner(train_args, cfg, device))
     # the baseline computes every token's logits; megatron's chunked loss the loss tokens' only
     chunked_loss = name == "megatron" and kernels.loss_chunk_tokens(train_args) > 0
+    recompute = kernels.recomputed_flops(train_args)
+    if name != "megatron" and recompute == "mlp":
+        recompute = None  # the baseline recomputes whole layers (full) or nothing
 
     def flops_of(batch):
-        return batch_flops(batch, *shapes, args.recompute_granularity == "full", chunked_loss)
+        return batch_flops(batch, *shapes, recompute, chunked_loss)
 
     try:
         parameters = runner.parameter_count()

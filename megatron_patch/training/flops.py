@@ -6,7 +6,8 @@ ctx the tokens attended to: causal text attends to (n+1)/2 tokens on average in 
 (segment) of n; each image's patches attend to the whole image (+ its class token).
 MFU counts 3x forward of every token, whatever the implementation skips or repeats. HFU counts
 what the hardware executes: full recompute repeats the layers' forward (not the output layer's),
-and the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
+selective recompute of the MLP repeats the MLPs' forward (both towers; the norms' and core
+attention's recompute are left out: no matmuls, or small), and the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
 forward twice (4x their logits FLOPs instead of 3x every token's). Peak numbers are dense bf16
 tensor-core figures (no sparsity).
 """
@@ -48,9 +49,28 @@ def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int])
     q_width = shape.num_attention_heads * shape.head_dim
     kv_width = shape.num_query_groups * shape.head_dim
     per_token_linear = 2 * shape.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * shape.hidden_size
-    per_token_linear += (3 if shape.gated_mlp else 2) * 2 * shape.hidden_size * shape.ffn_hidden_size
+    per_token_linear += language_mlp_flops_per_token(shape)
     attention = sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
     return shape.num_layers * (tokens * per_token_linear + attention) + logits_flops(shape, tokens)
+
+
+def language_mlp_flops_per_token(shape: LanguageShape) -> float:
+    return (3 if shape.gated_mlp else 2) * 2 * shape.hidden_size * shape.ffn_hidden_size
+
+
+def mlp_forward_flops(language: LanguageShape, segment_lengths: Sequence[int],
+                      vision: Optional[VisionShape] = None,
+                      image_patch_counts: Sequence[int] = ()) -> float:
+    """Every layer's MLP forward (both towers): what selective recompute of "mlp" repeats."""
+    total = language.num_layers * sum(segment_lengths) * language_mlp_flops_per_token(language)
+    if vision is not None:
+        total += sum(vision.num_layers * (patches + (1 if vision.class_token else 0))
+                     * vision_mlp_flops_per_patch(vision) for patches in image_patch_counts)
+    return total
+
+
+def vision_mlp_flops_per_patch(shape: VisionShape) -> float:
+    return 2 * 2 * shape.hidden_size * shape.ffn_hidden_size
 
 
 def logits_flops(shape: LanguageShape, tokens: int) -> float:
@@ -63,7 +83,7 @@ def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) 
     total = 0.0
     for patches in image_patch_counts:
         n = patches + (1 if shape.class_token else 0)
-        linear = n * (2 * h * 3 * h + 2 * h * h + 2 * 2 * h * shape.ffn_hidden_size)
+        linear = n * (2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape))
         total += shape.num_layers * (linear + 4 * n * n * h) + 2 * patches * shape.patch_dim * h
         merged = patches // (shape.merge_size ** 2)
         wide = h * shape.merge_size ** 2
@@ -73,14 +93,19 @@ def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) 
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
                    vision: Optional[VisionShape] = None, image_patch_counts: Sequence[int] = (),
-                   recompute_full: bool = False, loss_tokens: Optional[int] = None) -> tuple:
+                   recompute: Optional[str] = None, loss_tokens: Optional[int] = None) -> tuple:
     """(model FLOPs, hardware FLOPs) of one training step over these sequences and images.
+    ``recompute``: "full", "mlp" (selective, with the MLP among its modules) or None;
     ``loss_tokens``: the chunked loss's token count, None for megatron's full logits."""
     forward = language_forward_flops(language, segment_lengths)
     if vision is not None and image_patch_counts:
         forward += vision_forward_flops(vision, image_patch_counts)
     all_logits = logits_flops(language, sum(segment_lengths))
-    hardware = 3 * forward + (forward - all_logits if recompute_full else 0)
+    hardware = 3 * forward
+    if recompute == "full":
+        hardware += forward - all_logits
+    elif recompute == "mlp":
+        hardware += mlp_forward_flops(language, segment_lengths, vision, image_patch_counts)
     if loss_tokens is not None:
         hardware += 4 * logits_flops(language, loss_tokens) - 3 * all_logits
     return 3 * forward, hardware

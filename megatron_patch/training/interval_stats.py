@@ -29,17 +29,18 @@ def model_shapes(cfg):
     return language, vision
 
 
-def batch_flops(batch, language: LanguageShape, vision: VisionShape, recompute_full: bool,
+def batch_flops(batch, language: LanguageShape, vision: VisionShape, recompute: Optional[str],
                 chunked_loss: bool = False):
     """(model, hardware) FLOPs of one micro-batch as the model runs it (padding included);
-    ``chunked_loss``: the output layer ran on the loss tokens only (flops.training_flops)."""
+    ``recompute``: what the backward repeats (kernels.recomputed_flops); ``chunked_loss``: the
+    output layer ran on the loss tokens only (flops.training_flops)."""
     if batch.cu_seqlens is not None:
         segments = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     else:
         segments = [batch.tokens.shape[1]] * batch.tokens.shape[0]
     patches = batch.image_grid_thw.prod(dim=1).tolist() if batch.image_grid_thw.numel() else []
     loss_tokens = int(batch.loss_mask.count_nonzero()) if chunked_loss else None
-    return training_flops(language, segments, vision, patches, recompute_full, loss_tokens)
+    return training_flops(language, segments, vision, patches, recompute, loss_tokens)
 
 
 @dataclass

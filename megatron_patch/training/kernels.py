@@ -105,6 +105,16 @@ def recompute(args) -> str:
     return f"selective ({', '.join(getattr(args, 'recompute_modules', None) or ['core_attn'])})"
 
 
+def recomputed_flops(args) -> Optional[str]:
+    """What recompute repeats in matmul FLOPs (flops.training_flops): "full", "mlp" or None."""
+    if args.recompute_granularity == "full":
+        return "full"
+    if args.recompute_granularity == "selective" and "mlp" in (
+            getattr(args, "recompute_modules", None) or ()):
+        return "mlp"
+    return None
+
+
 def summary(args) -> Dict[str, object]:
     """What this run computes with, in words and switches (see the module docstring)."""
     if attention_backend(args) == "te":

@@ -215,10 +215,10 @@ class Trainer:
         if self.counts_loss:
             stats.add_loss(loss_pair)
         if self.counts_data:
-            recompute_full = args.recompute_granularity == "full"
+            recompute = kernels.recomputed_flops(args)
             chunked_loss = kernels.loss_chunk_tokens(args) > 0
             for batch in micro_batches:
-                flops = batch_flops(batch, self.language_shape, self.vision_shape, recompute_full,
+                flops = batch_flops(batch, self.language_shape, self.vision_shape, recompute,
                                     chunked_loss)
                 stats.add_batch(batch, flops)
         return outcome
