@@ -28,11 +28,10 @@ BASELINE_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 # benchmark option -> trainer option (same meaning, passed through)
 _PASSED = ("model", *arguments.MODEL_OVERRIDE_KEYS, *arguments.KERNEL_SWITCH_KEYS,
-           "attention_backend", "recompute_granularity",
-           "recompute_method", "recompute_modules", "recompute_num_layers", "micro_batch_size", "global_batch_size",
-           "seq_length", "bf16", "use_distributed_optimizer", "lr", "clip_grad", "seed",
-           "num_workers", "packing", "max_images_per_pack", "max_samples_per_pack", "data_path",
-           "tokenizer_path")
+           "attention_backend", "recompute_granularity", "recompute_method", "recompute_modules",
+           "recompute_num_layers", "micro_batch_size", "global_batch_size", "seq_length", "bf16",
+           "use_distributed_optimizer", "lr", "clip_grad", "seed", "num_workers", "packing",
+           "max_images_per_pack", "max_samples_per_pack", "data_path", "tokenizer_path")
 
 
 def trainer_namespace(bench_args, world_size: int = 1):

@@ -7,9 +7,10 @@ ctx the tokens attended to: causal text attends to (n+1)/2 tokens on average in 
 MFU counts 3x forward of every token, whatever the implementation skips or repeats. HFU counts
 what the hardware executes: full recompute repeats the layers' forward (not the output layer's),
 selective recompute of the MLP repeats the MLPs' forward (both towers; the norms' and core
-attention's recompute are left out: no matmuls, or small), and the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
-forward twice (4x their logits FLOPs instead of 3x every token's). Peak numbers are dense bf16
-tensor-core figures (no sparsity).
+attention's recompute are left out: no matmuls, or small), and the chunked loss
+(model/output_loss.py) runs the output layer on the loss tokens only, its forward twice (4x
+their logits FLOPs instead of 3x every token's). Peak numbers are dense bf16 tensor-core
+figures (no sparsity).
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
