@@ -99,3 +99,24 @@ def test_cuda_graphs_train_like_eager_and_resume(converted_demo, demo_tokenizer,
     for iteration in range(5, 9):
         assert again[iteration]["train/loss"] == pytest.approx(
             actual[iteration]["train/loss"], rel=2e-2), iteration
+
+
+def test_selective_recompute_inside_cuda_graphs_trains_like_eager(converted_demo, demo_tokenizer,
+                                                                   tmp_path):
+    """--recompute-granularity selective --recompute-modules layernorm mlp, the H100 fit that
+    works with graphs (full recompute does not): the norms' and MLPs' recompute is captured
+    inside the language layers' graphs (compat/selective_recompute.py's checkpoint wrapper
+    included), the vision tower recomputes eagerly; the losses follow the eager run without
+    recompute to bf16/atomics noise."""
+    run = tuple(arg for arg in GPU_RUN if arg not in ("--recompute-granularity", "full"))
+    run += ("--max-samples-per-pack", 4)
+    eager, recomputing = tmp_path / "eager", tmp_path / "recomputing"
+    run_trainer(converted_demo, demo_tokenizer, eager, *run)
+    run_trainer(converted_demo, demo_tokenizer, recomputing, *run, "--cuda-graph-impl", "local",
+                "--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp")
+    kernels = json.loads((recomputing / "run_config.json").read_text())["kernels"]
+    assert kernels["recompute"] == "selective (layernorm, mlp)" and kernels["cuda_graphs"]
+    expected, actual = metrics(eager), metrics(recomputing)
+    for iteration in range(1, 9):
+        assert actual[iteration]["train/loss"] == pytest.approx(
+            expected[iteration]["train/loss"], rel=2e-2), iteration
