@@ -38,9 +38,7 @@ def parse_args(argv=None):
     arguments.add_model_override_arguments(p)
     p.add_argument("--seq-length", type=int, default=4096)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--recompute-granularity", choices=("full", "selective"))
-    p.add_argument("--recompute-modules", nargs="+", choices=arguments.RECOMPUTE_MODULES,
-                   help="with --recompute-granularity selective (megatron's default: core_attn)")
+    arguments.add_recompute_arguments(p)
     p.add_argument("--loss-chunk-tokens", type=int, default=0,
                    help="the trainer's chunked output layer + cross entropy (0: megatron's)")
     p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
@@ -107,17 +105,11 @@ def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
 
 def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device, top: int = 0) -> dict:
     initialize(tp, 1, args.seed)
-    extra = {}
-    if args.recompute_granularity == "full":
-        extra = dict(recompute_granularity="full", recompute_method="uniform",
-                     recompute_num_layers=1)
-    elif args.recompute_granularity:
-        extra = dict(recompute_granularity="selective",
-                     recompute_modules=args.recompute_modules or ["core_attn"])
     model = build_model(cfg, attention_backend="local",
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         sequence_parallel=sequence_parallel,
-                        loss_chunk_tokens=args.loss_chunk_tokens, **extra).to(device)
+                        loss_chunk_tokens=args.loss_chunk_tokens,
+                        **kernels.recompute_config(args)).to(device)
     inputs = model_inputs(batch, device)
     inputs.pop("loss_mask")
     return saved_activation_bytes(model, inputs, top)

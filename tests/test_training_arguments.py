@@ -175,11 +175,18 @@ def test_recompute_modules_belong_to_selective_recompute(paths):
                              "--recompute-modules", "layernorm", "mlp"])
     assert kernels.summary(args)["recompute"] == "selective (layernorm, mlp)"
     assert kernels.recomputed_flops(args) == "mlp"  # HFU counts the MLPs' forward again
+    assert kernels.recompute_config(args) == dict(recompute_granularity="selective",
+                                                  recompute_modules=["layernorm", "mlp"])
     args = validate(paths + ["--recompute-granularity", "selective"])
     assert kernels.summary(args)["recompute"] == "selective (core_attn)"
     assert kernels.recomputed_flops(args) is None
-    args = validate(paths + ["--recompute-granularity", "full"])
+    assert kernels.recompute_config(args) == dict(recompute_granularity="selective")
+    args = validate(paths + ["--recompute-granularity", "full", "--recompute-method", "block",
+                             "--recompute-num-layers", "2"])
     assert kernels.recomputed_flops(args) == "full"
+    assert kernels.recompute_config(args) == dict(recompute_granularity="full",
+                                                  recompute_method="block", recompute_num_layers=2)
+    assert kernels.recompute_config(validate(paths)) == {}
 
 
 def test_cuda_graphs_need_packing_and_no_full_recompute(paths, monkeypatch):

@@ -32,13 +32,7 @@ def wrap_model(args, cfg, device: torch.device):
     extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
                  cross_entropy_loss_fusion=kernels.fused_cross_entropy(args),
                  gradient_accumulation_fusion=kernels.gradient_accumulation_fusion(args))
-    if args.recompute_granularity:
-        extra.update(recompute_granularity=args.recompute_granularity)
-        if args.recompute_granularity == "full":
-            extra.update(recompute_method=args.recompute_method,
-                         recompute_num_layers=args.recompute_num_layers)
-        elif getattr(args, "recompute_modules", None):
-            extra.update(recompute_modules=list(args.recompute_modules))
+    extra.update(kernels.recompute_config(args))
     model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         fused_kernels=kernels.fused_swiglu(args),

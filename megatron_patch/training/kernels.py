@@ -98,6 +98,20 @@ def _wgrad_kernel(args):
     return f"TE's linears; the others: {own}" if attention_backend(args) == "te" else own
 
 
+def recompute_config(args) -> Dict[str, object]:
+    """megatron TransformerConfig keywords for the recompute flags (arguments.py's
+    add_recompute_arguments); empty without recompute."""
+    if not args.recompute_granularity:
+        return {}
+    if args.recompute_granularity == "full":
+        return dict(recompute_granularity="full", recompute_method=args.recompute_method,
+                    recompute_num_layers=args.recompute_num_layers)
+    config = dict(recompute_granularity="selective")
+    if getattr(args, "recompute_modules", None):  # else megatron's default, core_attn
+        config["recompute_modules"] = list(args.recompute_modules)
+    return config
+
+
 def recompute(args) -> str:
     """What activation recompute runs: off, full, or selective with its modules."""
     if args.recompute_granularity != "selective":
