@@ -89,6 +89,10 @@ def _compiled(kernel: Callable) -> Callable:
     return run
 
 
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
 def _kernel(kernel: Callable, compiled: bool) -> Callable:
     return _compiled(kernel) if compiled else kernel
 
@@ -187,6 +191,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     if compiled is None:
-        compiled = hidden.is_cuda
+        compiled = _on_gpu(hidden)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, tp_group,
                                             fuse_wgrad, compiled)

@@ -1,0 +1,260 @@
+"""GPU kernel launches per micro-batch of the megatron trainer's model, counted on the CPU.
+
+The 2026-12-04 H200 step was host-bound (~60 us of host time per launched kernel, the GPU idle
+for more than half the step: docs/BENCHMARKS.md), so launches per micro-batch decide the step
+time there, and every change that removes some is worth knowing before a GPU is lent. This
+counts them from the operators the model runs (megatron_patch/benchmarking/launch_count.py),
+with the code paths a GPU takes switched on where the CPU can run them: the compiled RoPE,
+norms and chunked-loss kernels (torch.compile's CPU build), and packed attention as the one
+varlen kernel call it is on a GPU (a stand-in that computes it on the CPU and counts one launch
+each way). Weight gradients are counted as with gradient-accumulation fusion: a GEMM, no
+separate add.
+
+Per-layer counts are differences: the model is built three times, with one more language layer,
+then one more vision layer, than the base, so nothing has to be attributed to a layer by guess.
+The total for the full depth is the rest (embedding, merge, adapter, loss, ...) plus the layers.
+
+    python benchmarks/bench_launches.py                       # the GPU benchmark's model
+    python benchmarks/bench_launches.py --no-gpu-paths        # what the CPU runs instead
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_patch.benchmarking import launch_count  # noqa: E402
+from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # noqa: E402
+                                                  SyntheticSpec)
+from megatron_patch.compat import packed_rope  # noqa: E402
+from megatron_patch.model import (attention, build_model, get_config, norms,  # noqa: E402
+                                  output_loss)
+from megatron_patch.training import arguments, kernels  # noqa: E402
+from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
+from megatron_patch.training.train_step import model_inputs  # noqa: E402
+
+# the GPU benchmark's model (docs/BENCHMARKS.md, "GPU comparison: the command"); widths only
+# change how long this takes, not what is launched, so they are small by default
+GPU_BENCHMARK = dict(model="llava-ov-1.5-4b", num_layers=28, num_attention_heads=16,
+                     num_query_groups=8, rotary_base=1e6)
+SMALL_WIDTHS = dict(hidden_size=128, ffn_hidden_size=384, vision_hidden_size=64,
+                    vision_ffn_hidden_size=256, vision_num_attention_heads=2, vocab_size=4096,
+                    image_token_id=5)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=GPU_BENCHMARK["model"])
+    arguments.add_model_override_arguments(p)
+    p.add_argument("--full-widths", action="store_true",
+                   help="keep the preset's widths and vocabulary (slow on a CPU; same counts)")
+    p.add_argument("--seq-length", type=int, default=8192)
+    p.add_argument("--fp32", action="store_true", help="fp32 weights (default bf16, as on a GPU)")
+    p.add_argument("--no-gpu-paths", action="store_true",
+                   help="count what the CPU runs: no compiled kernels, the per-segment attention")
+    p.add_argument("--padding-guard", action="store_true",
+                   help="packed attention with its padding guard, as before the trainer's "
+                        "segments were checked to cover every row (the 2026-12-04 GPU run)")
+    arguments.add_kernel_arguments(p)  # the trainer's switches, with their GPU defaults here
+    arguments.add_recompute_arguments(p)
+    p.add_argument("--image-size-min", type=int, default=224, help="pixels, multiple of 28")
+    p.add_argument("--image-size-max", type=int, default=672, help="pixels, multiple of 28")
+    p.add_argument("--pack", type=int, default=2, help="which synthetic pack to count (0-based)")
+    p.add_argument("--top", type=int, default=12, help="operators listed per part")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", help="also write the counts here")
+    args = p.parse_args(argv)
+    if args.model == GPU_BENCHMARK["model"]:
+        for key, value in GPU_BENCHMARK.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    return args
+
+
+class _VarlenStandIn(torch.autograd.Function):
+    """Packed attention as the GPU runs it: one kernel forward, one backward. The forward's
+    values are real (segment by segment on the CPU); the backward's are zeros, which launch the
+    same kernels downstream."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_seq_q, causal: bool, scale):
+        with launch_count.one_launch("varlen_attention_forward"):
+            out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
+            bounds = cu_seq_q.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
+                out[start:end] = F.scaled_dot_product_attention(
+                    q, k, v, is_causal=causal, scale=scale, enable_gqa=True).transpose(0, 1)
+        ctx.shapes = (query, key, value)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        with launch_count.one_launch("varlen_attention_backward"):
+            grads = tuple(torch.zeros_like(x) for x in ctx.shapes)
+        return (*grads, None, None, None)
+
+
+def varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                    window_size=(-1, -1), enable_gqa=False):
+    """torch's ``varlen_attn`` signature (what model/attention.py's fast path calls)."""
+    return _VarlenStandIn.apply(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+@contextlib.contextmanager
+def gpu_code_paths():
+    """The GPU's code paths on the CPU: what each module checks to choose them says yes."""
+    on_gpu = lambda tensor: True  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for module in (packed_rope, norms, output_loss):
+            stack.enter_context(mock.patch.object(module, "_on_gpu", on_gpu))
+        stack.enter_context(mock.patch.object(attention.SDPACoreAttention, "flash_varlen_applies",
+                                              lambda self, query: True))
+        stack.enter_context(mock.patch.object(attention, "packed_attention_kernel",
+                                              lambda name: varlen_stand_in))
+        yield
+
+
+def loss_chunks(args) -> int:
+    if args.loss_chunk_tokens is None:
+        return kernels.DEFAULT_LOSS_CHUNK_TOKENS
+    return args.loss_chunk_tokens
+
+
+def build_options(args) -> dict:
+    """build_model's kernel keywords as the trainer chooses them on a GPU (training/kernels.py,
+    which asks torch whether CUDA is there, so it cannot be asked here)."""
+    gpu, bf16 = not args.no_gpu_paths, not args.fp32
+    chunks = loss_chunks(args)
+    fused_cross_entropy = args.cross_entropy_loss_fusion
+    if fused_cross_entropy is None:
+        fused_cross_entropy = gpu and bf16
+    return dict(fused_kernels=gpu and args.bias_swiglu_fusion, rope_fusion=gpu and args.rope_fusion,
+                norm_fusion=gpu and args.norm_fusion, loss_chunk_tokens=chunks,
+                cross_entropy_loss_fusion=fused_cross_entropy and not chunks,
+                **kernels.recompute_config(args))
+
+
+def count_micro_batch(args, cfg, batch, device) -> dict:
+    """Launches of one micro-batch's forward and backward (after one untimed pass that compiles)."""
+    initialize(1, 1, args.seed)
+    model = build_model(cfg, attention_backend="local",
+                        params_dtype=torch.float32 if args.fp32 else torch.bfloat16,
+                        **build_options(args)).to(device)
+    inputs = model_inputs(batch, device)
+    loss_mask = inputs["loss_mask"]
+    if args.padding_guard and inputs["packed_seq_params"] is not None:
+        params = inputs["packed_seq_params"]
+        inputs["packed_seq_params"] = PackedSeqParams(**{
+            field.name: getattr(params, field.name) for field in dataclasses.fields(params)})
+
+    def forward():
+        return (model(**inputs).float() * loss_mask.to(device).float()).sum()
+
+    forward().backward()  # compiles
+    if args.gradient_accumulation_fusion is not False:
+        # no gradient yet: each weight's gradient is its GEMM's output, no separate add, as
+        # when the GEMM accumulates into the fp32 buffer; otherwise autograd adds each one,
+        # as megatron's DDP hook then does
+        model.zero_grad(set_to_none=True)
+    fwd, loss = launch_count.count_launches(forward)
+    bwd, _ = launch_count.count_launches(loss.backward)
+    shutdown()
+    return dict(forward=fwd, backward=bwd)
+
+
+def _difference(more: dict, base: dict) -> dict:
+    return {phase: more[phase] - base[phase] for phase in base}
+
+
+def parts(args, batch, device) -> dict:
+    """{part: {"forward": Counter, "backward": Counter}} for one language layer, one vision
+    layer and the rest, and the model's layer counts."""
+    overrides = arguments.model_overrides(args)
+    full = get_config(args.model, overrides)
+    depth = dict(language=full.language.num_layers, vision=full.vision.num_layers)
+    if not args.full_widths:
+        overrides.update(SMALL_WIDTHS)
+    shallow = dict(num_layers=2, vision_num_layers=2)
+    counts = {}
+    for name, extra in (("base", {}), ("language", dict(num_layers=3)),
+                        ("vision", dict(vision_num_layers=3))):
+        cfg = get_config(args.model, {**overrides, **shallow, **extra})
+        counts[name] = count_micro_batch(args, cfg, batch, device)
+    language = _difference(counts["language"], counts["base"])
+    vision = _difference(counts["vision"], counts["base"])
+    rest = {phase: counts["base"][phase] - language[phase] - language[phase]
+            - vision[phase] - vision[phase] for phase in counts["base"]}
+    return dict(parts={"language layer": language, "vision layer": vision, "rest": rest},
+                depth=depth)
+
+
+def synthetic_pack(args, cfg):
+    vision = cfg.vision
+    spec = SyntheticSpec(vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
+                         seq_length=args.seq_length, patch_dim=vision.patch_dim,
+                         merge_size=vision.spatial_merge_size, patch_size=vision.patch_size,
+                         image_side_min=args.image_size_min, image_side_max=args.image_size_max,
+                         seed=args.seed)
+    return SyntheticPackedBatches(spec).take(args.pack + 1)[args.pack]
+
+
+def report(args, result: dict, batch) -> str:
+    depth, rows = result["depth"], result["parts"]
+    total = {phase: sum(rows["language layer"][phase].values()) * depth["language"]
+             + sum(rows["vision layer"][phase].values()) * depth["vision"]
+             + sum(rows["rest"][phase].values()) for phase in ("forward", "backward")}
+    paths = "the CPU's code paths" if args.no_gpu_paths else "the GPU's code paths"
+    layers = f"{depth['language']} language + {depth['vision']} vision layers"
+    lines = [f"model {args.model} ({layers}), "
+             f"seq {args.seq_length}, pack {args.pack}: {batch.num_samples} samples, "
+             f"{batch.num_images} images; {'fp32' if args.fp32 else 'bf16'}, {paths}, "
+             f"recompute {kernels.recompute(args)}",
+             "kernels: " + ", ".join(f"{key} {value}" for key, value in build_options(args).items()
+                                     if not key.startswith("recompute"))
+             + f", gradient-accumulation fusion {args.gradient_accumulation_fusion is not False}"
+             + f", padding guard {args.padding_guard}",
+             f"{'part':<16} {'forward':>8} {'backward':>9} {'x count':>8} {'per micro-batch':>16}"]
+    for name, count in (("language layer", depth["language"]), ("vision layer", depth["vision"]),
+                        ("rest", 1)):
+        fwd, bwd = (sum(rows[name][phase].values()) for phase in ("forward", "backward"))
+        lines.append(f"{name:<16} {fwd:>8} {bwd:>9} {count:>8} {(fwd + bwd) * count:>16}")
+    lines.append(f"{'micro-batch':<16} {total['forward']:>8} {total['backward']:>9} {'':>8} "
+                 f"{total['forward'] + total['backward']:>16}")
+    for name in rows:
+        for phase in ("forward", "backward"):
+            top = ", ".join(f"{op.replace('aten::', '')} {n}"
+                            for op, n in rows[name][phase].most_common(args.top) if n)
+            lines.append(f"  {name} {phase}: {top}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = torch.device("cpu")
+    overrides = arguments.model_overrides(args)
+    if not args.full_widths:
+        overrides.update(SMALL_WIDTHS)
+    batch = synthetic_pack(args, get_config(args.model, overrides))
+    paths = contextlib.nullcontext() if args.no_gpu_paths else gpu_code_paths()
+    with paths:
+        result = parts(args, batch, device)
+    print(report(args, result, batch))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(dict(args=vars(args), depth=result["depth"],
+                           parts={name: {phase: dict(counter) for phase, counter in row.items()}
+                                  for name, row in result["parts"].items()}), handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Counting GPU kernel launches from the operators a CPU run dispatches
+(megatron_patch/benchmarking/launch_count.py, benchmarks/bench_launches.py)."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from megatron_patch.benchmarking.launch_count import count_launches, one_launch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def total(counter) -> int:
+    return sum(counter.values())
+
+
+def test_views_and_allocations_launch_nothing_and_each_kernel_counts_once():
+    x = torch.randn(4, 6)
+
+    def views():
+        return (x.view(6, 4).t().unsqueeze(0)[0], x.reshape(24), torch.empty(3), x.contiguous(),
+                x.to(torch.float32))
+
+    counted, _ = count_launches(views)
+    assert total(counted) == 0, counted
+    # reshaping a transposed tensor must copy it
+    counted, _ = count_launches(lambda: x.t().reshape(24))
+    assert total(counted) == 1, counted
+
+    def work():
+        y = x * 2  # mul
+        z = y.t().contiguous()  # a real copy
+        return torch.nn.functional.dropout(z, p=0.0, training=True) + 1  # dropout: none; add
+
+    counted, result = count_launches(work)
+    assert counted["aten::mul"] == 1 and counted["aten::add"] == 1
+    assert total(counted) == 3, counted  # mul, the copy, add
+    torch.testing.assert_close(result, (x * 2).t() + 1)
+
+
+def test_a_composite_operator_counts_once_and_the_backward_is_counted():
+    x = torch.randn(5, 3, requires_grad=True)
+    weight = torch.randn(3, 4, requires_grad=True)
+
+    counted, loss = count_launches(lambda: (x @ weight).sum())
+    assert counted == {"aten::matmul": 1, "aten::sum": 1}
+    counted, _ = count_launches(loss.backward)
+    # the sum's gradient is an expand (no kernel); matmul's backward: two GEMMs; fresh .grad
+    # tensors are taken as they are, not added (no kernel)
+    assert counted["aten::mm"] == 2, counted
+    assert "aten::add_" not in counted
+    assert x.grad is not None and weight.grad is not None
+
+
+def test_a_stand_in_region_is_one_launch_whatever_it_runs_inside():
+    x = torch.randn(8)
+
+    def stand_in():
+        with one_launch("fused"):
+            return (x.sin() * x.cos()).exp()
+
+    counted, _ = count_launches(stand_in)
+    assert counted == {"launch_count::fused": 1}
+
+
+def test_a_compiled_graph_is_counted_as_one_launch_plus_its_extern_kernels():
+    @torch.compile(dynamic=False)
+    def fused(a, b):
+        return torch.relu(a @ b) * 2 + 1
+
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    fused(a, b)  # compiles
+    counted, result = count_launches(lambda: fused(a, b))
+    assert counted["compiled graph"] == 1, counted
+    assert counted.get("aten::mul", 0) == 0 and counted.get("aten::relu", 0) == 0
+    torch.testing.assert_close(result, torch.relu(a @ b) * 2 + 1)
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_launches", os.path.join(ROOT, "benchmarks", "bench_launches.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_counts_one_layer_as_the_gpu_runs_it():
+    """The tiny model with the GPU's code paths: a language layer is its 4 GEMMs forward and 8
+    backward, attention one kernel each way, the rest compiled graphs and residual adds."""
+    bench = _bench()
+    args = bench.parse_args(["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
+                             "--image-size-max", "112", "--pack", "0", "--full-widths"])
+    cfg = bench.get_config(args.model, bench.arguments.model_overrides(args))
+    batch = bench.synthetic_pack(args, cfg)
+    with bench.gpu_code_paths():
+        result = bench.parts(args, batch, torch.device("cpu"))
+    layer = result["parts"]["language layer"]
+    forward, backward = layer["forward"], layer["backward"]
+    assert forward["aten::matmul"] == 4 and backward["aten::matmul"] == 8
+    assert forward["launch_count::varlen_attention_forward"] == 1
+    assert backward["launch_count::varlen_attention_backward"] == 1
+    # 4 norms (input, q, k, pre-MLP), the rotation of q and k, the SwiGLU
+    assert forward["compiled graph"] == 7
+    vision = result["parts"]["vision layer"]["forward"]
+    assert vision["aten::matmul"] == 4 and vision["launch_count::varlen_attention_forward"] == 1
+    assert result["depth"] == dict(language=cfg.language.num_layers, vision=cfg.vision.num_layers)
+    text = bench.report(args, result, batch)
+    assert "language layer" in text and "micro-batch" in text
