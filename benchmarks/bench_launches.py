@@ -28,6 +28,7 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,7 +37,7 @@ from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # no
                                                   SyntheticSpec)
 from megatron_patch.compat import packed_rope  # noqa: E402
 from megatron_patch.model import (attention, build_model, get_config, norms,  # noqa: E402
-                                  output_loss)
+                                  output_loss, vision)
 from megatron_patch.training import arguments, kernels  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 from megatron_patch.training.train_step import model_inputs  # noqa: E402
@@ -120,6 +121,13 @@ def gpu_code_paths():
                                               lambda self, query: True))
         stack.enter_context(mock.patch.object(attention, "packed_attention_kernel",
                                               lambda name: varlen_stand_in))
+        positions = vision.patch_positions  # computed on the host, then copied, on a GPU too
+
+        def host_patch_positions(*args, **kwargs):
+            with launch_count.on_host("patch_positions"):
+                return positions(*args, **kwargs)
+
+        stack.enter_context(mock.patch.object(vision, "patch_positions", host_patch_positions))
         yield
 
 
@@ -143,6 +151,14 @@ def build_options(args) -> dict:
                 **kernels.recompute_config(args))
 
 
+def unfused_gradients(model) -> list:
+    """Parameters whose gradient DDP's hook adds into the buffer under gradient-accumulation
+    fusion: all but megatron's linear layers' weights (norms, biases, embeddings, ...)."""
+    fused = {id(module.weight) for module in model.modules()
+             if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+
+
 def count_micro_batch(args, cfg, batch, device) -> dict:
     """Launches of one micro-batch's forward and backward (after one untimed pass that compiles)."""
     initialize(1, 1, args.seed)
@@ -160,13 +176,17 @@ def count_micro_batch(args, cfg, batch, device) -> dict:
         return (model(**inputs).float() * loss_mask.to(device).float()).sum()
 
     forward().backward()  # compiles
-    if args.gradient_accumulation_fusion is not False:
-        # no gradient yet: each weight's gradient is its GEMM's output, no separate add, as
-        # when the GEMM accumulates into the fp32 buffer; otherwise autograd adds each one,
-        # as megatron's DDP hook then does
+    fused = args.gradient_accumulation_fusion is not False
+    if fused:
+        # no gradient yet: each gradient is its kernel's output, no separate add; megatron's
+        # linears then accumulate into the fp32 buffer in their GEMM, the other parameters'
+        # gradients are added by DDP's hook (counted below). Unfused, autograd adds every
+        # gradient here, one add each, as DDP's hook then does.
         model.zero_grad(set_to_none=True)
     fwd, loss = launch_count.count_launches(forward)
     bwd, _ = launch_count.count_launches(loss.backward)
+    if fused:
+        bwd["gradient buffer add (DDP hook)"] = len(unfused_gradients(model))
     shutdown()
     return dict(forward=fwd, backward=bwd)
 
@@ -198,10 +218,10 @@ def parts(args, batch, device) -> dict:
 
 
 def synthetic_pack(args, cfg):
-    vision = cfg.vision
+    vcfg = cfg.vision
     spec = SyntheticSpec(vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
-                         seq_length=args.seq_length, patch_dim=vision.patch_dim,
-                         merge_size=vision.spatial_merge_size, patch_size=vision.patch_size,
+                         seq_length=args.seq_length, patch_dim=vcfg.patch_dim,
+                         merge_size=vcfg.spatial_merge_size, patch_size=vcfg.patch_size,
                          image_side_min=args.image_size_min, image_side_max=args.image_size_max,
                          seed=args.seed)
     return SyntheticPackedBatches(spec).take(args.pack + 1)[args.pack]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from megatron_patch.benchmarking.launch_count import count_launches, one_launch
+from megatron_patch.benchmarking.launch_count import count_launches, on_host, one_launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def test_a_composite_operator_counts_once_and_the_backward_is_counted():
     assert x.grad is not None and weight.grad is not None
 
 
-def test_a_stand_in_region_is_one_launch_whatever_it_runs_inside():
+def test_a_stand_in_region_is_one_launch_and_a_host_region_none():
     x = torch.randn(8)
 
     def stand_in():
@@ -62,6 +62,14 @@ def test_a_stand_in_region_is_one_launch_whatever_it_runs_inside():
 
     counted, _ = count_launches(stand_in)
     assert counted == {"launch_count::fused": 1}
+
+    def host_then_device():
+        with on_host("positions"):
+            positions = torch.arange(8).repeat(2)
+        return x * positions[:8]
+
+    counted, _ = count_launches(host_then_device)
+    assert counted == {"aten::mul": 1}
 
 
 def test_a_compiled_graph_is_counted_as_one_launch_plus_its_extern_kernels():
@@ -103,8 +111,12 @@ def test_bench_counts_one_layer_as_the_gpu_runs_it():
     assert backward["launch_count::varlen_attention_backward"] == 1
     # 4 norms (input, q, k, pre-MLP), the rotation of q and k, the SwiGLU
     assert forward["compiled graph"] == 7
+    # the GEMMs accumulate the weights' gradients; DDP's hook adds the 4 norms' weights'
+    assert backward["gradient buffer add (DDP hook)"] == 4
     vision = result["parts"]["vision layer"]["forward"]
     assert vision["aten::matmul"] == 4 and vision["launch_count::varlen_attention_forward"] == 1
+    # 2 norms, 2 rotations, 2 fused bias-dropout-adds; the qkv and fc1 biases are plain adds
+    assert vision["compiled graph"] == 6 and vision["aten::add"] == 2
     assert result["depth"] == dict(language=cfg.language.num_layers, vision=cfg.vision.num_layers)
     text = bench.report(args, result, batch)
     assert "language layer" in text and "micro-batch" in text

@@ -95,8 +95,9 @@ def eager_fusions():
 
 def test_fused_swiglu_matches_the_unfused_model():
     """fused_kernels (the GPU default) switches the language model to megatron's fused SwiGLU:
-    loss and every gradient equal the unfused model's to float rounding; the vision tower is
-    untouched (its fused bias-GELU would be the tanh approximation)."""
+    loss and every gradient equal the unfused model's to float rounding. The vision tower keeps
+    its GELU (megatron's fused bias-GELU would be the tanh approximation) and takes megatron's
+    fused bias-dropout-add."""
     from test_model_reference import image_batch
     init_parallel(1, 1)
     cfg = get_config("tiny")
@@ -109,6 +110,7 @@ def test_fused_swiglu_matches_the_unfused_model():
         model = build_model(cfg, fused_kernels=fused)
         assert model.language_model.config.bias_activation_fusion is fused
         assert model.vision_model.config.bias_activation_fusion is False
+        assert model.vision_model.config.bias_dropout_fusion is fused  # its biases + residual
         with eager_fusions():
             loss = model(ids, positions, pixel_values=pixels, image_grid_thw=grid, labels=labels)
             loss.sum().backward()

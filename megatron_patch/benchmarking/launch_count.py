@@ -14,7 +14,8 @@ What counts as one launch:
   operator it calls outside its generated code (inductor's extern kernels: the GEMMs). A
   compiled graph of elementwise work is one or a few fused kernels on a GPU;
 * a region marked with :func:`one_launch` (``launch_count::`` names): a stand-in for a single
-  GPU kernel, its inner operators not counted.
+  GPU kernel, its inner operators not counted. A region marked with :func:`on_host` counts
+  nothing: work on tensors that stay on the host on a GPU too.
 
 An approximation of the GPU's count, not a trace of it: a few operators launch two kernels
 there (a two-pass reduction, a copy between devices), and a composite operator's own choice of
@@ -28,6 +29,7 @@ from typing import Callable, Iterable, Tuple
 from torch.profiler import ProfilerActivity, profile, record_function
 
 STAND_IN_PREFIX = "launch_count::"
+HOST_PREFIX = "launch_count_host::"
 COMPILED_GRAPH_PREFIX = "## Call CompiledFxGraph"
 
 # aten operators that launch no kernel of their own: views, metadata, allocation, host-side
@@ -49,6 +51,11 @@ def one_launch(name: str):
     return record_function(STAND_IN_PREFIX + name)
 
 
+def on_host(name: str):
+    """Marks a region whose tensors are on the host in a GPU run as well: no launches."""
+    return record_function(HOST_PREFIX + name)
+
+
 def _launches_a_kernel(event) -> bool:
     """Whether this operator, or any ``aten::`` operator it calls, does work on the device
     (other events inside, such as autograd's records, are looked through)."""
@@ -60,6 +67,8 @@ def _launches_a_kernel(event) -> bool:
 def _count(event, counter: collections.Counter) -> None:
     """Adds the launches in ``event``'s subtree to ``counter`` (by operator name)."""
     name = event.name
+    if name.startswith(HOST_PREFIX):
+        return
     if name.startswith(STAND_IN_PREFIX):
         counter[name] += 1
         return

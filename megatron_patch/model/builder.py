@@ -64,7 +64,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     common = dict(tensor_model_parallel_size=tp, params_dtype=params_dtype,
                   use_cpu_initialization=use_cpu_initialization,
                   perform_initialization=perform_initialization, **transformer_config_extra)
-    vision_config = vision_transformer_config(cfg, **common)
+    vision_config = vision_transformer_config(cfg, fused_kernels=fused_kernels, **common)
     graphs = dict(cuda_graph_impl="local") if cuda_graph_segments else {}
     language_config = language_transformer_config(cfg, pipeline_model_parallel_size=pp,
                                                   fused_kernels=fused_kernels,

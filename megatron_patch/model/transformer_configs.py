@@ -13,7 +13,11 @@ Choices that hold for both and why:
 * ``fused_kernels`` (on by default with CUDA): megatron's fused SwiGLU in the language model;
   same gradients to float rounding (tested on CPU). The vision tower keeps the unfused GELU:
   megatron's fused bias-GELU is the tanh approximation, not the exact GELU RICE-ViT was trained
-  with. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
+  with. It takes megatron's fused bias-dropout-add instead (``bias_dropout_fusion``, a
+  torch.compile'd kernel): the attention and MLP outputs' biases and the residual in one pass,
+  2 launches fewer per layer forward; the backward keeps its count, a compiled kernel in
+  place of each bias's reduction (benchmarks/bench_launches.py). The
+  language model has no biases, so its residual add is one kernel either way. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
   ``--cross-entropy-loss-fusion``) is on by default for bf16 on CUDA where the loss is not
   chunked (``--loss-chunk-tokens 0``; model/output_loss.py replaces it): its backward casts
   the logits' gradient to bf16 whatever the logits' dtype, so for bf16 logits it equals the
@@ -64,8 +68,12 @@ def _common(tp: int, params_dtype: torch.dtype, use_cpu_initialization: Optional
 def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size: int = 1,
                               params_dtype: torch.dtype = torch.float32,
                               use_cpu_initialization: Optional[bool] = None,
-                              perform_initialization: bool = True, **extra: Any) -> TransformerConfig:
+                              perform_initialization: bool = True,
+                              fused_kernels: Optional[bool] = None, **extra: Any) -> TransformerConfig:
     vi = cfg.vision
+    if fused_kernels is None:
+        fused_kernels = torch.cuda.is_available()
+    fusions = dict(bias_dropout_fusion=fused_kernels)
     return TransformerConfig(
         num_layers=vi.num_layers,
         hidden_size=vi.hidden_size,
@@ -84,7 +92,7 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
         pipeline_dtype=params_dtype,
         init_method_std=cfg.init_method_std,
         **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
-                     perform_initialization), **extra},
+                     perform_initialization), **fusions, **extra},
     )
 
 

@@ -45,7 +45,8 @@ def add_kernel_arguments(group) -> None:
     throughput figure can be measured with and without each."""
     group.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion",
                        action="store_false",
-                       help="use the unfused SwiGLU (the fused one is used with CUDA)")
+                       help="use the unfused SwiGLU and the vision tower's unfused "
+                            "bias-dropout-add (the fused ones are used with CUDA)")
     group.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
                        help="rotate queries and keys with megatron's unfused elementwise RoPE "
                             "instead of one compiled kernel (used with CUDA; e.g. where "

@@ -24,7 +24,8 @@ def attention_backend(args) -> str:
 
 
 def fused_swiglu(args) -> bool:
-    """megatron's fused SwiGLU in the language model: with CUDA unless --no-bias-swiglu-fusion."""
+    """megatron's fused SwiGLU in the language model and fused bias-dropout-add in the vision
+    tower (model/transformer_configs.py): with CUDA unless --no-bias-swiglu-fusion."""
     return args.bias_swiglu_fusion and torch.cuda.is_available()
 
 
