@@ -176,8 +176,22 @@ def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure swi
     assert torch.isfinite(weight.grad).all()
 
 
+def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off below if it fails
+    from megatron.core.fusions.fused_bias_dropout import bias_dropout_add_fused_train
+    for tokens in (300, 517, 1029):  # the vision tower's token counts vary: dynamic shapes
+        x, residual = (torch.randn(tokens, 1, 64, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=True) for _ in range(2))
+        bias = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = bias_dropout_add_fused_train((x, bias), residual, 0.0)
+        out.float().sum().backward()
+        torch.testing.assert_close(out, residual + (x + bias), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(bias.grad.float(), torch.full_like(bias.grad, tokens).float(),
+                                   rtol=1e-2, atol=0)
+
+
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
-              fp32_output_gemm, compiled_rope, compiled_norms, chunked_loss):
+              fp32_output_gemm, compiled_rope, compiled_norms, chunked_loss,
+              fused_bias_dropout_add):
     started = time.time()
     try:
         check()
@@ -194,6 +208,8 @@ pack
 FALLBACKS=() LOSS_CHUNK=1024
 grep -q "^preflight compiled_rope: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-rope-fusion)
 grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
+grep -qE "^preflight (compiled_silu|fused_bias_dropout_add): FAILED" "$OUT/environment.txt" \
+  && FALLBACKS+=(--no-bias-swiglu-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--loss-chunk-tokens 0) && LOSS_CHUNK=0
 [ ${#FALLBACKS[@]} -gt 0 ] && echo "switched off after failed preflights: ${FALLBACKS[*]}" \
