@@ -27,20 +27,23 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from megatron.core.optimizer import clip_grads
+from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_patch.benchmarking import launch_count  # noqa: E402
+from megatron_patch.benchmarking import launch_count, throughput  # noqa: E402
+from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace  # noqa: E402
 from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # noqa: E402
                                                   SyntheticSpec)
-from megatron_patch.compat import packed_rope  # noqa: E402
+from megatron_patch.compat import multi_tensor, packed_rope  # noqa: E402
 from megatron_patch.model import (attention, build_model, get_config, norms,  # noqa: E402
                                   output_loss, vision)
 from megatron_patch.training import arguments, kernels  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
-from megatron_patch.training.train_step import model_inputs  # noqa: E402
+from megatron_patch.training.train_step import guarded_optimizer_step, model_inputs  # noqa: E402
 
 # the GPU benchmark's model (docs/BENCHMARKS.md, "GPU comparison: the command"); widths only
 # change how long this takes, not what is launched, so they are small by default
@@ -69,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--image-size-min", type=int, default=224, help="pixels, multiple of 28")
     p.add_argument("--image-size-max", type=int, default=672, help="pixels, multiple of 28")
     p.add_argument("--pack", type=int, default=2, help="which synthetic pack to count (0-based)")
+    p.add_argument("--micro-batches", type=int, default=8,
+                   help="per optimizer step, for the step's total (the GPU benchmark's 8)")
     p.add_argument("--top", type=int, default=12, help="operators listed per part")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="also write the counts here")
@@ -110,6 +115,15 @@ def varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scal
     return _VarlenStandIn.apply(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
 
 
+def clip_as_on_a_gpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron's gradient clipping as it runs on a GPU (one multi-tensor scale of every
+    gradient; the CPU's redirect, compat/cpu.py, multiplies them one by one)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        clip_grads.multi_tensor_scale_impl(2048, None, [grads, grads], coeff)
+
+
 @contextlib.contextmanager
 def gpu_code_paths():
     """The GPU's code paths on the CPU: what each module checks to choose them says yes."""
@@ -117,6 +131,7 @@ def gpu_code_paths():
     with contextlib.ExitStack() as stack:
         for module in (packed_rope, norms, output_loss):
             stack.enter_context(mock.patch.object(module, "_on_gpu", on_gpu))
+        stack.enter_context(mock.patch.object(multi_tensor, "_on_gpu", bool))  # non-empty lists
         stack.enter_context(mock.patch.object(attention.SDPACoreAttention, "flash_varlen_applies",
                                               lambda self, query: True))
         stack.enter_context(mock.patch.object(attention, "packed_attention_kernel",
@@ -191,6 +206,35 @@ def count_micro_batch(args, cfg, batch, device) -> dict:
     return dict(forward=fwd, backward=bwd)
 
 
+def count_optimizer_step(args, cfg, device) -> dict:
+    """Launches of the trainer's optimizer step (megatron's mixed-precision optimizer: gradient
+    norm, clipping, AdamW on the fp32 master weights, their copy into the bf16 weights), after a
+    first step that allocates AdamW's state. On a GPU torch's AdamW takes its multi-tensor
+    (foreach) implementation by default, so it is asked for here too; the gradients are random
+    (their values launch nothing different)."""
+    bench_args = throughput.parse_args(["--model", args.model, "--steps", "1"]
+                                       + ([] if args.fp32 else ["--bf16"]))
+    train_args = trainer_namespace(bench_args)
+    initialize(1, 1, args.seed)
+    runner = MegatronRunner(train_args, cfg, device)
+    torch.manual_seed(args.seed)
+    for parameter in runner.model.module.parameters():
+        parameter.main_grad.normal_()
+    if not args.no_gpu_paths:
+        for group in runner.optimizer.optimizer.param_groups:
+            group["foreach"] = True
+    guarded_optimizer_step(runner.optimizer, bench_args.clip_grad)  # allocates AdamW's state
+    # set here: building the runner installs the CPU's redirect (compat/cpu.py) in its place
+    clipping = (contextlib.nullcontext() if args.no_gpu_paths else mock.patch.object(
+        megatron_optimizer, "clip_grad_by_total_norm_fp32", clip_as_on_a_gpu))
+    with clipping:
+        counted, _ = launch_count.count_launches(
+            lambda: guarded_optimizer_step(runner.optimizer, bench_args.clip_grad))
+    runner.close()
+    shutdown()
+    return dict(step=counted)
+
+
 def _difference(more: dict, base: dict) -> dict:
     return {phase: more[phase] - base[phase] for phase in base}
 
@@ -213,8 +257,11 @@ def parts(args, batch, device) -> dict:
     vision = _difference(counts["vision"], counts["base"])
     rest = {phase: counts["base"][phase] - language[phase] - language[phase]
             - vision[phase] - vision[phase] for phase in counts["base"]}
+    cfg = get_config(args.model, {**overrides, "num_layers": depth["language"],
+                                  "vision_num_layers": depth["vision"]})
+    optimizer = count_optimizer_step(args, cfg, device)
     return dict(parts={"language layer": language, "vision layer": vision, "rest": rest},
-                depth=depth)
+                depth=depth, optimizer=optimizer)
 
 
 def synthetic_pack(args, cfg):
@@ -247,13 +294,18 @@ def report(args, result: dict, batch) -> str:
                         ("rest", 1)):
         fwd, bwd = (sum(rows[name][phase].values()) for phase in ("forward", "backward"))
         lines.append(f"{name:<16} {fwd:>8} {bwd:>9} {count:>8} {(fwd + bwd) * count:>16}")
+    per_micro_batch = total["forward"] + total["backward"]
     lines.append(f"{'micro-batch':<16} {total['forward']:>8} {total['backward']:>9} {'':>8} "
-                 f"{total['forward'] + total['backward']:>16}")
-    for name in rows:
-        for phase in ("forward", "backward"):
-            top = ", ".join(f"{op.replace('aten::', '')} {n}"
-                            for op, n in rows[name][phase].most_common(args.top) if n)
-            lines.append(f"  {name} {phase}: {top}")
+                 f"{per_micro_batch:>16}")
+    optimizer = sum(result["optimizer"]["step"].values())
+    lines.append(f"optimizer step: {optimizer}; a step of {args.micro_batches} micro-batches: "
+                 f"{per_micro_batch * args.micro_batches + optimizer}")
+    listed = [(name, phase, rows[name][phase])
+              for name in rows for phase in ("forward", "backward")]
+    for name, phase, counter in listed + [("optimizer", "step", result["optimizer"]["step"])]:
+        top = ", ".join(f"{op.replace('aten::', '')} {n}"
+                        for op, n in counter.most_common(args.top) if n)
+        lines.append(f"  {name} {phase}: {top}")
     return "\n".join(lines)
 
 
@@ -273,7 +325,8 @@ def main(argv=None):
         with open(args.json, "w") as handle:
             json.dump(dict(args=vars(args), depth=result["depth"],
                            parts={name: {phase: dict(counter) for phase, counter in row.items()}
-                                  for name, row in result["parts"].items()}), handle, indent=1)
+                                  for name, row in result["parts"].items()},
+                           optimizer_step=dict(result["optimizer"]["step"])), handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ def as_if_on_gpu(monkeypatch):
 def test_installed_where_megatron_fell_back():
     multi_tensor.apply()
     for module, attribute in ((clip_grads, "l2_norm_impl"), (clip_grads, "multi_tensor_scale_impl"),
-                              (optimizer, "multi_tensor_scale_impl")):
+                              (optimizer, "multi_tensor_scale_impl"),
+                              (optimizer, "_multi_tensor_copy_this_to_that")):
         assert getattr(module, attribute).__module__ == multi_tensor.__name__, attribute
 
 
@@ -68,6 +69,24 @@ def test_scaling_and_copying_are_megatrons(as_if_on_gpu):
     assert all(torch.equal(a, b) for a, b in zip(targets, expected))
 
 
+def test_bf16_master_weight_copy_is_one_launch_with_megatrons_values(as_if_on_gpu):
+    """megatron copies fp32 master weights into bf16 weights one copy_ per tensor (no overflow
+    buffer for bf16, so the multi-tensor kernel is never asked): one foreach copy instead."""
+    from megatron_patch.benchmarking.launch_count import count_launches
+
+    def megatrons_loop(this, that, overflow_buf=None):
+        raise AssertionError("the per-tensor loop ran")
+
+    master = tensors(8)
+    model, expected = tensors(9, torch.bfloat16), tensors(9, torch.bfloat16)
+    for source, target in zip(master, expected):  # what megatron's loop does
+        target.copy_(source)
+    launches, _ = count_launches(
+        lambda: multi_tensor.copy_this_to_that(megatrons_loop)(master, model, None))
+    assert sum(launches.values()) == 1, launches
+    assert all(torch.equal(a, b) for a, b in zip(model, expected))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (`pytest -m gpu`)")
 def test_on_cuda_the_foreach_kernels_give_megatrons_values():
@@ -78,4 +97,7 @@ def test_on_cuda_the_foreach_kernels_give_megatrons_values():
     master = [t.cuda() for t in tensors(7, count=40)]
     model = [torch.empty_like(t, dtype=torch.bfloat16) for t in master]
     multi_tensor.scale(utils.local_multi_tensor_scale)(2048, None, [master, model], 1.0)
+    assert all(torch.equal(m, w.to(torch.bfloat16)) for m, w in zip(model, master))
+    model = [torch.empty_like(t, dtype=torch.bfloat16) for t in master]
+    multi_tensor.copy_this_to_that(optimizer._multi_tensor_copy_this_to_that)(master, model, None)
     assert all(torch.equal(m, w.to(torch.bfloat16)) for m, w in zip(model, master))

@@ -9,10 +9,13 @@ LLaVA-OV model):
   device scalars: one host sync per gradient (``torch.tensor(list of CUDA tensors)``), and one
   more for ``float(...)``;
 * clipping scales every gradient with a multiply and a copy per tensor, and the mixed-precision
-  optimizer copies its fp32 master weights into the bf16 model weights the same way.
+  optimizer copies its fp32 master weights into the model weights the same way: for bf16
+  weights (``_multi_tensor_copy_this_to_that`` without an overflow buffer) always, one
+  ``copy_`` per parameter whatever kernels are installed.
 
 torch's ``_foreach_norm`` / ``_foreach_mul_`` / ``_foreach_copy_`` do the same work in a few
-multi-tensor launches and no sync. They are used for CUDA tensors only: on the CPU the fallbacks
+multi-tensor launches and no sync. (The bf16 copy was found by counting the optimizer step's
+launches, benchmarks/bench_launches.py: ~600 per step for the 4B model.) They are used for CUDA tensors only: on the CPU the fallbacks
 stay megatron's own, bit for bit (the demo's trajectory depends on its rounding, as
 compat/packed_rope.py explains), and with TE or APEX megatron's fused kernels are untouched.
 """
@@ -61,6 +64,18 @@ def scale(original):
     return multi_tensor_scale
 
 
+def copy_this_to_that(original):
+    """megatron's ``_multi_tensor_copy_this_to_that(this, that, overflow_buf)``: ``that[i] =
+    this[i]``, which for bf16 (no overflow buffer) loops over the tensors."""
+
+    def _multi_tensor_copy_this_to_that(this, that, overflow_buf=None):
+        if overflow_buf is not None or not _on_gpu(this):
+            return original(this, that, overflow_buf)
+        torch._foreach_copy_(that, this)
+
+    return _multi_tensor_copy_this_to_that
+
+
 def apply() -> None:
     """Replace the fallbacks where megatron chose them (once)."""
     global _APPLIED
@@ -77,6 +92,9 @@ def apply() -> None:
         module = importlib.import_module(module_name)
         if getattr(module, attribute, None) is fallback:
             setattr(module, attribute, wrapper(fallback))
+    optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
+    optimizer._multi_tensor_copy_this_to_that = copy_this_to_that(
+        optimizer._multi_tensor_copy_this_to_that)
     _APPLIED = True
 
 
