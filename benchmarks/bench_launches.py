@@ -1,18 +1,20 @@
-"""GPU kernel launches per micro-batch of the megatron trainer's model, counted on the CPU.
+"""GPU kernel launches per micro-batch and per step of the megatron trainer, counted on the CPU.
 
 The 2026-12-04 H200 step was host-bound (~60 us of host time per launched kernel, the GPU idle
 for more than half the step: docs/BENCHMARKS.md), so launches per micro-batch decide the step
 time there, and every change that removes some is worth knowing before a GPU is lent. This
-counts them from the operators the model runs (megatron_patch/benchmarking/launch_count.py),
+counts them from the operators the trainer runs (megatron_patch/benchmarking/launch_count.py),
 with the code paths a GPU takes switched on where the CPU can run them: the compiled RoPE,
-norms and chunked-loss kernels (torch.compile's CPU build), and packed attention as the one
-varlen kernel call it is on a GPU (a stand-in that computes it on the CPU and counts one launch
-each way). Weight gradients are counted as with gradient-accumulation fusion: a GEMM, no
-separate add.
+norms, SwiGLU, bias-dropout-add and chunked-loss kernels (torch.compile's CPU build), the
+optimizer's multi-tensor kernels, and packed attention as the one varlen kernel call it is on
+a GPU (a stand-in that computes it on the CPU and counts one launch each way). Weight
+gradients are counted as with gradient-accumulation fusion: a GEMM, no separate add; DDP's
+hook adds each other parameter's gradient.
 
 Per-layer counts are differences: the model is built three times, with one more language layer,
 then one more vision layer, than the base, so nothing has to be attributed to a layer by guess.
-The total for the full depth is the rest (embedding, merge, adapter, loss, ...) plus the layers.
+The total for the full depth is the rest (embedding, merge, adapter, loss, ...) plus the layers;
+the optimizer step is counted once, on the full-depth model.
 
     python benchmarks/bench_launches.py                       # the GPU benchmark's model
     python benchmarks/bench_launches.py --no-gpu-paths        # what the CPU runs instead

@@ -15,9 +15,10 @@ LLaVA-OV model):
 
 torch's ``_foreach_norm`` / ``_foreach_mul_`` / ``_foreach_copy_`` do the same work in a few
 multi-tensor launches and no sync. (The bf16 copy was found by counting the optimizer step's
-launches, benchmarks/bench_launches.py: ~600 per step for the 4B model.) They are used for CUDA tensors only: on the CPU the fallbacks
-stay megatron's own, bit for bit (the demo's trajectory depends on its rounding, as
-compat/packed_rope.py explains), and with TE or APEX megatron's fused kernels are untouched.
+launches, benchmarks/bench_launches.py: 526 per step for the benchmark model.) They are used
+for CUDA tensors only: on the CPU the fallbacks stay megatron's own, bit for bit (the demo's
+trajectory depends on its rounding, as compat/packed_rope.py explains), and with TE or APEX
+megatron's fused kernels are untouched.
 """
 from __future__ import annotations
 

@@ -16,9 +16,10 @@ Choices that hold for both and why:
   with. It takes megatron's fused bias-dropout-add instead (``bias_dropout_fusion``, a
   torch.compile'd kernel): the attention and MLP outputs' biases and the residual in one pass,
   2 launches fewer per layer forward; the backward keeps its count, a compiled kernel in
-  place of each bias's reduction (benchmarks/bench_launches.py). The
-  language model has no biases, so its residual add is one kernel either way. megatron's fused cross entropy (``cross_entropy_loss_fusion``, the trainer's
-  ``--cross-entropy-loss-fusion``) is on by default for bf16 on CUDA where the loss is not
+  place of each bias's reduction (benchmarks/bench_launches.py). The language model has no
+  biases, so its residual add is one kernel either way. megatron's fused cross entropy
+  (``cross_entropy_loss_fusion``, the trainer's ``--cross-entropy-loss-fusion``) is on by
+  default for bf16 on CUDA where the loss is not
   chunked (``--loss-chunk-tokens 0``; model/output_loss.py replaces it): its backward casts
   the logits' gradient to bf16 whatever the logits' dtype, so for bf16 logits it equals the
   unfused path bit for bit (tests/test_model_language.py) while fp32 logits may lose precision:
@@ -69,7 +70,8 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
                               params_dtype: torch.dtype = torch.float32,
                               use_cpu_initialization: Optional[bool] = None,
                               perform_initialization: bool = True,
-                              fused_kernels: Optional[bool] = None, **extra: Any) -> TransformerConfig:
+                              fused_kernels: Optional[bool] = None,
+                              **extra: Any) -> TransformerConfig:
     vi = cfg.vision
     if fused_kernels is None:
         fused_kernels = torch.cuda.is_available()
