@@ -1,14 +1,9 @@
 """Counting GPU kernel launches from the operators a CPU run dispatches
 (megatron_patch/benchmarking/launch_count.py, benchmarks/bench_launches.py)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from megatron_patch.benchmarking.launch_count import count_launches, on_host, one_launch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def total(counter) -> int:
@@ -85,19 +80,12 @@ def test_a_compiled_graph_is_counted_as_one_launch_plus_its_extern_kernels():
     torch.testing.assert_close(result, torch.relu(a @ b) * 2 + 1)
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_launches", os.path.join(ROOT, "benchmarks", "bench_launches.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_bench_counts_one_layer_as_the_gpu_runs_it():
     """The tiny model with the GPU's code paths: a language layer is its 4 GEMMs forward and 8
     backward, attention one kernel each way, the rest compiled graphs and residual adds."""
-    bench = _bench()
+    from test_benchmark_throughput import _load_benchmark
+    bench = _load_benchmark("bench_launches")
     args = bench.parse_args(["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
                              "--image-size-max", "112", "--pack", "0", "--full-widths"])
     cfg = bench.get_config(args.model, bench.arguments.model_overrides(args))
