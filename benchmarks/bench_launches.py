@@ -80,6 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", help="also write the counts here")
     args = p.parse_args(argv)
+    args.bf16 = not args.fp32  # the name training/kernels.py reads
     if args.model == GPU_BENCHMARK["model"]:
         for key, value in GPU_BENCHMARK.items():
             if getattr(args, key, None) is None:
@@ -148,24 +149,20 @@ def gpu_code_paths():
         yield
 
 
-def loss_chunks(args) -> int:
-    if args.loss_chunk_tokens is None:
-        return kernels.DEFAULT_LOSS_CHUNK_TOKENS
-    return args.loss_chunk_tokens
-
-
 def build_options(args) -> dict:
-    """build_model's kernel keywords as the trainer chooses them on a GPU (training/kernels.py,
-    which asks torch whether CUDA is there, so it cannot be asked here)."""
-    gpu, bf16 = not args.no_gpu_paths, not args.fp32
-    chunks = loss_chunks(args)
-    fused_cross_entropy = args.cross_entropy_loss_fusion
-    if fused_cross_entropy is None:
-        fused_cross_entropy = gpu and bf16
-    return dict(fused_kernels=gpu and args.bias_swiglu_fusion, rope_fusion=gpu and args.rope_fusion,
-                norm_fusion=gpu and args.norm_fusion, loss_chunk_tokens=chunks,
-                cross_entropy_loss_fusion=fused_cross_entropy and not chunks,
-                **kernels.recompute_config(args))
+    """build_model's kernel keywords as the trainer chooses them on a GPU: training/kernels.py
+    asked as if CUDA were there. ``--no-gpu-paths`` turns the compiled kernels off (the loss
+    stays as chosen for a GPU, computed eagerly)."""
+    with mock.patch.object(torch.cuda, "is_available", lambda: True):
+        options = dict(fused_kernels=kernels.fused_swiglu(args),
+                       rope_fusion=kernels.fused_rope(args), norm_fusion=kernels.fused_norms(args),
+                       loss_chunk_tokens=kernels.loss_chunk_tokens(args),
+                       cross_entropy_loss_fusion=kernels.fused_cross_entropy(args))
+    if args.no_gpu_paths:
+        options.update(fused_kernels=False, rope_fusion=False, norm_fusion=False)
+        if args.cross_entropy_loss_fusion is None:
+            options["cross_entropy_loss_fusion"] = False
+    return dict(options, **kernels.recompute_config(args))
 
 
 def unfused_gradients(model) -> list:
