@@ -357,6 +357,40 @@ def test_chunked_loss_keeps_no_logits_sized_tensor_for_the_backward(tmp_path):
     assert megatron["other"] - chunked["other"] >= 384 * vocab * 4 - 384 * 32
 
 
+def test_activation_memory_estimate_for_a_deeper_model_equals_measuring_it(tmp_path):
+    """bench_activation_memory.py --gpu-paths --estimate-for-depth: measured with one layer per
+    tower, the activations of a 3 + 3 layer model are what measuring that model gives, and its
+    states are 18 bytes (bf16 weight, fp32 gradient, master weight and two moments) per
+    parameter of that model. The GPU's paths keep less than the CPU's: the compiled SwiGLU keeps
+    its input only, and the chunked loss (the GPU default) no logits."""
+    from megatron_patch.model import build_model, count_parameters, get_config
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+    bench = _load_benchmark("bench_activation_memory")
+    common = ["--seq-length", "384", "--bf16", "--num-layers", "1", "--vision-num-layers", "1"]
+    reports = {}
+    for name, extra in (("estimate", ["--gpu-paths", "--estimate-for-depth", "3", "3"]),
+                        ("deep", ["--gpu-paths", "--num-layers", "3", "--vision-num-layers", "3"]),
+                        ("cpu", [])):
+        bench.main(common + extra + ["--json", str(tmp_path / f"{name}.json")])
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    estimate, deep = reports["estimate"]["estimate"], reports["deep"]["rows"][0]
+    assert estimate["activations"] == pytest.approx(
+        3 * deep["decoder_per_layer"] + deep["other"], rel=1e-12)
+    assert estimate["language_per_layer"] > 0 and estimate["vision_per_layer"] > 0
+    initialize(1, 1, 1234)
+    try:
+        model = build_model(get_config("tiny", dict(num_layers=3, vision_num_layers=3)),
+                            attention_backend="local", use_cpu_initialization=True)
+        parameters = count_parameters(model)["total"]
+    finally:
+        shutdown()
+    assert estimate["parameters"] == parameters and estimate["states"] == 18 * parameters
+    assert estimate["total"] == estimate["states"] + estimate["activations"]
+    gpu, cpu = reports["estimate"]["rows"][0], reports["cpu"]["rows"][0]
+    assert gpu["decoder_per_layer"] < cpu["decoder_per_layer"] and gpu["other"] < cpu["other"]
+    assert reports["cpu"]["estimate"] is None
+
+
 def test_checkpoint_save_benchmark_publishes_every_mode(tmp_path):
     """benchmarks/bench_checkpoint_save.py under torchrun (DP=2): each mode leaves a complete
     checkpoint of the same size; the async save is published only after the loop trained on;

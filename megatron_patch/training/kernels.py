@@ -113,6 +113,14 @@ def recompute_config(args) -> Dict[str, object]:
     return config
 
 
+def model_options(args) -> Dict[str, object]:
+    """build_model's keywords for the fused kernels and recompute chosen above: the trainer's
+    model, and the benchmarks that count what it launches and keeps."""
+    return dict(fused_kernels=fused_swiglu(args), rope_fusion=fused_rope(args),
+                norm_fusion=fused_norms(args), loss_chunk_tokens=loss_chunk_tokens(args),
+                cross_entropy_loss_fusion=fused_cross_entropy(args), **recompute_config(args))
+
+
 def recompute(args) -> str:
     """What activation recompute runs: off, full, or selective with its modules."""
     if args.recompute_granularity != "selective":
