@@ -9,7 +9,7 @@ norms, SwiGLU, bias-dropout-add and chunked-loss kernels (torch.compile's CPU bu
 optimizer's multi-tensor kernels, and packed attention as the one varlen kernel call it is on
 a GPU (a stand-in that computes it on the CPU and counts one launch each way). Weight
 gradients are counted as with gradient-accumulation fusion: a GEMM, no separate add; DDP's
-hook adds each other parameter's gradient.
+hook adds the other parameters' gradients (compat/ddp_grad_adds.py: the small ones together).
 
 Per-layer counts are differences: the model is built three times, with one more language layer,
 then one more vision layer, than the base, so nothing has to be attributed to a layer by guess.
@@ -24,11 +24,11 @@ import contextlib
 import dataclasses
 import json
 import os
+from collections import Counter
 import sys
 from unittest import mock
 
 import torch
-import torch.nn.functional as F
 from megatron.core.optimizer import clip_grads
 from megatron.core.optimizer import optimizer as megatron_optimizer
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -37,12 +37,12 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_patch.benchmarking import launch_count, throughput  # noqa: E402
+from megatron_patch.benchmarking.gpu_paths import gpu_code_paths, gpu_kernel_options  # noqa: E402
 from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace  # noqa: E402
 from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # noqa: E402
                                                   SyntheticSpec)
-from megatron_patch.compat import multi_tensor, packed_rope  # noqa: E402
-from megatron_patch.model import (attention, build_model, get_config, norms,  # noqa: E402
-                                  output_loss, vision)
+from megatron_patch.compat import ddp_grad_adds  # noqa: E402
+from megatron_patch.model import build_model, get_config  # noqa: E402
 from megatron_patch.training import arguments, kernels  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 from megatron_patch.training.train_step import guarded_optimizer_step, model_inputs  # noqa: E402
@@ -88,36 +88,6 @@ def parse_args(argv=None):
     return args
 
 
-class _VarlenStandIn(torch.autograd.Function):
-    """Packed attention as the GPU runs it: one kernel forward, one backward. The forward's
-    values are real (segment by segment on the CPU); the backward's are zeros, which launch the
-    same kernels downstream."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, cu_seq_q, causal: bool, scale):
-        with launch_count.one_launch("varlen_attention_forward"):
-            out = query.new_empty(query.shape[0], query.shape[1], value.shape[-1])
-            bounds = cu_seq_q.tolist()
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
-                out[start:end] = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=causal, scale=scale, enable_gqa=True).transpose(0, 1)
-        ctx.shapes = (query, key, value)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        with launch_count.one_launch("varlen_attention_backward"):
-            grads = tuple(torch.zeros_like(x) for x in ctx.shapes)
-        return (*grads, None, None, None)
-
-
-def varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                    window_size=(-1, -1), enable_gqa=False):
-    """torch's ``varlen_attn`` signature (what model/attention.py's fast path calls)."""
-    return _VarlenStandIn.apply(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
-
-
 def clip_as_on_a_gpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """megatron's gradient clipping as it runs on a GPU (one multi-tensor scale of every
     gradient; the CPU's redirect, compat/cpu.py, multiplies them one by one)."""
@@ -127,50 +97,42 @@ def clip_as_on_a_gpu(parameters, max_norm, total_norm, use_decoupled_grad=False)
         clip_grads.multi_tensor_scale_impl(2048, None, [grads, grads], coeff)
 
 
-@contextlib.contextmanager
-def gpu_code_paths():
-    """The GPU's code paths on the CPU: what each module checks to choose them says yes."""
-    on_gpu = lambda tensor: True  # noqa: E731
-    with contextlib.ExitStack() as stack:
-        for module in (packed_rope, norms, output_loss):
-            stack.enter_context(mock.patch.object(module, "_on_gpu", on_gpu))
-        stack.enter_context(mock.patch.object(multi_tensor, "_on_gpu", bool))  # non-empty lists
-        stack.enter_context(mock.patch.object(attention.SDPACoreAttention, "flash_varlen_applies",
-                                              lambda self, query: True))
-        stack.enter_context(mock.patch.object(attention, "packed_attention_kernel",
-                                              lambda name: varlen_stand_in))
-        positions = vision.patch_positions  # computed on the host, then copied, on a GPU too
-
-        def host_patch_positions(*args, **kwargs):
-            with launch_count.on_host("patch_positions"):
-                return positions(*args, **kwargs)
-
-        stack.enter_context(mock.patch.object(vision, "patch_positions", host_patch_positions))
-        yield
-
-
 def build_options(args) -> dict:
-    """build_model's kernel keywords as the trainer chooses them on a GPU: training/kernels.py
-    asked as if CUDA were there. ``--no-gpu-paths`` turns the compiled kernels off (the loss
-    stays as chosen for a GPU, computed eagerly)."""
-    with mock.patch.object(torch.cuda, "is_available", lambda: True):
-        options = dict(fused_kernels=kernels.fused_swiglu(args),
-                       rope_fusion=kernels.fused_rope(args), norm_fusion=kernels.fused_norms(args),
-                       loss_chunk_tokens=kernels.loss_chunk_tokens(args),
-                       cross_entropy_loss_fusion=kernels.fused_cross_entropy(args))
+    """build_model's kernel keywords as the trainer chooses them on a GPU. ``--no-gpu-paths``
+    turns the compiled kernels off (the loss stays as chosen for a GPU, computed eagerly)."""
+    options = gpu_kernel_options(args)
     if args.no_gpu_paths:
         options.update(fused_kernels=False, rope_fusion=False, norm_fusion=False)
         if args.cross_entropy_loss_fusion is None:
             options["cross_entropy_loss_fusion"] = False
-    return dict(options, **kernels.recompute_config(args))
+    return options
 
 
-def unfused_gradients(model) -> list:
-    """Parameters whose gradient DDP's hook adds into the buffer under gradient-accumulation
-    fusion: all but megatron's linear layers' weights (norms, biases, embeddings, ...)."""
-    fused = {id(module.weight) for module in model.modules()
-             if isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in fused]
+def unfused_gradients(model, fused: bool = True) -> list:
+    """Parameters whose gradient DDP's hook adds into the buffer: with gradient-accumulation
+    fusion all but megatron's linear layers' weights (norms, biases, embeddings, ...), without
+    it all."""
+    fused_weights = {id(module.weight) for module in model.modules() if fused
+                     and isinstance(module, (ColumnParallelLinear, RowParallelLinear))}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in fused_weights]
+
+
+def count_buffer_adds(model, fused: bool) -> Counter:
+    """DDP's hook adding the gradients no GEMM accumulated (:func:`unfused_gradients`) into the
+    fp32 buffer, as in a backward pass (compat/ddp_grad_adds.py: large ones one add each, small
+    ones kept and added together at the backward's end), named apart from the model's own."""
+    pairs = [(torch.zeros(p.shape, dtype=torch.float32), p.grad)
+             for p in unfused_gradients(model, fused)]
+
+    def hook_adds():
+        with mock.patch.object(ddp_grad_adds, "_backward_task", lambda: 1), \
+                mock.patch.object(ddp_grad_adds, "_at_backward_end", lambda callback: None):
+            for main_grad, grad in pairs:
+                ddp_grad_adds.add_to_buffer(main_grad, grad)
+        ddp_grad_adds.add_pending()
+
+    counted, _ = launch_count.count_launches(hook_adds)
+    return Counter({f"{name} (DDP hook)": n for name, n in counted.items()})
 
 
 def count_micro_batch(args, cfg, batch, device) -> dict:
@@ -190,17 +152,12 @@ def count_micro_batch(args, cfg, batch, device) -> dict:
         return (model(**inputs).float() * loss_mask.to(device).float()).sum()
 
     forward().backward()  # compiles
-    fused = args.gradient_accumulation_fusion is not False
-    if fused:
-        # no gradient yet: each gradient is its kernel's output, no separate add; megatron's
-        # linears then accumulate into the fp32 buffer in their GEMM, the other parameters'
-        # gradients are added by DDP's hook (counted below). Unfused, autograd adds every
-        # gradient here, one add each, as DDP's hook then does.
-        model.zero_grad(set_to_none=True)
+    # no gradient yet: each gradient is its kernel's output, no separate add. DDP's hook then
+    # adds into the fp32 buffer what no GEMM accumulated (counted apart)
+    model.zero_grad(set_to_none=True)
     fwd, loss = launch_count.count_launches(forward)
     bwd, _ = launch_count.count_launches(loss.backward)
-    if fused:
-        bwd["gradient buffer add (DDP hook)"] = len(unfused_gradients(model))
+    bwd.update(count_buffer_adds(model, fused=args.gradient_accumulation_fusion is not False))
     shutdown()
     return dict(forward=fwd, backward=bwd)
 

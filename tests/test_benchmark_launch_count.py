@@ -99,8 +99,12 @@ def test_bench_counts_one_layer_as_the_gpu_runs_it():
     assert backward["launch_count::varlen_attention_backward"] == 1
     # 4 norms (input, q, k, pre-MLP), the rotation of q and k, the SwiGLU
     assert forward["compiled graph"] == 7
-    # the GEMMs accumulate the weights' gradients; DDP's hook adds the 4 norms' weights'
-    assert backward["gradient buffer add (DDP hook)"] == 4
+    # the GEMMs accumulate the weights' gradients; DDP's hook keeps the norms' and biases'
+    # gradients and adds them all at the backward's end: nothing per layer, 3 launches in all
+    hook = {part: {op: n for op, n in counts["backward"].items() if n and "(DDP hook)" in op}
+            for part, counts in result["parts"].items()}
+    assert hook == {"language layer": {}, "vision layer": {}, "rest": {
+        "aten::cat (DDP hook)": 1, "aten::to (DDP hook)": 1, "aten::_foreach_add_ (DDP hook)": 1}}
     vision = result["parts"]["vision layer"]["forward"]
     assert vision["aten::matmul"] == 4 and vision["launch_count::varlen_attention_forward"] == 1
     # 2 norms, 2 rotations, 2 fused bias-dropout-adds; the qkv and fc1 biases are plain adds
@@ -112,3 +116,35 @@ def test_bench_counts_one_layer_as_the_gpu_runs_it():
     assert max(step.values()) <= 4 and step["aten::_foreach_copy_"] == 1, step
     text = bench.report(args, result, batch)
     assert "language layer" in text and "micro-batch" in text
+
+
+def test_the_attention_stand_in_keeps_what_the_varlen_kernel_keeps():
+    """The GPU code paths' packed attention (benchmarking/gpu_paths.py) computes each segment's
+    attention, launches once each way and saves for the backward what torch's varlen kernel
+    saves: query, key, value, the segments, the output and an fp32 log-sum-exp per head and
+    token, so the activation count holds the GPU's bytes."""
+    from megatron_patch.benchmarking.gpu_paths import varlen_stand_in
+    tokens, heads, groups, dim = 10, 4, 2, 8
+    query = torch.randn(tokens, heads, dim, requires_grad=True)
+    key, value = (torch.randn(tokens, groups, dim, requires_grad=True) for _ in range(2))
+    segments = torch.tensor([0, 3, 10], dtype=torch.int32)
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        counted, out = count_launches(lambda: varlen_stand_in(
+            query, key, value, segments, segments, 7, 7, window_size=(-1, 0)))
+    assert total(counted) == 1 and counted["launch_count::varlen_attention_forward"] == 1
+    assert [tuple(t.shape) for t in saved] == [(tokens, heads, dim), (tokens, groups, dim),
+                                               (tokens, groups, dim), (3,), (tokens, heads, dim),
+                                               (heads, tokens)]
+    assert saved[-1].dtype == torch.float32 and saved[4] is out
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[a:b].transpose(0, 1), key[a:b].transpose(0, 1), value[a:b].transpose(0, 1),
+        is_causal=True, enable_gqa=True).transpose(0, 1) for a, b in ((0, 3), (3, 10))])
+    torch.testing.assert_close(out, expected)
+    counted, _ = count_launches(lambda: out.sum().backward())
+    assert counted["launch_count::varlen_attention_backward"] == 1

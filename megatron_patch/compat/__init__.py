@@ -19,16 +19,21 @@ norm, clipping, master-weight copy; no TE/Apex) torch's multi-tensor kernels on 
 :func:`apply_wgrad_accumulation` lets megatron's linears fuse gradient accumulation without
 APEX, on torch's fp32-output GEMM (see compat/wgrad_accumulation.py).
 
+:func:`apply_batched_grad_adds` makes megatron's DDP add the small gradients (norms, biases) into
+its buffer with one multi-tensor add per backward instead of one add each, bit for bit the same
+(see compat/ddp_grad_adds.py).
+
 :func:`apply_selective_recompute_fixes` lets megatron's selective recompute of "layernorm" and
 "mlp" run without TE (see compat/selective_recompute.py).
 """
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
+from megatron_patch.compat.ddp_grad_adds import apply as apply_batched_grad_adds
 from megatron_patch.compat.multi_tensor import apply as apply_foreach_multi_tensor
 from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.selective_recompute import apply as apply_selective_recompute_fixes
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
 from megatron_patch.compat.wgrad_accumulation import install as apply_wgrad_accumulation
 
-__all__ = ["apply_cpu_redirects", "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
+__all__ = ["apply_batched_grad_adds", "apply_cpu_redirects", "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
            "apply_selective_recompute_fixes", "apply_torch_adam_fixes", "apply_wgrad_accumulation",
            "is_applied"]

@@ -7,6 +7,7 @@ import torch
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 
+from megatron_patch.compat import apply_batched_grad_adds
 from megatron_patch.data.sft_task_encoder import EncoderSettings
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import build_model, get_config
@@ -29,25 +30,20 @@ def model_config(args, tokenizer: SFTTokenizer):
 
 def wrap_model(args, cfg, device: torch.device):
     """This rank's model stage, frozen per --trainable-modules, in megatron's DDP wrapper."""
-    extra = dict(calculate_per_token_loss=True, use_cpu_initialization=True,
-                 cross_entropy_loss_fusion=kernels.fused_cross_entropy(args),
-                 gradient_accumulation_fusion=kernels.gradient_accumulation_fusion(args))
-    extra.update(kernels.recompute_config(args))
     model = build_model(cfg, attention_backend=kernels.attention_backend(args),
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        fused_kernels=kernels.fused_swiglu(args),
-                        rope_fusion=kernels.fused_rope(args),
-                        norm_fusion=kernels.fused_norms(args),
-                        loss_chunk_tokens=kernels.loss_chunk_tokens(args),
+                        calculate_per_token_loss=True, use_cpu_initialization=True,
+                        gradient_accumulation_fusion=kernels.gradient_accumulation_fusion(args),
                         cuda_graph_segments=kernels.cuda_graph_segments(args),
                         packed_attention_kernel=args.packed_attention_kernel,
-                        sequence_parallel=args.sequence_parallel, **extra)
+                        sequence_parallel=args.sequence_parallel, **kernels.model_options(args))
     trainable = freeze_modules(model, args.trainable_modules)
     model.to(device)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         overlap_param_gather=args.overlap_param_gather)
+    apply_batched_grad_adds()  # before the wrapper registers its gradient hooks
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
