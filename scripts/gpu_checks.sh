@@ -205,13 +205,13 @@ pack
 
 # a GPU default whose preflight failed is switched off for every step, so the others still
 # measure (the failure is in environment.txt and the summary)
-FALLBACKS=() LOSS_CHUNK=1024
+FALLBACKS=()
 grep -q "^preflight compiled_rope: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-rope-fusion)
 grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
 grep -qE "^preflight (compiled_silu|fused_bias_dropout_add): FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--no-bias-swiglu-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
-  && FALLBACKS+=(--loss-chunk-tokens 0) && LOSS_CHUNK=0
+  && FALLBACKS+=(--loss-chunk-tokens 0)
 [ ${#FALLBACKS[@]} -gt 0 ] && echo "switched off after failed preflights: ${FALLBACKS[*]}" \
   | tee -a "$OUT/summary.txt"
 
@@ -283,13 +283,14 @@ for name in $STEPS; do
         tail -4 "$OUT/bench_$name.txt"
       done ;;
     memory)  # what one layer and the loss keep for the backward at seq 8192, largest tensors
-      # with the line that saved them (the 8192-token step peaked at 88 GiB, 2026-12-04)
+      # with the line that saved them (the 8192-token step peaked at 88 GiB, 2026-12-04), and
+      # the whole benchmark model at the end of its forward (the CPU's count: 59.8 GiB)
       step activation_memory 120 "$PYTHON" benchmarks/bench_activation_memory.py \
         --model llava-ov-1.5-4b --num-layers 1 --vision-num-layers 1 --hidden-size 2048 \
         --ffn-hidden-size 6144 --num-attention-heads 16 --num-query-groups 8 --seq-length 8192 \
-        --bf16 --image-size-min 224 --image-size-max 672 --top 20 --loss-chunk-tokens "$LOSS_CHUNK" \
-        --json "$OUT/activation_memory.json"
-      tail -23 "$OUT/activation_memory.txt" ;;
+        --bf16 --image-size-min 224 --image-size-max 672 --top 20 "${FALLBACKS[@]}" \
+        --estimate-for-depth 28 24 --json "$OUT/activation_memory.json"
+      tail -24 "$OUT/activation_memory.txt" ;;
     recompute)
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
