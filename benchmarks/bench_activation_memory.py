@@ -58,9 +58,9 @@ def parse_args(argv=None):
                    help="count what the GPU's code paths keep (the trainer's defaults with CUDA), "
                         "in this CPU process")
     p.add_argument("--estimate-for-depth", type=int, nargs=2, metavar=("LANGUAGE", "VISION"),
-                   help="also measure one more vision layer and estimate a model of this many "
-                        "language and vision layers on one GPU (TP=1): its states plus what its "
-                        "forward keeps")
+                   help="also measure one more layer of each tower and estimate a model of "
+                        "this many language and vision layers on one GPU (TP=1): its states plus "
+                        "what its forward keeps")
     p.add_argument("--image-size-min", type=int, default=56, help="pixels, multiple of 28")
     p.add_argument("--image-size-max", type=int, default=224, help="pixels, multiple of 28")
     p.add_argument("--seed", type=int, default=1234)

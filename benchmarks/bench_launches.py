@@ -24,8 +24,8 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections import Counter
 import sys
+from collections import Counter
 from unittest import mock
 
 import torch
@@ -108,7 +108,7 @@ def build_options(args) -> dict:
     return options
 
 
-def unfused_gradients(model, fused: bool = True) -> list:
+def unfused_gradients(model, fused: bool) -> list:
     """Parameters whose gradient DDP's hook adds into the buffer: with gradient-accumulation
     fusion all but megatron's linear layers' weights (norms, biases, embeddings, ...), without
     it all."""

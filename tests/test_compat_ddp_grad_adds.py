@@ -6,6 +6,7 @@ from unittest import mock
 import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.transformer import TransformerConfig
 
 from megatron_patch.benchmarking.launch_count import count_launches
 from megatron_patch.compat import apply_batched_grad_adds, ddp_grad_adds
@@ -83,7 +84,7 @@ def test_kept_gradients_are_added_before_the_buffer_is_reduced_or_zeroed():
     apply_batched_grad_adds()
     init_parallel(1, 1, seed=4)
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    config = build_model(get_config("tiny"), attention_backend="local").config
+    config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), module)
     param = next(ddp.module.parameters())
     grad = torch.ones_like(param)

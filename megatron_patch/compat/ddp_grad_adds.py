@@ -9,11 +9,12 @@ adds per micro-batch for the GPU benchmark's model, 14% of its kernel launches
 
 Here the hook keeps each small gradient (up to :data:`SMALL_GRADIENT_ELEMENTS`: norms and biases,
 which cost nothing to hold) and adds them all at once with ``torch._foreach_add_``: when the
-backward pass ends (a callback on autograd's engine), and before any bucket's gradient
-reduction starts (with ``overlap_grad_reduce`` megatron starts it from the hook that brings the
-bucket's last gradient). Large gradients (the embeddings) are added at once, as megatron does.
-Every element gets the same fp32 add from the same value, so the sums are megatron's bit for
-bit and this runs on the CPU too (the demo's trajectory is unchanged).
+backward pass ends (a callback on autograd's engine), before any bucket's gradient reduction
+starts (with ``overlap_grad_reduce`` megatron starts it from the hook that brings the bucket's
+last gradient) and before the buffers are zeroed. Large gradients (the embeddings) are added
+at once, as megatron does. Every element gets the same fp32 add from the same value, so the
+sums are megatron's bit for bit and this runs on the CPU too (the demo's trajectory is
+unchanged).
 """
 from __future__ import annotations
 
