@@ -1,6 +1,7 @@
 """compat/wgrad_accumulation.py: megatron's gradient-accumulation fusion without APEX. The weight
 gradient's GEMM adds into ``main_grad`` itself; megatron DDP's hook then adds nothing more."""
 import collections
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_patch.benchmarking import throughput
 from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace
-from megatron_patch.compat import wgrad_accumulation
+from megatron_patch.compat import ddp_grad_adds, wgrad_accumulation
 from megatron_patch.model.configs import get_config
 
 
@@ -105,7 +106,9 @@ SMALL = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
 
 def gradients_after_one_step(extra):
     """The trainer's step (megatron DDP, the mixed-precision optimizer) over two micro-batches;
-    the gradient buffers it leaves, by parameter name, and the linears' fusion flags."""
+    the gradient buffers it leaves, by parameter name, and the linears' fusion flags. DDP's hook
+    adds each gradient at once, as megatron's does (no batching, compat/ddp_grad_adds.py), so
+    the operator counts show one add per gradient the hook adds."""
     from megatron_patch.training.parallel_setup import initialize, seed_everything, shutdown
     args = throughput.parse_args(SMALL + extra)
     cfg = get_config(args.model, throughput.model_overrides(args))
@@ -116,7 +119,7 @@ def gradients_after_one_step(extra):
         seed_everything(args.seed)
         runner = MegatronRunner(train_args, cfg, torch.device("cpu"))
         batches, close = synthetic.open()
-        with OpCounter() as ops:
+        with OpCounter() as ops, mock.patch.object(ddp_grad_adds, "SMALL_GRADIENT_ELEMENTS", 0):
             loss = runner.step([next(iter(batches)) for _ in range(2)])
         close()
         named = list(runner.model.module.named_parameters())
