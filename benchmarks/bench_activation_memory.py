@@ -123,12 +123,17 @@ def saved_activation_bytes(model, inputs, top: int = 0) -> dict:
     return result
 
 
+def model_options(args) -> dict:
+    """build_model's kernel and recompute keywords: the trainer's on this machine, or with
+    ``--gpu-paths`` the trainer's on a GPU."""
+    return gpu_kernel_options(args) if args.gpu_paths else kernels.model_options(args)
+
+
 def measure(args, cfg, batch, tp: int, sequence_parallel: bool, device, top: int = 0) -> dict:
     initialize(tp, 1, args.seed)
-    options = gpu_kernel_options(args) if args.gpu_paths else kernels.model_options(args)
     model = build_model(cfg, attention_backend="local",
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        sequence_parallel=sequence_parallel, **options).to(device)
+                        sequence_parallel=sequence_parallel, **model_options(args)).to(device)
     inputs = model_inputs(batch, device)
     inputs.pop("loss_mask")
     if args.gpu_paths:  # the compiled kernels compile outside the count
@@ -214,8 +219,7 @@ def main(argv=None):
             estimate = full_depth_estimate(args, cfg, batch, rows[0], device)
     if torch.distributed.get_rank() == 0:
         base = rows[0]["decoder_per_layer"]
-        options = gpu_kernel_options(args) if args.gpu_paths else kernels.model_options(args)
-        chunk = options["loss_chunk_tokens"]
+        chunk = model_options(args)["loss_chunk_tokens"]
         loss = (f"loss in chunks of {chunk} tokens" if chunk
                 else "megatron's output layer + cross entropy")
         paths = "the GPU's code paths" if args.gpu_paths else "this machine's code paths"
