@@ -95,7 +95,7 @@ EOF
 fi
 
 # what is here, and a preflight of each thing the steps rely on (one line each)
-{ date -u; nvidia-smi; timeout 120 "$PYTHON" - <<'EOF'
+{ date -u; nvidia-smi; timeout 180 "$PYTHON" - <<'EOF'
 import importlib, socket, time, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda,
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO GPU VISIBLE")
@@ -164,6 +164,23 @@ def compiled_norms():  # the GPU default (no --no-norm-fusion); its failure swit
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
 
 
+def fused_qkv():  # both towers' attention input preparation; its failure: --no-rope-fusion below
+    from megatron_patch.model.qkv_fusion import compiled_preparation, prepare_qkv
+    for tokens, heads_per_group, norm in ((300, 2, True), (517, 1, False), (1029, 1, False)):
+        mixed = torch.randn(tokens, 1, 4 * (heads_per_group + 2) * 64, device="cuda",
+                            dtype=torch.bfloat16, requires_grad=True)
+        angles = torch.randn(tokens, 1, 1, 64, device="cuda", requires_grad=True)
+        weights = [torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5 if norm else None
+                   for _ in range(2)]
+        shape = (heads_per_group, 64, 1e-6, 1.0)
+        outs = compiled_preparation(*shape)(mixed, angles, *weights)
+        sum(out.float().sum() for out in outs).backward()
+        for got, want in zip(outs, prepare_qkv(mixed, angles, *weights, heads_per_group=shape[0],
+                                               head_dim=64, eps=1e-6, mscale=1.0)):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert torch.isfinite(mixed.grad).all() and torch.isfinite(angles.grad).all()
+
+
 def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure switches it off below
     from megatron_patch.model.output_loss import linear_cross_entropy
     hidden = torch.randn(300, 64, device="cuda", dtype=torch.bfloat16)
@@ -190,7 +207,7 @@ def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off
 
 
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
-              fp32_output_gemm, compiled_rope, compiled_norms, chunked_loss,
+              fp32_output_gemm, compiled_rope, compiled_norms, fused_qkv, chunked_loss,
               fused_bias_dropout_add):
     started = time.time()
     try:
@@ -206,7 +223,8 @@ pack
 # a GPU default whose preflight failed is switched off for every step, so the others still
 # measure (the failure is in environment.txt and the summary)
 FALLBACKS=()
-grep -q "^preflight compiled_rope: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-rope-fusion)
+grep -qE "^preflight (compiled_rope|fused_qkv): FAILED" "$OUT/environment.txt" \
+  && FALLBACKS+=(--no-rope-fusion)
 grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
 grep -qE "^preflight (compiled_silu|fused_bias_dropout_add): FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--no-bias-swiglu-fusion)

@@ -239,6 +239,39 @@ def test_compiled_rotation_matches_megatrons_rope_on_cuda():
         assert error(got, want) < 2e-2, (name, error(got, want))
 
 
+def test_fused_qkv_preparation_matches_float64_on_cuda():
+    """The query/key/value preparation the GPU compiles (model/qkv_fusion.py) at the benchmark
+    model's language shape, bf16: queries, keys, values and the gradients of the projection's
+    output, the q/k norm weights and the angles within bf16 rounding of the same function in
+    float64."""
+    from megatron_patch.model.qkv_fusion import compiled_preparation, prepare_qkv
+
+    g = torch.Generator(device=DEV).manual_seed(6)
+    shape = dict(heads_per_group=2, head_dim=128, eps=1e-6, mscale=1.0)
+    inputs = (torch.randn(2048, 1, 8 * 4 * 128, device=DEV, generator=g),
+              torch.randn(2048, 1, 1, 128, device=DEV, generator=g) * 100,
+              torch.rand(128, device=DEV, generator=g) + 0.5,
+              torch.rand(128, device=DEV, generator=g) + 0.5)
+    probes = [torch.randn(2048, 1, heads, 128, device=DEV, generator=g) for heads in (16, 8, 8)]
+
+    def run(function, dtype):
+        angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the model's
+        dtypes = (dtype, angle_dtype, dtype, dtype)
+        args = [x.to(d).requires_grad_() for x, d in zip(inputs, dtypes)]
+        outs = function(*args)
+        loss = sum((out.double() * probe.double()).sum() for out, probe in zip(outs, probes))
+        return [out.double() for out in outs] + [
+            grad.double() for grad in torch.autograd.grad(loss, args)]
+
+    reference = run(lambda *a: prepare_qkv(*a, **shape), torch.float64)
+    fused = run(compiled_preparation(*shape.values()), torch.bfloat16)
+    names = ("query", "key", "value", "qkv gradient", "angle gradient", "q norm gradient",
+             "k norm gradient")
+    for name, got, want in zip(names, fused, reference):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-2, (name, error)
+
+
 def test_weight_gradients_accumulate_in_fp32_without_apex():
     """compat/wgrad_accumulation on CUDA: torch's fp32-output GEMM adds each micro-batch's bf16
     weight gradient into the fp32 buffer without rounding it to bf16 first, so two micro-batches

@@ -116,7 +116,8 @@ def test_training_gradients_equal_megatrons_bit_for_bit(monkeypatch):
 def test_the_gpu_rotation_computes_megatrons_rope(layout):
     """``rotate`` (compiled on a GPU) is megatron's rotation: bit for bit in fp32, within one
     bf16 rounding in bf16 (it rounds once, megatron after every operation); gradients too, the
-    angles' included."""
+    angles' included (in fp32 to rounding where they are summed over a batch and heads: rotated
+    half by half, the sums run in another order)."""
     g = torch.Generator().manual_seed(3)
     shape = (16, 3, 8) if layout == "packed" else (16, 2, 3, 8)
     t = torch.randn(shape, generator=g)
@@ -137,10 +138,12 @@ def test_the_gpu_rotation_computes_megatrons_rope(layout):
             out = function(x, f)
             grads = torch.autograd.grad((out.float() * probe).sum(), (x, f))
             results.append((out.float(), *(grad.float() for grad in grads)))
-        for want, got in zip(*results):
+        for index, (want, got) in enumerate(zip(*results)):
             want = want.view_as(got)
-            if dtype == torch.float32:
+            if dtype == torch.float32 and index < 2:  # the output and the input's gradient
                 assert torch.equal(got, want)
+            elif dtype == torch.float32:
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
             else:
                 torch.testing.assert_close(got, want, rtol=2e-2, atol=4e-2)
 

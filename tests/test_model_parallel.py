@@ -1,9 +1,12 @@
 """Same weights, same batch: TP=2 (with and without sequence parallelism), PP=2 (even and
 uneven), and TP=2 x PP=2 give the loss and the gradient norm of TP=1, through megatron's own
-pipeline schedules over gloo on CPU; so does the chunked output-layer loss
-(model/output_loss.py) under TP and sequence parallelism, against TP=1's megatron loss."""
+pipeline schedules over gloo on CPU; so do the chunked output-layer loss
+(model/output_loss.py) under TP and sequence parallelism, against TP=1's megatron loss, and the
+GPU's fused query/key/value preparation (model/qkv_fusion.py) under TP and sequence
+parallelism."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,19 +39,22 @@ def _micro_batches(cfg):
 
 
 def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chunk_tokens=0,
-             recompute_modules=()):
+             recompute_modules=(), gpu_paths=False):
     """One forward/backward over N_MICRO micro-batches on the current parallel state.
     Returns the mean loss, the global grad norm and the first stage's replicated gradients
-    (see `_replicated_gradients`), identical on every rank."""
+    (see `_replicated_gradients`), identical on every rank. ``gpu_paths``: the GPU's compiled
+    norms, RoPE and fused query/key/value preparation, run eagerly."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron_patch.model.sharding import load_full_state_dict
+    from test_model_qkv_fusion import eager_gpu_paths
 
     cfg = get_config("tiny", {"decoder_first_pipeline_num_layers": first_stage_layers})
     recompute = (dict(recompute_granularity="selective", recompute_modules=list(recompute_modules))
                  if recompute_modules else {})
     model = build_model(cfg, attention_backend="local", sequence_parallel=sequence_parallel,
-                        loss_chunk_tokens=loss_chunk_tokens, **recompute)
+                        loss_chunk_tokens=loss_chunk_tokens, rope_fusion=gpu_paths,
+                        norm_fusion=gpu_paths, **recompute)
     load_full_state_dict(model, full_sd)
     losses = []
 
@@ -64,9 +70,13 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chu
 
         return out, loss_func
 
-    get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(_micro_batches(cfg)), model=[model],
-        num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS, forward_only=False)
+    preparations = []
+    with eager_gpu_paths(True, preparations) if gpu_paths else contextlib.nullcontext():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(_micro_batches(cfg)),
+            model=[model], num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS,
+            forward_only=False)
+    assert bool(preparations) == gpu_paths
 
     if ps.get_tensor_model_parallel_world_size() > 1:
         # as the trainer's finalize_model_grads does: q/k layernorm weights are shared by all
@@ -165,10 +175,11 @@ def _check(results, layouts, reference):
 def test_tp2_and_pp2_match_tp1(reference, tmp_path):
     sd_path, expected = reference
     # (TP, PP, layers on the first stage, sequence parallel, loss chunk tokens: 0 = megatron's
-    # [, selective recompute modules])
+    # [, selective recompute modules[, the GPU's norms, RoPE and q/k/v preparation]])
     layouts = [(2, 1, None, False, 0), (2, 1, None, True, 0), (1, 2, None, False, 0),
                (1, 2, 1, False, 0), (2, 1, None, False, 7), (2, 1, None, True, 7),
-               (2, 1, None, True, 7, ("layernorm", "mlp")), (1, 2, None, False, 0, ("mlp",))]
+               (2, 1, None, True, 7, ("layernorm", "mlp")), (1, 2, None, False, 0, ("mlp",)),
+               (2, 1, None, True, 0, (), True)]
     _check(_spawn(2, layouts, sd_path, tmp_path), layouts, expected)
 
 

@@ -53,12 +53,20 @@ def rotate(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0) -> torch.T
     """RoPE on ``t`` (``[..., d]``) by angles ``freqs`` broadcast against it (``[..., d]``, the
     two halves of the last dimension rotated as pairs: megatron's non-interleaved layout),
     computed in fp32 (or t's wider type) and rounded once to ``t``'s dtype. Compiled on a GPU:
-    one kernel."""
+    one kernel.
+
+    Written half by half rather than with megatron's ``rotate_half`` (the same products and
+    sums, so the same bits): compiled with angles that take a gradient (the vision tower's),
+    the concatenated ``rotate_half`` made torch.compile keep an fp32 copy of each of the query
+    and key for the backward (17% of a vision layer's activations), where this form keeps only
+    the bf16 input and the angles."""
     compute = torch.promote_types(t.dtype, torch.float32)
     x, angles = t.to(compute), freqs.to(compute)
     first, second = x.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
-    return (x * (torch.cos(angles) * mscale) + rotated * (torch.sin(angles) * mscale)).to(t.dtype)
+    cos_first, cos_second = (torch.cos(angles) * mscale).chunk(2, dim=-1)
+    sin_first, sin_second = (torch.sin(angles) * mscale).chunk(2, dim=-1)
+    return torch.cat((first * cos_first - second * sin_first,
+                      second * cos_second + first * sin_second), dim=-1).to(t.dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +80,7 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _angle_per_row(t, freqs, config, cp_group) -> bool:
+def angle_per_row(t, freqs, config, cp_group) -> bool:
     """One angle per row of ``t`` (per packed token, or per position of ``[s, b, h, d]``), no
     megatron RoPE fusion and no context parallelism: the cases both fast paths take."""
     return (freqs.dim() == 4 and freqs.size(0) == t.size(0) and not config.apply_rope_fusion
@@ -87,7 +95,7 @@ def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
     layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4
     return (getattr(config, "compiled_rope", False) and _on_gpu(t) and layout_ok
             and freqs.size(-1) == t.size(-1) and not config.rotary_interleaved
-            and not config.multi_latent_attention and _angle_per_row(t, freqs, config, cp_group))
+            and not config.multi_latent_attention and angle_per_row(t, freqs, config, cp_group))
 
 
 def per_token_rotation(original):
@@ -101,7 +109,7 @@ def per_token_rotation(original):
             angles = freqs.squeeze(1) if cu_seqlens is not None else freqs
             return fused_rotation()(t, angles, float(mscale))
         if (cu_seqlens is not None and not freqs.requires_grad
-                and _angle_per_row(t, freqs, config, cp_group)):
+                and angle_per_row(t, freqs, config, cp_group)):
             return rope_utils._apply_rotary_pos_emb_bshd(
                 t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved,
                 multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)

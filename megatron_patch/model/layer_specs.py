@@ -6,7 +6,9 @@
 * ``local``: megatron-core's own modules (tensor-parallel linears) with torch norms
   (:class:`~megatron_patch.model.norms.TorchNorm`, which also runs under sequence parallelism)
   and :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA;
-  for packed sequences in bf16 on CUDA, torch's varlen flash kernel). Runs anywhere, including
+  for packed sequences in bf16 on CUDA, torch's varlen flash kernel); on a GPU the self-attention
+  prepares queries, keys and values in one compiled kernel
+  (:class:`~megatron_patch.model.qkv_fusion.FusedQKVSelfAttention`). Runs anywhere, including
   CPU/gloo.
 
 ``resolve_backend("auto", params_dtype)`` picks ``te`` when both are available and the weights
@@ -34,6 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_patch.model.attention import SDPACoreAttention
 from megatron_patch.model.norms import TorchNorm
+from megatron_patch.model.qkv_fusion import FusedQKVSelfAttention
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,7 @@ def language_layer_spec(backend: str) -> ModuleSpec:
     layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm
     attention.q_layernorm = attention.k_layernorm = TorchNorm
     attention.core_attention = SDPACoreAttention
+    spec.submodules.self_attention.module = FusedQKVSelfAttention
     return spec
 
 
@@ -137,4 +141,5 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
         layer = spec.submodules
         layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm  # compiled on a GPU
         layer.self_attention.submodules.core_attention = SDPACoreAttention
+        layer.self_attention.module = FusedQKVSelfAttention
     return _with_mask_type(spec, AttnMaskType.no_mask)
