@@ -171,14 +171,26 @@ def fused_qkv():  # both towers' attention input preparation; its failure: --no-
                             dtype=torch.bfloat16, requires_grad=True)
         angles = torch.randn(tokens, 1, 1, 64, device="cuda", requires_grad=True)
         weights = [torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5 if norm else None
-                   for _ in range(2)]
+                   for _ in range(2)]  # the language model's q/k norms, or the vision's bias:
+        bias = None if norm else torch.randn(mixed.shape[-1], device="cuda", dtype=torch.bfloat16)
         shape = (heads_per_group, 64, 1e-6, 1.0)
-        outs = compiled_preparation(*shape)(mixed, angles, *weights)
+        outs = compiled_preparation(*shape)(mixed, angles, bias, *weights)
         sum(out.float().sum() for out in outs).backward()
-        for got, want in zip(outs, prepare_qkv(mixed, angles, *weights, heads_per_group=shape[0],
-                                               head_dim=64, eps=1e-6, mscale=1.0)):
+        for got, want in zip(outs, prepare_qkv(mixed, angles, bias, *weights, eps=1e-6,
+                                               heads_per_group=shape[0], head_dim=64, mscale=1.0)):
             torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         assert torch.isfinite(mixed.grad).all() and torch.isfinite(angles.grad).all()
+
+
+def compiled_bias_gelu():  # the vision MLP's, a GPU default; switched off below if it fails
+    from megatron_patch.compat.bias_gelu import bias_gelu, compiled_bias_gelu
+    bias = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    for tokens in (300, 517, 1029):  # the vision tower's token counts vary: dynamic shapes
+        x = torch.randn(tokens, 1, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = compiled_bias_gelu()(x, bias)
+        out.float().sum().backward()
+        torch.testing.assert_close(out, bias_gelu(x, bias), rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bias.grad).all()
 
 
 def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure switches it off below
@@ -208,7 +220,7 @@ def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off
 
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
               fp32_output_gemm, compiled_rope, compiled_norms, fused_qkv, chunked_loss,
-              fused_bias_dropout_add):
+              fused_bias_dropout_add, compiled_bias_gelu):
     started = time.time()
     try:
         check()
@@ -226,7 +238,8 @@ FALLBACKS=()
 grep -qE "^preflight (compiled_rope|fused_qkv): FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--no-rope-fusion)
 grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
-grep -qE "^preflight (compiled_silu|fused_bias_dropout_add): FAILED" "$OUT/environment.txt" \
+grep -qE "^preflight (compiled_silu|fused_bias_dropout_add|compiled_bias_gelu): FAILED" \
+  "$OUT/environment.txt" \
   && FALLBACKS+=(--no-bias-swiglu-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--loss-chunk-tokens 0)

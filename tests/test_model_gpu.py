@@ -241,22 +241,23 @@ def test_compiled_rotation_matches_megatrons_rope_on_cuda():
 
 def test_fused_qkv_preparation_matches_float64_on_cuda():
     """The query/key/value preparation the GPU compiles (model/qkv_fusion.py) at the benchmark
-    model's language shape, bf16: queries, keys, values and the gradients of the projection's
-    output, the q/k norm weights and the angles within bf16 rounding of the same function in
-    float64."""
+    model's language shape (and a bias), bf16: queries, keys, values and the gradients of the
+    projection's output, the angles, the bias and the q/k norm weights within bf16 rounding of
+    the same function in float64."""
     from megatron_patch.model.qkv_fusion import compiled_preparation, prepare_qkv
 
     g = torch.Generator(device=DEV).manual_seed(6)
     shape = dict(heads_per_group=2, head_dim=128, eps=1e-6, mscale=1.0)
     inputs = (torch.randn(2048, 1, 8 * 4 * 128, device=DEV, generator=g),
               torch.randn(2048, 1, 1, 128, device=DEV, generator=g) * 100,
+              torch.randn(8 * 4 * 128, device=DEV, generator=g),  # a bias (the vision tower's)
               torch.rand(128, device=DEV, generator=g) + 0.5,
               torch.rand(128, device=DEV, generator=g) + 0.5)
     probes = [torch.randn(2048, 1, heads, 128, device=DEV, generator=g) for heads in (16, 8, 8)]
 
     def run(function, dtype):
         angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the model's
-        dtypes = (dtype, angle_dtype, dtype, dtype)
+        dtypes = (dtype, angle_dtype, dtype, dtype, dtype)
         args = [x.to(d).requires_grad_() for x, d in zip(inputs, dtypes)]
         outs = function(*args)
         loss = sum((out.double() * probe.double()).sum() for out, probe in zip(outs, probes))
@@ -265,9 +266,32 @@ def test_fused_qkv_preparation_matches_float64_on_cuda():
 
     reference = run(lambda *a: prepare_qkv(*a, **shape), torch.float64)
     fused = run(compiled_preparation(*shape.values()), torch.bfloat16)
-    names = ("query", "key", "value", "qkv gradient", "angle gradient", "q norm gradient",
-             "k norm gradient")
+    names = ("query", "key", "value", "qkv gradient", "angle gradient", "bias gradient",
+             "q norm gradient", "k norm gradient")
     for name, got, want in zip(names, fused, reference):
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < 1e-2, (name, error)
+
+
+def test_compiled_bias_gelu_matches_float64_on_cuda():
+    """The vision MLP's compiled fc1 bias + exact GELU (compat/bias_gelu.py), bf16, at a vision
+    layer's width: output and the gradients of input and bias within bf16 rounding of float64."""
+    from megatron_patch.compat.bias_gelu import bias_gelu, compiled_bias_gelu
+
+    g = torch.Generator(device=DEV).manual_seed(8)
+    inputs = (torch.randn(3000, 1, 4096, device=DEV, generator=g) * 3,
+              torch.randn(4096, device=DEV, generator=g))
+    probe = torch.randn(3000, 1, 4096, device=DEV, generator=g)
+
+    def run(function, dtype):
+        args = [x.to(dtype).requires_grad_() for x in inputs]
+        out = function(*args)
+        grads = torch.autograd.grad((out.double() * probe.double()).sum(), args)
+        return [out.double()] + [grad.double() for grad in grads]
+
+    reference = run(bias_gelu, torch.float64)
+    for name, got, want in zip(("output", "input gradient", "bias gradient"),
+                               run(compiled_bias_gelu(), torch.bfloat16), reference):
         error = ((got - want).norm() / want.norm()).item()
         assert error < 1e-2, (name, error)
 

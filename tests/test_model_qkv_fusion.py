@@ -93,18 +93,19 @@ def test_megatrons_code_runs_where_the_separate_kernels_would_not():
 
 def test_the_compiled_preparation_computes_the_eager_one():
     """What a GPU compiles, built here by the CPU's inductor, for two token counts (the vision
-    tower's vary): queries, keys and values, and the gradients of the projection's output, the
-    norm weights and learned angles, to float rounding (fp32)."""
+    tower's vary): queries, keys and values, and the gradients of the projection's output, its
+    bias, the norm weights and learned angles, to float rounding (fp32)."""
     generator = torch.Generator().manual_seed(5)
     heads_per_group, head_dim, groups = 2, 16, 3
     width = groups * (heads_per_group + 2) * head_dim
     norm_weights = [torch.randn(head_dim, generator=generator, requires_grad=True)
                     for _ in range(2)]
+    bias = torch.randn(width, generator=generator, requires_grad=True)
     compiled = compiled_preparation(heads_per_group, head_dim, 1e-6, 1.0)
     for rows in (37, 53):
         mixed = torch.randn(rows, 1, width, generator=generator, requires_grad=True)
         angles = torch.randn(rows, 1, 1, head_dim, generator=generator, requires_grad=True)
-        inputs = (mixed, angles, *norm_weights)
+        inputs = (mixed, angles, bias, *norm_weights)
         results = []
         for run in (lambda *a: prepare_qkv(*a, heads_per_group=heads_per_group,
                                            head_dim=head_dim, eps=1e-6, mscale=1.0), compiled):

@@ -123,7 +123,8 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     cpu = kernels.summary(arguments.parse_args(paths + ["--bf16"]))
     assert cpu["attention"] == "torch SDPA; packed sequences: one call per sample"
     assert not (cpu["fused_swiglu"] or cpu["fused_cross_entropy"] or cpu["fused_rope"]
-                or cpu["fused_norms"] or cpu["gradient_accumulation_fusion"])
+                or cpu["fused_norms"] or cpu["gradient_accumulation_fusion"]
+                or cpu["fused_qkv_preparation"])
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
     assert cpu["loss_chunk_tokens"] == 0  # the CPU keeps megatron's output layer + cross entropy
     assert not cpu["sequence_parallel"]
@@ -151,13 +152,19 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
                                                                   "--loss-chunk-tokens", "0"]))
     assert megatron_loss["fused_cross_entropy"] and megatron_loss["loss_chunk_tokens"] == 0
     assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))["fused_rope"]
-    assert gpu["fused_norms"]
-    assert not kernels.summary(arguments.parse_args(paths + ["--no-norm-fusion"]))["fused_norms"]
+    assert gpu["fused_norms"] and gpu["fused_qkv_preparation"] == "both towers"
+    unfused_norms = kernels.summary(arguments.parse_args(paths + ["--no-norm-fusion"]))
+    assert not unfused_norms["fused_norms"]
+    # the language model's q/k norms are part of its preparation; the vision tower has none
+    assert unfused_norms["fused_qkv_preparation"] == "the vision tower"
+    assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))[
+        "fused_qkv_preparation"]
     assert gpu["recompute"] == "full"
     assert gpu["gradient_accumulation_fusion"] == ("torch addmm with fp32 output into the fp32 "
                                                    "buffer")
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")
-    assert kernels.summary(arguments.parse_args(paths))["attention"].startswith("Transformer Engine")
+    te = kernels.summary(arguments.parse_args(paths))
+    assert te["attention"].startswith("Transformer Engine") and not te["fused_qkv_preparation"]
 
 
 def test_recompute_modules_belong_to_selective_recompute(paths):

@@ -10,8 +10,8 @@ and three. Each reads and writes a whole query- or key-sized tensor, and launche
 the pace of a host-bound step (docs/BENCHMARKS.md, "Kernel launches").
 
 :class:`FusedQKVSelfAttention` runs the same steps as one ``torch.compile``'d function of the
-projection's output (:func:`prepare_qkv`), whose backward writes the projection's gradient
-directly. What it keeps for the backward is the projection's output, the angles and the norms'
+projection's output (:func:`prepare_qkv`), its bias added there too (the vision tower's), whose
+backward writes the projection's gradient directly. What it keeps for the backward is the projection's output, the angles and the norms'
 statistics: not the query's copy (32 MiB per language layer at 8192 tokens) that the separate
 norm kept. Inductor does not round fused intermediates (torch's default), so the normalised
 query reaches its rotation unrounded; the rotation computes in fp32 and rounds once. The result
@@ -37,14 +37,17 @@ from megatron_patch.compat.packed_rope import angle_per_row, rotate
 from megatron_patch.model.norms import CompiledRMSNorm, rms_norm
 
 
-def prepare_qkv(mixed: torch.Tensor, angles: torch.Tensor, query_norm: Optional[torch.Tensor],
-                key_norm: Optional[torch.Tensor], *, heads_per_group: int, head_dim: int,
-                eps: float, mscale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prepare_qkv(mixed: torch.Tensor, angles: torch.Tensor, bias: Optional[torch.Tensor],
+                query_norm: Optional[torch.Tensor], key_norm: Optional[torch.Tensor], *,
+                heads_per_group: int, head_dim: int, eps: float,
+                mscale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attention's inputs from the qkv projection's output ``mixed`` (``[s, b, groups *
     (heads_per_group + 2) * head_dim]``, megatron's layout: each query group's query heads, then
-    its key and its value): query ``[s, b, heads, d]`` and key ``[s, b, groups, d]``, normalised
-    by the per-head RMSNorm weights (if given) and rotated by ``angles`` (``[s, 1 or b, 1, d]``),
-    and the value ``[s, b, groups, d]``, all contiguous."""
+    its key and its value) and its ``bias`` (if any): query ``[s, b, heads, d]`` and key
+    ``[s, b, groups, d]``, normalised by the per-head RMSNorm weights (if given) and rotated by
+    ``angles`` (``[s, 1 or b, 1, d]``), and the value ``[s, b, groups, d]``, all contiguous."""
+    if bias is not None:
+        mixed = mixed + bias
     rows, batch = mixed.shape[:2]
     grouped = mixed.view(rows, batch, -1, heads_per_group + 2, head_dim)
     # queries and keys stay views [s, b, groups, heads, d] of ``mixed`` until their rotation:
@@ -113,7 +116,7 @@ class FusedQKVSelfAttention(SelfAttention):
             return super().get_query_key_value_tensors(hidden_states, key_value_states,
                                                        output_gate=output_gate,
                                                        split_qkv=split_qkv)
-        mixed_qkv, _ = self.linear_qkv(hidden_states)
+        mixed_qkv, bias = self._projection_and_bias(hidden_states)
         heads_per_group = (self.num_attention_heads_per_partition
                            // self.num_query_groups_per_partition)
         has_norms = self._has_qk_norms()
@@ -121,4 +124,16 @@ class FusedQKVSelfAttention(SelfAttention):
         eps = self.q_layernorm.eps if has_norms else 0.0
         prepare = compiled_preparation(heads_per_group, self.hidden_size_per_attention_head,
                                        eps, _yarn_get_concentration_factor_from_config(self.config))
-        return prepare(mixed_qkv, self._angles, *norms)
+        return prepare(mixed_qkv, self._angles, bias, *norms)
+
+    def _projection_and_bias(self, hidden_states):
+        """The qkv projection without its bias, and the bias (None without one), so that the
+        compiled preparation adds it: one kernel fewer each way (the vision tower's)."""
+        linear = self.linear_qkv
+        if linear.bias is None:
+            return linear(hidden_states)
+        linear.skip_bias_add = True  # megatron's switch: return the bias instead of adding it
+        try:
+            return linear(hidden_states)
+        finally:
+            linear.skip_bias_add = False

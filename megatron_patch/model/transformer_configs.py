@@ -11,9 +11,10 @@ Choices that hold for both and why:
   every packed segment; we pass explicit per-token rotary angles (2D for the vision tower,
   ``position_ids`` for the LLM), which megatron's unfused path applies exactly.
 * ``fused_kernels`` (on by default with CUDA): megatron's fused SwiGLU in the language model;
-  same gradients to float rounding (tested on CPU). The vision tower keeps the unfused GELU:
-  megatron's fused bias-GELU is the tanh approximation, not the exact GELU RICE-ViT was trained
-  with. It takes megatron's fused bias-dropout-add instead (``bias_dropout_fusion``, a
+  same gradients to float rounding (tested on CPU). The vision tower does not take megatron's
+  fused bias-GELU, the tanh approximation, not the exact GELU RICE-ViT was trained with; on a
+  GPU its fc1 bias and exact GELU are compiled together instead (``compiled_bias_gelu``,
+  compat/bias_gelu.py). It takes megatron's fused bias-dropout-add (``bias_dropout_fusion``, a
   torch.compile'd kernel): the attention and MLP outputs' biases and the residual in one pass,
   2 launches fewer per layer forward; the backward keeps its count, a compiled kernel in
   place of each bias's reduction (benchmarks/bench_launches.py). The language model has no
@@ -76,7 +77,7 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
     if fused_kernels is None:
         fused_kernels = torch.cuda.is_available()
     fusions = dict(bias_dropout_fusion=fused_kernels)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=vi.num_layers,
         hidden_size=vi.hidden_size,
         ffn_hidden_size=vi.ffn_hidden_size,
@@ -96,6 +97,8 @@ def vision_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size:
         **{**_common(tensor_model_parallel_size, params_dtype, use_cpu_initialization,
                      perform_initialization), **fusions, **extra},
     )
+    config.compiled_bias_gelu = fused_kernels  # read per call: compat/bias_gelu.py
+    return config
 
 
 def language_transformer_config(cfg: LlavaOVConfig, *, tensor_model_parallel_size: int = 1,

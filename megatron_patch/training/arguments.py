@@ -46,15 +46,18 @@ def add_kernel_arguments(group) -> None:
     group.add_argument("--no-bias-swiglu-fusion", dest="bias_swiglu_fusion",
                        action="store_false",
                        help="use the unfused SwiGLU and the vision tower's unfused "
-                            "bias-dropout-add (the fused ones are used with CUDA)")
+                            "bias-dropout-add and bias + GELU (the fused ones are used with "
+                            "CUDA)")
     group.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
                        help="rotate queries and keys with megatron's unfused elementwise RoPE "
-                            "instead of one compiled kernel (used with CUDA; e.g. where "
+                            "instead of compiled kernels, and prepare them without the fused "
+                            "query/key/value kernel (both used with CUDA; e.g. where "
                             "torch.compile fails)")
     group.add_argument("--no-norm-fusion", dest="norm_fusion", action="store_false",
                        help="run the decoder layers' RMSNorm/LayerNorm with torch's kernels "
-                            "instead of compiled ones (used with CUDA; e.g. where torch.compile "
-                            "fails)")
+                            "instead of compiled ones, the language model's q/k norms outside "
+                            "the fused query/key/value kernel (used with CUDA; e.g. where "
+                            "torch.compile fails)")
     group.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                        help="megatron's fused vocab-parallel cross entropy; default: on with "
                             "--bf16 on CUDA (it rounds the logits' gradient to bf16, which the "

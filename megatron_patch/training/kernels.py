@@ -24,8 +24,9 @@ def attention_backend(args) -> str:
 
 
 def fused_swiglu(args) -> bool:
-    """megatron's fused SwiGLU in the language model and fused bias-dropout-add in the vision
-    tower (model/transformer_configs.py): with CUDA unless --no-bias-swiglu-fusion."""
+    """megatron's fused SwiGLU in the language model, and in the vision tower megatron's fused
+    bias-dropout-add and our compiled bias + exact GELU (model/transformer_configs.py,
+    compat/bias_gelu.py): with CUDA unless --no-bias-swiglu-fusion."""
     return args.bias_swiglu_fusion and torch.cuda.is_available()
 
 
@@ -72,6 +73,15 @@ def fused_rope(args) -> bool:
     unless --no-rope-fusion. Not bit-identical to megatron's unfused bf16 arithmetic (it rounds
     once), which the CPU keeps."""
     return args.rope_fusion and torch.cuda.is_available()
+
+
+def fused_qkv_preparation(args):
+    """Which towers prepare their attention's queries, keys and values in one compiled kernel
+    (model/qkv_fusion.py, the local spec): where RoPE is compiled, and in the language model
+    (whose q/k norms join it) only where the norms are too."""
+    if not fused_rope(args) or attention_backend(args) == "te":
+        return False
+    return "both towers" if fused_norms(args) else "the vision tower"
 
 
 def cuda_graph_segments(args) -> Optional[int]:
@@ -154,6 +164,7 @@ def summary(args) -> Dict[str, object]:
         "fused_swiglu": fused_swiglu(args),
         "fused_rope": fused_rope(args),
         "fused_norms": fused_norms(args),
+        "fused_qkv_preparation": fused_qkv_preparation(args),
         "fused_cross_entropy": fused_cross_entropy(args),
         "loss_chunk_tokens": loss_chunk_tokens(args),
         "gradient_accumulation_fusion": _wgrad_kernel(args),
