@@ -14,8 +14,7 @@ projection's output (:func:`prepare_qkv`), which also adds the projection's bias
 tower's: one kernel fewer each way). Its backward writes the projection's gradient directly.
 What it keeps for the backward is the projection's output, the angles and the norms'
 statistics: not the query's copy (32 MiB per language layer at 8192 tokens) that the separate
-norm kept, nor the fp32 copies the separate rotation kept with learned angles (the vision
-tower's; compat/packed_rope.rotate). Inductor does not round fused intermediates (torch's default), so the normalised
+norm kept. Inductor does not round fused intermediates (torch's default), so the normalised
 query reaches its rotation unrounded; the rotation computes in fp32 and rounds once. The result
 is within a bf16 rounding of the separate kernels'.
 
