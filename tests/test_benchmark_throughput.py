@@ -493,3 +493,25 @@ def test_a_profiled_cuda_step_counts_its_host_syncs_by_line(tmp_path):
     sites = summary["host_syncs_by_site"]
     assert all(site.startswith("test_benchmark_throughput.py:") for site in sites), sites
     assert "host syncs in the step" in (tmp_path / "toy_profile.txt").read_text()
+
+
+def test_step_budget_splits_the_mfu_formulas_flops_and_times_them():
+    """bench_step_budget: with megatron's loss the step's hardware FLOPs are its model FLOPs
+    (the MFU formula's, interval_stats.batch_flops); the chunked loss lowers only the matmuls';
+    the seconds at given rates add up to the step the target MFU allows."""
+    bench = _load_benchmark("bench_step_budget")
+    args = bench.parse_args(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64",
+                             "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+                             "--num-query-groups", "2", "--seq-length", "512", "--steps", "1",
+                             "--micro-batches", "3", "--image-size-min", "56",
+                             "--image-size-max", "112"])
+    chunked = bench.step_flops(args)
+    whole = bench.step_flops(bench.argparse.Namespace(**{**vars(args), "no_loss_chunks": True}))
+    assert chunked["model"] == whole["model"] == pytest.approx(whole["hardware"], rel=1e-12)
+    assert 0 < chunked["attention"] == whole["attention"] < chunked["hardware"] < whole["hardware"]
+    seconds = bench.budget(chunked, matmul_rate=2e12, attention_rate=1e12, mfu=0.5, peak=8e12)
+    assert seconds["allowed"] == pytest.approx(chunked["model"] / 4e12)
+    assert seconds["attention"] == pytest.approx(chunked["attention"] / 1e12)
+    assert seconds["matmul"] == pytest.approx((chunked["hardware"] - chunked["attention"]) / 2e12)
+    assert seconds["rest"] == pytest.approx(seconds["allowed"] - seconds["matmul"]
+                                            - seconds["attention"])

@@ -1,9 +1,10 @@
 """The FLOPs formula against a count done by hand, and the peak table lookups."""
 import pytest
 
-from megatron_patch.training.flops import (LanguageShape, VisionShape, language_forward_flops,
+from megatron_patch.training.flops import (LanguageShape, VisionShape,
+                                           language_attention_flops, language_forward_flops,
                                            peak_flops_per_device, training_flops,
-                                           vision_forward_flops)
+                                           vision_attention_flops, vision_forward_flops)
 
 
 def test_language_flops_match_a_hand_count():
@@ -15,6 +16,7 @@ def test_language_flops_match_a_hand_count():
     attention = 6 * 4 * 8
     expected = 2 * (3 * linear + attention) + 2 * 3 * 8 * 10
     assert language_forward_flops(shape, [3]) == expected
+    assert language_attention_flops(shape, [3]) == 2 * attention  # the part above: 2 layers
 
 
 def test_vision_flops_count_the_class_token_and_the_adapter():
@@ -24,6 +26,7 @@ def test_vision_flops_count_the_class_token_and_the_adapter():
     per_layer = n * (2 * 4 * 12 + 2 * 16 + 2 * 2 * 4 * 8) + 4 * n * n * 4
     adapter = 2 * 1 * (16 * 16 + 16 * 5)
     assert vision_forward_flops(shape, [4]) == per_layer + 2 * 4 * 6 * 4 + adapter
+    assert vision_attention_flops(shape, [4]) == 4 * n * n * 4
 
 
 def test_training_counts_three_forwards_and_recompute_repeats_the_layers():

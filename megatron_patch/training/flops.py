@@ -51,8 +51,14 @@ def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int])
     kv_width = shape.num_query_groups * shape.head_dim
     per_token_linear = 2 * shape.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * shape.hidden_size
     per_token_linear += language_mlp_flops_per_token(shape)
-    attention = sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
-    return shape.num_layers * (tokens * per_token_linear + attention) + logits_flops(shape, tokens)
+    return (shape.num_layers * tokens * per_token_linear
+            + language_attention_flops(shape, segment_lengths) + logits_flops(shape, tokens))
+
+
+def language_attention_flops(shape: LanguageShape, segment_lengths: Sequence[int]) -> float:
+    """Every layer's causal attention scores and weighted sums, forward."""
+    q_width = shape.num_attention_heads * shape.head_dim
+    return shape.num_layers * sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
 
 
 def language_mlp_flops_per_token(shape: LanguageShape) -> float:
@@ -81,15 +87,22 @@ def logits_flops(shape: LanguageShape, tokens: int) -> float:
 
 def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
     h = shape.hidden_size
-    total = 0.0
+    total = vision_attention_flops(shape, image_patch_counts)
     for patches in image_patch_counts:
         n = patches + (1 if shape.class_token else 0)
         linear = n * (2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape))
-        total += shape.num_layers * (linear + 4 * n * n * h) + 2 * patches * shape.patch_dim * h
+        total += shape.num_layers * linear + 2 * patches * shape.patch_dim * h
         merged = patches // (shape.merge_size ** 2)
         wide = h * shape.merge_size ** 2
         total += 2 * merged * (wide * wide + wide * shape.out_hidden_size)
     return total
+
+
+def vision_attention_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """Every layer's attention within each image (class token included), forward."""
+    extra = 1 if shape.class_token else 0
+    return shape.num_layers * sum(4 * (patches + extra) ** 2 * shape.hidden_size
+                                  for patches in image_patch_counts)
 
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
