@@ -4,12 +4,13 @@ The 2026-12-04 H200 step was host-bound (~60 us of host time per launched kernel
 for more than half the step: docs/BENCHMARKS.md), so launches per micro-batch decide the step
 time there, and every change that removes some is worth knowing before a GPU is lent. This
 counts them from the operators the trainer runs (megatron_patch/benchmarking/launch_count.py),
-with the code paths a GPU takes switched on where the CPU can run them: the compiled RoPE,
-norms, SwiGLU, bias-dropout-add and chunked-loss kernels (torch.compile's CPU build), the
-optimizer's multi-tensor kernels, and packed attention as the one varlen kernel call it is on
-a GPU (a stand-in that computes it on the CPU and counts one launch each way). Weight
-gradients are counted as with gradient-accumulation fusion: a GEMM, no separate add; DDP's
-hook adds the other parameters' gradients (compat/ddp_grad_adds.py: the small ones together).
+with the code paths a GPU takes switched on where the CPU can run them: the compiled
+query/key/value preparation, RoPE, norms, SwiGLU, bias-GELU, bias-dropout-add and chunked-loss
+kernels (torch.compile's CPU build), the optimizer's multi-tensor kernels, and packed
+attention as the one varlen kernel call it is on a GPU (a stand-in that computes it on the CPU
+and counts one launch each way). Weight gradients are counted as with gradient-accumulation
+fusion: a GEMM, no separate add; DDP's hook adds the other parameters' gradients
+(compat/ddp_grad_adds.py: the small ones together).
 
 Per-layer counts are differences: the model is built three times, with one more language layer,
 then one more vision layer, than the base, so nothing has to be attributed to a layer by guess.
