@@ -76,7 +76,10 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chu
             forward_step_func=forward_step, data_iterator=iter(_micro_batches(cfg)),
             model=[model], num_microbatches=N_MICRO, seq_length=SEQ, micro_batch_size=MBS,
             forward_only=False)
-    assert bool(preparations) == gpu_paths
+    if gpu_paths:  # the language model's layers (2 query heads per group) took it too
+        language = cfg.language
+        assert {heads for heads, _ in preparations} == {
+            1, language.num_attention_heads // language.num_query_groups}, preparations
 
     if ps.get_tensor_model_parallel_world_size() > 1:
         # as the trainer's finalize_model_grads does: q/k layernorm weights are shared by all

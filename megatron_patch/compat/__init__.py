@@ -38,6 +38,7 @@ from megatron_patch.compat.selective_recompute import apply as apply_selective_r
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
 from megatron_patch.compat.wgrad_accumulation import install as apply_wgrad_accumulation
 
-__all__ = ["apply_batched_grad_adds", "apply_bias_gelu_fusion", "apply_cpu_redirects", "apply_foreach_multi_tensor",
-           "apply_packed_rope_fast_path", "apply_selective_recompute_fixes",
-           "apply_torch_adam_fixes", "apply_wgrad_accumulation", "is_applied"]
+__all__ = ["apply_batched_grad_adds", "apply_bias_gelu_fusion", "apply_cpu_redirects",
+           "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
+           "apply_selective_recompute_fixes", "apply_torch_adam_fixes",
+           "apply_wgrad_accumulation", "is_applied"]

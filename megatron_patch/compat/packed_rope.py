@@ -80,10 +80,11 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def angle_per_row(t, freqs, config, cp_group) -> bool:
-    """One angle per row of ``t`` (per packed token, or per position of ``[s, b, h, d]``), no
-    megatron RoPE fusion and no context parallelism: the cases both fast paths take."""
-    return (freqs.dim() == 4 and freqs.size(0) == t.size(0) and not config.apply_rope_fusion
+def angle_per_row(rows: int, freqs, config, cp_group) -> bool:
+    """One angle per row of the ``rows`` rotated (per packed token, or per position of
+    ``[s, b, h, d]``), no megatron RoPE fusion and no context parallelism: the cases the fast
+    paths take."""
+    return (freqs.dim() == 4 and freqs.size(0) == rows and not config.apply_rope_fusion
             and _context_parallel_size(cp_group) == 1)
 
 
@@ -95,7 +96,8 @@ def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
     layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4
     return (getattr(config, "compiled_rope", False) and _on_gpu(t) and layout_ok
             and freqs.size(-1) == t.size(-1) and not config.rotary_interleaved
-            and not config.multi_latent_attention and angle_per_row(t, freqs, config, cp_group))
+            and not config.multi_latent_attention
+            and angle_per_row(t.size(0), freqs, config, cp_group))
 
 
 def per_token_rotation(original):
@@ -109,7 +111,7 @@ def per_token_rotation(original):
             angles = freqs.squeeze(1) if cu_seqlens is not None else freqs
             return fused_rotation()(t, angles, float(mscale))
         if (cu_seqlens is not None and not freqs.requires_grad
-                and angle_per_row(t, freqs, config, cp_group)):
+                and angle_per_row(t.size(0), freqs, config, cp_group)):
             return rope_utils._apply_rotary_pos_emb_bshd(
                 t.unsqueeze(1), freqs, rotary_interleaved=config.rotary_interleaved,
                 multi_latent_attention=config.multi_latent_attention, mscale=mscale).squeeze(1)

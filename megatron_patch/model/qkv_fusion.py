@@ -85,8 +85,10 @@ class FusedQKVSelfAttention(SelfAttention):
         return not all(norm is None or isinstance(norm, IdentityOp)
                        for norm in (self.q_layernorm, self.k_layernorm))
 
-    def fused_preparation_applies(self, hidden_states, attention_mask, kwargs) -> bool:
+    def fused_preparation_applies(self, hidden_states, kwargs) -> bool:
         config, rotary = self.config, kwargs.get("rotary_pos_emb")
+        # the projection's rows: under sequence parallelism it gathers the whole sequence
+        rows = hidden_states.size(0) * (self.world_size if config.sequence_parallel else 1)
         norms_fusable = not self._has_qk_norms() or all(
             isinstance(norm, CompiledRMSNorm) for norm in (self.q_layernorm, self.k_layernorm))
         plain_call = all(kwargs.get(name) is None for name in (
@@ -95,13 +97,13 @@ class FusedQKVSelfAttention(SelfAttention):
         return (getattr(config, "compiled_rope", False) and norms_fusable and plain_call
                 and _on_gpu(hidden_states) and isinstance(rotary, torch.Tensor)
                 and rotary.size(-1) == self.hidden_size_per_attention_head
-                and angle_per_row(hidden_states, rotary, config, self.pg_collection.cp)
+                and angle_per_row(rows, rotary, config, self.pg_collection.cp)
                 and not (config.rotary_interleaved or config.no_rope_freq or config.test_mode
                          or config.attention_output_gate or config.fused_single_qkv_rope)
                 and config.num_query_groups >= self.world_size)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
-        if args or not self.fused_preparation_applies(hidden_states, attention_mask, kwargs):
+        if args or not self.fused_preparation_applies(hidden_states, kwargs):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         # megatron's forward then runs unchanged, except that get_query_key_value_tensors
         # returns rotated queries and keys, so megatron is given no angles to rotate by again
