@@ -170,8 +170,9 @@ def fused_qkv():  # both towers' attention input preparation; its failure: --no-
         mixed = torch.randn(tokens, 1, 4 * (heads_per_group + 2) * 64, device="cuda",
                             dtype=torch.bfloat16, requires_grad=True)
         angles = torch.randn(tokens, 1, 1, 64, device="cuda", requires_grad=True)
+        # the language model's shape has q/k norms, the vision tower's a qkv bias
         weights = [torch.rand(64, device="cuda", dtype=torch.bfloat16) + 0.5 if norm else None
-                   for _ in range(2)]  # the language model's q/k norms, or the vision's bias:
+                   for _ in range(2)]
         bias = None if norm else torch.randn(mixed.shape[-1], device="cuda", dtype=torch.bfloat16)
         shape = (heads_per_group, 64, 1e-6, 1.0)
         outs = compiled_preparation(*shape)(mixed, angles, bias, *weights)
@@ -182,7 +183,7 @@ def fused_qkv():  # both towers' attention input preparation; its failure: --no-
         assert torch.isfinite(mixed.grad).all() and torch.isfinite(angles.grad).all()
 
 
-def compiled_bias_gelu():  # the vision MLP's, a GPU default; switched off below if it fails
+def vision_bias_gelu():  # the vision MLP's compiled bias + GELU, a GPU default; off if it fails
     from megatron_patch.compat.bias_gelu import bias_gelu, compiled_bias_gelu
     bias = torch.randn(64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     for tokens in (300, 517, 1029):  # the vision tower's token counts vary: dynamic shapes
@@ -220,7 +221,7 @@ def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off
 
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
               fp32_output_gemm, compiled_rope, compiled_norms, fused_qkv, chunked_loss,
-              fused_bias_dropout_add, compiled_bias_gelu):
+              fused_bias_dropout_add, vision_bias_gelu):
     started = time.time()
     try:
         check()
@@ -238,7 +239,7 @@ FALLBACKS=()
 grep -qE "^preflight (compiled_rope|fused_qkv): FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--no-rope-fusion)
 grep -q "^preflight compiled_norms: FAILED" "$OUT/environment.txt" && FALLBACKS+=(--no-norm-fusion)
-grep -qE "^preflight (compiled_silu|fused_bias_dropout_add|compiled_bias_gelu): FAILED" \
+grep -qE "^preflight (compiled_silu|fused_bias_dropout_add|vision_bias_gelu): FAILED" \
   "$OUT/environment.txt" \
   && FALLBACKS+=(--no-bias-swiglu-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
