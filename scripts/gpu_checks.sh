@@ -258,13 +258,14 @@ for name in $STEPS; do
       tail -3 "$OUT/pytest_gpu.txt" ;;
     attention)  # packed attention alone: segment loop, varlen kernel (as packed, and with the
       # CUDA graphs' fixed segments), cuDNN's kernel; milliseconds per layer forward + backward
-      step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
+      # and TFLOP/s, also for other layouts (not causal, no grouped KV, the vision tower's)
+      step bench_attention 90 "$PYTHON" benchmarks/bench_packed_attention.py --variants \
         --json "$OUT/packed_attention.json"
-      grep -E '"([a-z_]+_ms|speedup|[a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt" ;;
+      grep -E '^attention |"([a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt" ;;
     bench)  # packed attention alone (see "attention"), then both trainers
       step bench_attention 60 "$PYTHON" benchmarks/bench_packed_attention.py \
         --json "$OUT/packed_attention.json"
-      grep -E '"([a-z_]+_ms|speedup|[a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt"
+      grep -E '^attention |"([a-z_]+_difference|cudnn)"' "$OUT/bench_attention.txt"
       # 2 + 5 steps: the baseline's 17.5 s steps (H200, 2026-12-04) then fit the limit
       step bench_both 300 "$PYTHON" tools/benchmark_throughput.py "${COMMON[@]}" --trainer both \
         --warmup-steps 2 --steps 5 --json "$OUT/seq8k_both.json"

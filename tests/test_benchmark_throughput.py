@@ -272,12 +272,13 @@ def _load_benchmark(name: str):
     return module
 
 
-def _packed_attention_report(tmp_path, seq_length: int, repeats: int) -> dict:
+def _packed_attention_report(tmp_path, seq_length: int, repeats: int, *extra: str) -> dict:
     """benchmarks/bench_packed_attention.py on the CPU at small sizes: its JSON report."""
     out = tmp_path / "attention.json"
     assert _load_benchmark("bench_packed_attention").main(
         ["--device", "cpu", "--dtype", "float32", "--seq-length", str(seq_length), "--heads", "4",
-         "--groups", "2", "--head-dim", "16", "--repeats", str(repeats), "--json", str(out)]) == 0
+         "--groups", "2", "--head-dim", "16", "--repeats", str(repeats), "--json", str(out),
+         *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -299,14 +300,29 @@ def test_packed_attention_benchmark_runs_each_kernel_path(tmp_path, monkeypatch)
     kernel, which has no CPU implementation, is reported as failed instead of stopping the
     run."""
     from megatron_patch.model import attention
+    from megatron_patch.training.flops import attention_forward_flops
     from test_model_attention import KernelLater
     monkeypatch.setattr(attention, "flash_varlen_kernel", lambda: KernelLater())
     monkeypatch.setattr(attention.SDPACoreAttention, "flash_varlen_applies", lambda *args: True)
-    report = _packed_attention_report(tmp_path, 512, 1)
+    report = _packed_attention_report(tmp_path, 512, 1, "--variants")
     assert report["varlen_ms"] > 0 and report["varlen_fixed_segments_ms"] > 0
     assert report["varlen_max_abs_difference"] < 1e-5
     assert report["varlen_fixed_segments_max_abs_difference"] < 1e-5
     assert set(report["failed"]) == {"cudnn"} and "cudnn_ms" not in report
+    # TFLOP/s: the MFU formula's attention FLOPs (3 x forward) over each path's time
+    forward = attention_forward_flops(report["segment_lengths"], 4 * 16, causal=True)
+    assert report["varlen_tflops"] == pytest.approx(3 * forward / report["varlen_ms"] / 1e9)
+    # the other layouts on the same segments, the kernels only
+    layouts = report["variants"]
+    assert set(layouts) == {"not causal", "no grouped KV heads", "vision layout"}
+    assert (layouts["not causal"]["causal"], layouts["no grouped KV heads"]["groups"]) == (False, 4)
+    assert layouts["vision layout"]["head_dim"] == 64
+    for layout in layouts.values():
+        assert layout["varlen_ms"] > 0 and "loop_ms" not in layout
+        assert set(layout["failed"]) == {"cudnn"}
+        forward = attention_forward_flops(report["segment_lengths"],
+                                          layout["heads"] * layout["head_dim"], layout["causal"])
+        assert layout["varlen_tflops"] == pytest.approx(3 * forward / layout["varlen_ms"] / 1e9)
 
 
 def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_path):

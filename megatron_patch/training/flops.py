@@ -55,10 +55,17 @@ def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int])
             + language_attention_flops(shape, segment_lengths) + logits_flops(shape, tokens))
 
 
+def attention_forward_flops(segment_lengths: Sequence[int], width: int, causal: bool) -> float:
+    """One attention layer's scores and weighted sums over these segments, forward: 2 * 2 *
+    width FLOPs per (query, key) pair; ``width`` is heads x head_dim of the queries."""
+    pairs = sum(n * (n + 1) / 2 if causal else n * n for n in segment_lengths)
+    return 4 * pairs * width
+
+
 def language_attention_flops(shape: LanguageShape, segment_lengths: Sequence[int]) -> float:
     """Every layer's causal attention scores and weighted sums, forward."""
-    q_width = shape.num_attention_heads * shape.head_dim
-    return shape.num_layers * sum(4 * n * (n + 1) / 2 * q_width for n in segment_lengths)
+    return shape.num_layers * attention_forward_flops(
+        segment_lengths, shape.num_attention_heads * shape.head_dim, causal=True)
 
 
 def language_mlp_flops_per_token(shape: LanguageShape) -> float:
@@ -101,8 +108,8 @@ def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) 
 def vision_attention_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
     """Every layer's attention within each image (class token included), forward."""
     extra = 1 if shape.class_token else 0
-    return shape.num_layers * sum(4 * (patches + extra) ** 2 * shape.hidden_size
-                                  for patches in image_patch_counts)
+    return shape.num_layers * attention_forward_flops(
+        [patches + extra for patches in image_patch_counts], shape.hidden_size, causal=False)
 
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
