@@ -88,16 +88,22 @@ def angle_per_row(rows: int, freqs, config, cp_group) -> bool:
             and _context_parallel_size(cp_group) == 1)
 
 
+def compiled_rotation_applies(freqs, config, rows: int, head_dim: int, cp_group) -> bool:
+    """Whether :func:`rotate` computes megatron's rotation of ``rows`` rows of heads of
+    ``head_dim`` by ``freqs``: switched on for the model (``build_model(rope_fusion=...)``,
+    ``--no-rope-fusion``), one angle per row, the whole head rotated, in megatron's plain (not
+    interleaved, not MLA) layout. Also what model/qkv_fusion.py asks."""
+    return (getattr(config, "compiled_rope", False) and freqs.size(-1) == head_dim
+            and not config.rotary_interleaved and not config.multi_latent_attention
+            and angle_per_row(rows, freqs, config, cp_group))
+
+
 def _fusable(t, freqs, config, cu_seqlens, cp_group) -> bool:
-    """Whether :func:`fused_rotation` computes megatron's result for this call: switched on for
-    the model (``build_model(rope_fusion=...)``, ``--no-rope-fusion``), on a GPU, one angle per
-    row in the packed ``[t, h, d]`` or the ``[s, b, h, d]`` layout, the whole head rotated, in
-    megatron's plain (not interleaved, not MLA) layout."""
+    """Whether :func:`fused_rotation` runs for this call: on a GPU, ``t`` in the packed
+    ``[t, h, d]`` or the ``[s, b, h, d]`` layout, and :func:`compiled_rotation_applies`."""
     layout_ok = t.dim() == 3 if cu_seqlens is not None else t.dim() == 4
-    return (getattr(config, "compiled_rope", False) and _on_gpu(t) and layout_ok
-            and freqs.size(-1) == t.size(-1) and not config.rotary_interleaved
-            and not config.multi_latent_attention
-            and angle_per_row(t.size(0), freqs, config, cp_group))
+    return (_on_gpu(t) and layout_ok
+            and compiled_rotation_applies(freqs, config, t.size(0), t.size(-1), cp_group))
 
 
 def per_token_rotation(original):

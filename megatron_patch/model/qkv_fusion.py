@@ -34,7 +34,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_patch.compat.packed_rope import angle_per_row, rotate
+from megatron_patch.compat.packed_rope import compiled_rotation_applies, rotate
 from megatron_patch.model.norms import CompiledRMSNorm, rms_norm
 
 
@@ -94,12 +94,13 @@ class FusedQKVSelfAttention(SelfAttention):
         plain_call = all(kwargs.get(name) is None for name in (
             "key_value_states", "inference_context", "inference_params", "rotary_pos_cos",
             "rotary_pos_sin", "rotary_pos_cos_sin", "attention_bias"))
-        return (getattr(config, "compiled_rope", False) and norms_fusable and plain_call
-                and _on_gpu(hidden_states) and isinstance(rotary, torch.Tensor)
-                and rotary.size(-1) == self.hidden_size_per_attention_head
-                and angle_per_row(rows, rotary, config, self.pg_collection.cp)
-                and not (config.rotary_interleaved or config.no_rope_freq or config.test_mode
-                         or config.attention_output_gate or config.fused_single_qkv_rope)
+        return (norms_fusable and plain_call and _on_gpu(hidden_states)
+                and isinstance(rotary, torch.Tensor)
+                and compiled_rotation_applies(rotary, config, rows,
+                                              self.hidden_size_per_attention_head,
+                                              self.pg_collection.cp)
+                and not (config.no_rope_freq or config.test_mode or config.attention_output_gate
+                         or config.fused_single_qkv_rope)
                 and config.num_query_groups >= self.world_size)
 
     def forward(self, hidden_states, attention_mask, *args, **kwargs):
