@@ -49,8 +49,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# the 2026-12-04 H200 step (docs/BENCHMARKS.md): kernel seconds and what they computed
-H200_2026_12_04 = dict(matmul_seconds=0.910, attention_seconds=0.464, chunked_loss=False)
+# the 2026-12-04 H200 step (docs/BENCHMARKS.md): its kernel seconds, megatron's output layer
+H200_2026_12_04 = dict(matmul_seconds=0.910, attention_seconds=0.464)
 
 
 def step_flops(args) -> dict:
@@ -77,14 +77,14 @@ def step_flops(args) -> dict:
     return {key: value / args.steps for key, value in totals.items()}
 
 
-def measured_rates(args) -> tuple:
+def measured_rates(args, per_step: dict) -> tuple:
     """(matmul, attention) FLOP/s: the command line's, else the 2026-12-04 H200 profile's kernel
-    seconds for the FLOPs of an average step as it ran then (megatron's output layer)."""
-    ran = step_flops(argparse.Namespace(**{**vars(args), "no_loss_chunks": True}))
+    seconds for the FLOPs of an average step as it ran then. It ran megatron's output layer and
+    no recompute, so its matmuls did the model FLOPs less the attention's."""
     matmul = (args.matmul_tflops * 1e12 if args.matmul_tflops else
-              (ran["hardware"] - ran["attention"]) / H200_2026_12_04["matmul_seconds"])
+              (per_step["model"] - per_step["attention"]) / H200_2026_12_04["matmul_seconds"])
     attention = (args.attention_tflops * 1e12 if args.attention_tflops else
-                 ran["attention"] / H200_2026_12_04["attention_seconds"])
+                 per_step["attention"] / H200_2026_12_04["attention_seconds"])
     return matmul, attention
 
 
@@ -102,7 +102,7 @@ def budget(per_step: dict, matmul_rate: float, attention_rate: float, mfu: float
 def main(argv=None) -> None:
     args = parse_args(argv)
     per_step = step_flops(args)
-    matmul_rate, attention_rate = measured_rates(args)
+    matmul_rate, attention_rate = measured_rates(args, per_step)
     seconds = budget(per_step, matmul_rate, attention_rate, args.target_mfu,
                      args.peak_tflops * 1e12)
     loss = "megatron's output layer" if args.no_loss_chunks else "the chunked loss"
