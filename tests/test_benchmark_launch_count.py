@@ -84,8 +84,8 @@ def test_a_compiled_graph_is_counted_as_one_launch_plus_its_extern_kernels():
 def test_bench_counts_one_layer_as_the_gpu_runs_it():
     """The tiny model with the GPU's code paths: a language layer is its 4 GEMMs forward and 8
     backward, attention one kernel each way, the rest compiled graphs and residual adds."""
-    from test_benchmark_throughput import _load_benchmark
-    bench = _load_benchmark("bench_launches")
+    from trainer_runs import load_benchmark
+    bench = load_benchmark("bench_launches")
     args = bench.parse_args(["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
                              "--image-size-max", "112", "--pack", "0", "--full-widths"])
     cfg = bench.get_config(args.model, bench.arguments.model_overrides(args))

@@ -13,6 +13,8 @@ from megatron_patch.benchmarking.throughput import format_report
 from megatron_patch.benchmarking.throughput import main as benchmark_main
 from megatron_patch.model import build_model, count_parameters, get_config
 
+from trainer_runs import load_benchmark
+
 SMALL = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
          "--image-size-max", "112", "--text-length-median", "40"]
 
@@ -261,21 +263,10 @@ def test_baseline_computes_our_model_given_the_same_weights():
     torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
 
 
-def _load_benchmark(name: str):
-    """A script of benchmarks/ as a module, to call its main() in this process."""
-    import importlib.util
-
-    from trainer_runs import REPO
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _packed_attention_report(tmp_path, seq_length: int, repeats: int, *extra: str) -> dict:
     """benchmarks/bench_packed_attention.py on the CPU at small sizes: its JSON report."""
     out = tmp_path / "attention.json"
-    assert _load_benchmark("bench_packed_attention").main(
+    assert load_benchmark("bench_packed_attention").main(
         ["--device", "cpu", "--dtype", "float32", "--seq-length", str(seq_length), "--heads", "4",
          "--groups", "2", "--head-dim", "16", "--repeats", str(repeats), "--json", str(out),
          *extra]) == 0
@@ -357,7 +348,7 @@ def test_chunked_loss_keeps_no_logits_sized_tensor_for_the_backward(tmp_path):
     that megatron's cross entropy keeps (tokens x vocab x 4 bytes) is gone from what the forward
     saves; the decoder layers save the same as before."""
     from megatron_patch.model import get_config
-    bench = _load_benchmark("bench_activation_memory")
+    bench = load_benchmark("bench_activation_memory")
     rows = {}
     for chunk_tokens in (0, 128):
         out = tmp_path / f"memory_{chunk_tokens}.json"
@@ -381,7 +372,7 @@ def test_activation_memory_estimate_for_a_deeper_model_equals_measuring_it(tmp_p
     its input only, and the chunked loss (the GPU default) no logits."""
     from megatron_patch.model import build_model, count_parameters, get_config
     from megatron_patch.training.parallel_setup import initialize, shutdown
-    bench = _load_benchmark("bench_activation_memory")
+    bench = load_benchmark("bench_activation_memory")
     common = ["--seq-length", "384", "--bf16", "--num-layers", "1", "--vision-num-layers", "1"]
     reports = {}
     for name, extra in (("estimate", ["--gpu-paths", "--estimate-for-depth", "3", "3"]),
@@ -515,7 +506,7 @@ def test_step_budget_splits_the_mfu_formulas_flops_and_times_them():
     """bench_step_budget: with megatron's loss the step's hardware FLOPs are its model FLOPs
     (the MFU formula's, interval_stats.batch_flops); the chunked loss lowers only the matmuls';
     the seconds at given rates add up to the step the target MFU allows."""
-    bench = _load_benchmark("bench_step_budget")
+    bench = load_benchmark("bench_step_budget")
     args = bench.parse_args(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64",
                              "--ffn-hidden-size", "128", "--num-attention-heads", "4",
                              "--num-query-groups", "2", "--seq-length", "512", "--steps", "1",

@@ -80,8 +80,8 @@ def test_selective_recompute_of_norms_and_mlp_frees_their_activations():
     taken after the forward, when recompute has freed the norms' outputs): each MLP keeps only
     its input, in both towers, so at least the fc1 outputs (2 x FFN per token for SwiGLU, FFN
     for the vision tower's GELU MLP, fp32) are gone."""
-    from test_benchmark_throughput import _load_benchmark
-    count = _load_benchmark("bench_activation_memory").saved_activation_bytes
+    from trainer_runs import load_benchmark
+    count = load_benchmark("bench_activation_memory").saved_activation_bytes
     cfg, plain, recomputing = _models(RECOMPUTE["selective_layernorm_mlp"])
     inputs = dict(_micro_batches(cfg)[0])
     inputs.pop("loss_mask")

@@ -1,5 +1,6 @@
 """Running the trainer as users launch it (a subprocess) and reading back what it wrote: the
 helpers the trainer, template, reliability and conversion tests share."""
+import importlib.util
 import json
 import os
 import signal
@@ -14,6 +15,14 @@ from test_model_reference import init_parallel
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "train" / "pretrain_llava_ov.py"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None):
