@@ -35,17 +35,22 @@ if argv == ["-"]:  # the preflight, read from the script's here-document
     for name in (part.strip() for part in checks.split(",")):
         print(f"preflight {{name}}: " + ("FAILED RuntimeError: stand-in" if name in failing
                                           else "ok (0.0 s)"))
+elif (os.environ.get("OUT_OF_MEMORY") and "tools/benchmark_throughput.py" in argv
+      and "--recompute-granularity" not in argv):  # what the benchmark logs, and its exit
+    print("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.31 GiB")
+    sys.exit(1)
 """
 
 
-def run_script(tmp_path, steps=ALL_STEPS, budget=900, fail=""):
+def run_script(tmp_path, steps=ALL_STEPS, budget=900, fail="", out_of_memory=False):
     """Runs gpu_checks.sh with the stand-in: (recorded command lines, summary, output)."""
     stand_in = tmp_path / "python"
     stand_in.write_text(STAND_IN)
     stand_in.chmod(0o755)
     log, out = tmp_path / "commands.jsonl", tmp_path / "out"
     env = dict(os.environ, PYTHON=str(stand_in), STAND_IN_LOG=str(log), OUT=str(out),
-               ARCHIVE=str(tmp_path / "gpu.tgz"), STEPS=steps, BUDGET=str(budget), FAIL=fail)
+               ARCHIVE=str(tmp_path / "gpu.tgz"), STEPS=steps, BUDGET=str(budget), FAIL=fail,
+               OUT_OF_MEMORY="1" if out_of_memory else "")
     env.pop("WHEELS", None)
     result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_checks.sh")], env=env,
                             capture_output=True, text=True, timeout=120)
@@ -124,3 +129,26 @@ def test_a_spent_budget_skips_the_steps_and_still_packs(tmp_path):
     assert step_commands(commands) == []
     assert summary.count("skipped:") == 3  # pytest, the attention bench, both trainers
     assert tarfile.open(tmp_path / "gpu.tgz").getmember("out/environment.txt").isfile()
+
+
+def test_a_trainer_step_out_of_memory_is_rerun_with_recompute_and_so_are_the_later_ones(
+        tmp_path, monkeypatch):
+    commands, summary, _ = run_script(tmp_path, steps="attention graphs memory recompute",
+                                      out_of_memory=True)
+    assert re.search(r"^bench_eager exit=1 ", summary, re.M)
+    assert "bench_eager ran out of memory: run again, and every later trainer step, with " \
+        "--recompute-granularity selective --recompute-modules layernorm mlp" in summary
+    for name in ("bench_eager_recompute", "bench_graphs", "bench_graphs_profile",
+                 "activation_memory", "bench_recompute"):
+        assert re.search(rf"^{name} exit=0 ", summary, re.M), summary
+    trainers = [c for c in step_commands(commands) if c[0] == "tools/benchmark_throughput.py"]
+    assert len(trainers) == 5  # the eager step twice, graphs and their profile, full recompute
+    for command in trainers:
+        args = parse_command(command, monkeypatch)
+        if command is trainers[0]:
+            assert args.recompute_granularity is None
+        elif command is trainers[-1]:  # the "recompute" step: full, not the selective fallback
+            assert args.recompute_granularity == "full" and not args.recompute_modules
+        else:
+            assert args.recompute_granularity == "selective"
+            assert args.recompute_modules == ["layernorm", "mlp"]
