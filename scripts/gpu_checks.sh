@@ -9,9 +9,10 @@
 # the loss keep ("memory"), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next (a trainer step that runs out of memory is run again
-# with the norms and MLPs recomputed, and so are the trainer steps after it). Everything lands in $OUT (default ./gpu_results) for
-# BENCHMARKS.md, a summary is printed last, and with ARCHIVE=FILE all of $OUT is packed into
-# FILE after every step (a run killed from outside keeps what the finished steps wrote).
+# with the norms and MLPs recomputed, and so are the trainer steps after it). Everything lands
+# in $OUT (default ./gpu_results) for BENCHMARKS.md, a summary is printed last, and with
+# ARCHIVE=FILE all of $OUT is packed into FILE after every step (a run killed from outside
+# keeps what the finished steps wrote).
 #
 # Needs CUDA torch and this package's dependencies. On a node without PyPI, build the wheels
 # here with scripts/offline_wheelhouse.sh and set WHEELS to their folder: the ones the node
