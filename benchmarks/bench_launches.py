@@ -166,8 +166,8 @@ def count_micro_batch(args, cfg, batch, device) -> dict:
 def count_optimizer_step(args, cfg, device) -> dict:
     """Launches of the trainer's optimizer step (megatron's mixed-precision optimizer: gradient
     norm, clipping, AdamW on the fp32 master weights, their copy into the bf16 weights), after a
-    first step that allocates AdamW's state. On a GPU torch's AdamW takes its multi-tensor
-    (foreach) implementation by default, so it is asked for here too; the gradients are random
+    first step that allocates AdamW's state. With the GPU's code paths AdamW is torch's fused
+    kernel (compat/fused_adam.py), as the trainer chooses on a GPU; the gradients are random
     (their values launch nothing different)."""
     bench_args = throughput.parse_args(["--model", args.model, "--steps", "1"]
                                        + ([] if args.fp32 else ["--bf16"]))
@@ -177,9 +177,6 @@ def count_optimizer_step(args, cfg, device) -> dict:
     torch.manual_seed(args.seed)
     for parameter in runner.model.module.parameters():
         parameter.main_grad.normal_()
-    if not args.no_gpu_paths:
-        for group in runner.optimizer.optimizer.param_groups:
-            group["foreach"] = True
     guarded_optimizer_step(runner.optimizer, bench_args.clip_grad)  # allocates AdamW's state
     # set here: building the runner installs the CPU's redirect (compat/cpu.py) in its place
     clipping = (contextlib.nullcontext() if args.no_gpu_paths else mock.patch.object(

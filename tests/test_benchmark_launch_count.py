@@ -118,9 +118,11 @@ def test_bench_counts_one_layer_as_the_gpu_runs_it():
     assert not any(vision_backward.get(op) for op in ("aten::sum", "aten::gelu_backward"))
     assert result["depth"] == dict(language=cfg.language.num_layers, vision=cfg.vision.num_layers)
     # the optimizer step in multi-tensor kernels, as on a GPU: nothing once per parameter
-    # (the tiny model has 70), the master weights copied into the bf16 ones in one launch
+    # (the tiny model has 70), AdamW one fused kernel per parameter group, the master weights
+    # copied into the bf16 ones in one launch
     step = result["optimizer"]["step"]
     assert max(step.values()) <= 4 and step["aten::_foreach_copy_"] == 1, step
+    assert step["aten::_fused_adamw_"] >= 1 and not step["aten::_foreach_addcdiv_"], step
     text = bench.report(args, result, batch)
     assert "language layer" in text and "micro-batch" in text
 

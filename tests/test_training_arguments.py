@@ -128,6 +128,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert cpu["precision"].startswith("bf16") and cpu["recompute"] == "off"
     assert cpu["loss_chunk_tokens"] == 0  # the CPU keeps megatron's output layer + cross entropy
     assert not cpu["sequence_parallel"]
+    assert cpu["adam"] == "torch AdamW"  # the CPU keeps torch's default kernel
 
     fused = kernels.summary(arguments.parse_args(paths + ["--bf16",
                                                           "--gradient-accumulation-fusion"]))
@@ -159,7 +160,7 @@ def test_kernel_summary_says_what_the_run_computes_with(paths, monkeypatch):
     assert unfused_norms["fused_qkv_preparation"] == "the vision tower"
     assert not kernels.summary(arguments.parse_args(paths + ["--no-rope-fusion"]))[
         "fused_qkv_preparation"]
-    assert gpu["recompute"] == "full"
+    assert gpu["recompute"] == "full" and gpu["adam"] == "torch AdamW, fused kernel"
     assert gpu["gradient_accumulation_fusion"] == ("torch addmm with fp32 output into the fp32 "
                                                    "buffer")
     monkeypatch.setattr(kernels, "attention_backend", lambda args: "te")

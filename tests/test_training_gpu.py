@@ -29,6 +29,8 @@ def test_gpu_configuration_trains_saves_and_resumes(converted_demo, demo_tokeniz
     assert losses[-1] < losses[0] - 0.5, losses
     assert 0 < records[8]["throughput/mfu"] < 1  # the GPU's peak is known (flops.py's table)
     assert records[8]["memory/peak_gib"] > 0
+    adam = json.loads((reference / "run_config.json").read_text())["kernels"]["adam"]
+    assert adam in ("torch AdamW, fused kernel", "Transformer Engine / APEX FusedAdam")
 
     resumed = tmp_path / "resumed"
     run_trainer(converted_demo, demo_tokenizer, resumed, *GPU_RUN,

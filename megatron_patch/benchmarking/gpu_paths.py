@@ -6,9 +6,9 @@ Each module that picks a GPU-only path asks a small predicate (``_on_gpu``, ``ke
 ``torch.cuda.is_available``); :func:`gpu_code_paths` makes those say yes. The compiled
 query/key/value preparation, RoPE, norms, SwiGLU, bias-GELU, bias-dropout-add and chunked-loss
 kernels then run through torch.compile's CPU build, which keeps the same tensors for the
-backward and launches one graph as on a GPU. Packed attention, whose varlen kernel has no CPU
-build, is a stand-in that computes it segment by segment, keeps what the kernel keeps and
-counts one launch each way.
+backward and launches one graph as on a GPU, and AdamW through torch's fused kernel (CPU
+build). Packed attention, whose varlen kernel has no CPU build, is a stand-in that computes it
+segment by segment, keeps what the kernel keeps and counts one launch each way.
 """
 import contextlib
 from unittest import mock
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_patch.benchmarking import launch_count
-from megatron_patch.compat import bias_gelu, multi_tensor, packed_rope
+from megatron_patch.compat import bias_gelu, fused_adam, multi_tensor, packed_rope
 from megatron_patch.model import attention, norms, output_loss, qkv_fusion, vision
 from megatron_patch.training import kernels
 
@@ -61,7 +61,8 @@ def gpu_code_paths():
     with contextlib.ExitStack() as stack:
         for module in (packed_rope, norms, output_loss, qkv_fusion, bias_gelu):
             stack.enter_context(mock.patch.object(module, "_on_gpu", on_gpu))
-        stack.enter_context(mock.patch.object(multi_tensor, "_on_gpu", bool))  # non-empty lists
+        for module in (multi_tensor, fused_adam):  # tensor lists: a GPU's when not empty
+            stack.enter_context(mock.patch.object(module, "_on_gpu", bool))
         stack.enter_context(mock.patch.object(attention.SDPACoreAttention, "flash_varlen_applies",
                                               lambda self, query: True))
         stack.enter_context(mock.patch.object(attention, "packed_attention_kernel",

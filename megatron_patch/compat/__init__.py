@@ -26,12 +26,16 @@ its buffer with one multi-tensor add per backward instead of one add each, bit f
 :func:`apply_selective_recompute_fixes` lets megatron's selective recompute of "layernorm" and
 "mlp" run without TE (see compat/selective_recompute.py).
 
+:func:`use_fused_adam` runs megatron's torch AdamW (no TE/APEX) as torch's fused kernel on a GPU
+(see compat/fused_adam.py).
+
 :func:`apply_bias_gelu_fusion` compiles the vision MLP's fc1 bias and exact GELU into one kernel
 on a GPU (see compat/bias_gelu.py).
 """
 from megatron_patch.compat.bias_gelu import apply as apply_bias_gelu_fusion
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
 from megatron_patch.compat.ddp_grad_adds import apply as apply_batched_grad_adds
+from megatron_patch.compat.fused_adam import use_fused_kernels as use_fused_adam
 from megatron_patch.compat.multi_tensor import apply as apply_foreach_multi_tensor
 from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.selective_recompute import apply as apply_selective_recompute_fixes
@@ -41,4 +45,4 @@ from megatron_patch.compat.wgrad_accumulation import install as apply_wgrad_accu
 __all__ = ["apply_batched_grad_adds", "apply_bias_gelu_fusion", "apply_cpu_redirects",
            "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
            "apply_selective_recompute_fixes", "apply_torch_adam_fixes",
-           "apply_wgrad_accumulation", "is_applied"]
+           "apply_wgrad_accumulation", "is_applied", "use_fused_adam"]

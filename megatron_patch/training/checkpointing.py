@@ -52,7 +52,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import \
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_patch.compat import checkpoint_writer
+from megatron_patch.compat import checkpoint_writer, use_fused_adam
 from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
@@ -474,6 +474,9 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
             f"this run has {ranks.dp_size}: the data position cannot be resumed exactly. Use the "
             "same GPUs/TP/PP, or pass --finetune to start a new run from its weights")
     optimizer.load_state_dict(loaded["optimizer"])
+    # torch's load replaced the groups' kernel flags with the saved ones, and the step
+    # counters may be host tensors: this machine's choice again (a no-op on the CPU)
+    use_fused_adam(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     state = RunState(**loaded["run_state"])
     rng_file = os.path.join(choice.path, "rng", f"rank_{ranks.rank:05d}.pt")

@@ -109,6 +109,17 @@ def _wgrad_kernel(args):
     return f"TE's linears; the others: {own}" if attention_backend(args) == "te" else own
 
 
+def adam_kernel(args) -> Optional[str]:
+    """Which AdamW update runs: TE's or APEX's FusedAdam where megatron found one, else torch's
+    AdamW, as one fused kernel on a GPU (compat/fused_adam.py) and torch's default on the CPU."""
+    if args.optimizer != "adam":
+        return None
+    from megatron.core import optimizer as mcore_optimizer
+    if not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return "Transformer Engine / APEX FusedAdam"
+    return "torch AdamW, fused kernel" if torch.cuda.is_available() else "torch AdamW"
+
+
 def recompute_config(args) -> Dict[str, object]:
     """megatron TransformerConfig keywords for the recompute flags (arguments.py's
     add_recompute_arguments); empty without recompute."""
@@ -171,6 +182,7 @@ def summary(args) -> Dict[str, object]:
         "cuda_graphs": (f"language layers, packs of {cuda_graph_segments(args)} segments"
                         if cuda_graph_segments(args) else False),
         "recompute": recompute(args),
+        "adam": adam_kernel(args),
         "sequence_parallel": args.sequence_parallel,
         "distributed_optimizer": args.use_distributed_optimizer,
         "overlap_grad_reduce": args.overlap_grad_reduce,

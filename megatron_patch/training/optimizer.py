@@ -12,7 +12,8 @@ from megatron.core.optimizer import (OptimizerConfig, ParamKey, get_megatron_opt
                                      get_standard_config_overrides)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_patch.compat import apply_foreach_multi_tensor, apply_torch_adam_fixes
+from megatron_patch.compat import (apply_foreach_multi_tensor, apply_torch_adam_fixes,
+                                   use_fused_adam)
 
 MODULES = ("vision_model", "adapter", "language_model")
 
@@ -90,7 +91,9 @@ def build_optimizer(args, model_chunks: List[torch.nn.Module]):
         apply_torch_adam_fixes()  # no-op when megatron uses TE's or Apex's FusedAdam
     overrides = dict(get_standard_config_overrides(config))
     overrides.update(module_lr_overrides(args))
-    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    use_fused_adam(optimizer)  # torch's AdamW in one kernel on a GPU; no-op on CPU, with TE/APEX
+    return optimizer
 
 
 def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
