@@ -40,6 +40,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.configs import LanguageConfig
+from megatron_patch.model.host_indices import nonzero_on
 from megatron_patch.model.output_loss import linear_cross_entropy
 
 
@@ -52,12 +53,9 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
 
 def loss_token_indices(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Where ``loss_mask`` ``[b, s]`` is nonzero, as indices into the hidden states' ``[s, b]``
-    token order, on ``device``. A mask on the host costs no device sync, and its indices travel
-    pinned, so the copy does not wait for the device either."""
-    kept = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
-    if device.type == "cuda" and not kept.is_cuda:
-        kept = kept.pin_memory()
-    return kept.to(device, non_blocking=True)
+    token order, on ``device``; from a mask on the host without a device sync
+    (model/host_indices.py)."""
+    return nonzero_on(device, loss_mask.transpose(0, 1).reshape(-1))
 
 
 class LanguageModel(GPTModel):

@@ -40,6 +40,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.attention import covering_packed_seq_params
 from megatron_patch.model.configs import VisionConfig
+from megatron_patch.model.host_indices import nonzero_on
+
+
+def patch_rows(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows of the images' patches in the tower's output, each image's class token (the
+    first row of its segment) left out: from the host's segment offsets, without a device
+    sync (model/host_indices.py)."""
+    keep = torch.ones(int(cu_seqlens[-1]), dtype=torch.bool)
+    keep[cu_seqlens[:-1].long()] = False
+    return nonzero_on(device, keep)
 
 
 class PatchEmbed(nn.Module):
@@ -119,11 +129,7 @@ class RiceVisionModel(MegatronModule):
         x, angles, cu, max_len = self._with_class_tokens(x, angles, lengths)
         x = self.pre_layernorm(x)
         params = covering_packed_seq_params(cu, x.shape[0], max_len, x.device)
-        cu = params.cu_seqlens_q
         freqs = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # [t, 1, 1, head_dim]
         h = self.decoder(hidden_states=x.unsqueeze(1), attention_mask=None,
                          rotary_pos_emb=freqs, packed_seq_params=params)
-        h = h.squeeze(1)
-        keep = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-        keep[cu[:-1].long()] = False  # drop each image's class token
-        return h[keep]
+        return h.squeeze(1).index_select(0, patch_rows(cu, h.device))

@@ -1,0 +1,72 @@
+"""A training micro-batch reads nothing back from the device.
+
+On a GPU every value read back (a count, a mask's size, ``.item()``, ``.tolist()``) makes the host
+wait until the device has run everything queued before it, and the device then idles while the
+host launches the next kernels: a stall per micro-batch that no profile of the kernels shows.
+Meta tensors have shapes and no values, so any such read raises on them. This runs the tiny
+model's forward and backward on meta tensors with the code paths a GPU takes
+(benchmarking/gpu_paths.py), the host-side inputs where the trainer keeps them (image grid,
+segment offsets, loss mask: model_inputs), so every read of a device value in the vision tower,
+the image merge, the language model and the chunked loss fails the test.
+
+What it cannot run on meta tensors: torch.compile's code generation (the compiled kernels run
+eagerly here; they cannot read values either), megatron's import-time compiled SwiGLU and
+bias-dropout-add (their unfused forms run: ``fused_kernels`` off), and the varlen attention
+kernel (a stand-in of the same shapes)."""
+from unittest import mock
+
+import torch
+
+from megatron_patch.benchmarking.gpu_paths import gpu_code_paths
+from megatron_patch.compat import bias_gelu, packed_rope
+from megatron_patch.model import attention, norms, output_loss, qkv_fusion
+
+from trainer_runs import load_benchmark
+
+COMPILED = (norms.compiled, packed_rope.fused_rotation, qkv_fusion.compiled_preparation,
+            output_loss._compiled, bias_gelu.compiled_bias_gelu)
+
+
+def shaped_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
+                     window_size=(-1, -1), enable_gqa=False):
+    """The varlen kernel's output shape, from all three inputs (so the backward reaches them)."""
+    return query + (key + value).repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+
+
+def test_a_training_micro_batch_reads_nothing_back_from_the_device():
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+    from megatron_patch.training.train_step import model_inputs
+    bench = load_benchmark("bench_launches")
+    args = bench.parse_args(["--model", "tiny", "--seq-length", "1024", "--image-size-min", "56",
+                             "--image-size-max", "112", "--pack", "1", "--full-widths"])
+    cfg = bench.get_config(args.model, bench.arguments.model_overrides(args))
+    pack = bench.synthetic_pack(args, cfg)
+    assert pack.num_images == 2 and pack.num_samples == 2  # images and segments to pick
+    meta = torch.device("meta")
+    for factory in COMPILED:
+        factory.cache_clear()
+    try:
+        with gpu_code_paths(), mock.patch.object(torch, "compile", lambda fn=None, **_: fn), \
+                mock.patch.object(attention, "packed_attention_kernel",
+                                  lambda name: shaped_attention):
+            initialize(1, 1, args.seed)
+            with meta:
+                model = bench.build_model(
+                    cfg, attention_backend="local", use_cpu_initialization=True,
+                    perform_initialization=False, params_dtype=torch.bfloat16,
+                    **dict(bench.build_options(args), fused_kernels=False))
+            for module in model.modules():  # made on the host by megatron's CPU init
+                if isinstance(getattr(module, "inv_freq", None), torch.Tensor):
+                    module.inv_freq = module.inv_freq.to(meta)
+            inputs = model_inputs(pack, meta)
+            assert inputs["image_grid_thw"].device.type == "cpu"  # the trainer keeps it there
+            per_token_loss = model(**inputs)
+            assert per_token_loss.shape == pack.tokens.shape and per_token_loss.is_meta
+            (per_token_loss.float() * inputs["loss_mask"].to(meta)).sum().backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            assert len(grads) > 0.9 * len(list(model.parameters()))
+            assert all(grad.is_meta for grad in grads)
+    finally:
+        shutdown()
+        for factory in COMPILED:
+            factory.cache_clear()
