@@ -39,6 +39,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_patch.model.host_tensors import to_device
+
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -62,7 +64,7 @@ def covering_packed_seq_params(cu_seqlens: torch.Tensor, rows: int, max_seqlen: 
     if int(cu_seqlens[-1]) != rows:
         raise ValueError(f"packed segments end at row {int(cu_seqlens[-1])} of {rows}: the last "
                          "segment must end at the last row (count trailing padding as a segment)")
-    cu = cu_seqlens.to(device=device, dtype=torch.int32)
+    cu = to_device(cu_seqlens.to(torch.int32), device)
     return CoveringPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                    max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 

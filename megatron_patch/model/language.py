@@ -40,7 +40,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.configs import LanguageConfig
-from megatron_patch.model.host_indices import nonzero_on
+from megatron_patch.model.host_tensors import nonzero_on
 from megatron_patch.model.output_loss import linear_cross_entropy
 
 
@@ -54,8 +54,8 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
 def loss_token_indices(loss_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Where ``loss_mask`` ``[b, s]`` is nonzero, as indices into the hidden states' ``[s, b]``
     token order, on ``device``; from a mask on the host without a device sync
-    (model/host_indices.py)."""
-    return nonzero_on(device, loss_mask.transpose(0, 1).reshape(-1))
+    (model/host_tensors.py)."""
+    return nonzero_on(loss_mask.transpose(0, 1).reshape(-1), device)
 
 
 class LanguageModel(GPTModel):

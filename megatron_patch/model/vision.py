@@ -40,16 +40,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.model.attention import covering_packed_seq_params
 from megatron_patch.model.configs import VisionConfig
-from megatron_patch.model.host_indices import nonzero_on
+from megatron_patch.model.host_tensors import nonzero_on, to_device
 
 
 def patch_rows(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The rows of the images' patches in the tower's output, each image's class token (the
     first row of its segment) left out: from the host's segment offsets, without a device
-    sync (model/host_indices.py)."""
+    sync (model/host_tensors.py)."""
     keep = torch.ones(int(cu_seqlens[-1]), dtype=torch.bool)
     keep[cu_seqlens[:-1].long()] = False
-    return nonzero_on(device, keep)
+    return nonzero_on(keep, device)
 
 
 class PatchEmbed(nn.Module):
@@ -102,7 +102,7 @@ class RiceVisionModel(MegatronModule):
         rot = self.vcfg.head_dim // 2  # rows use rot/2 frequencies, columns the other rot/2
         inv = 1.0 / (self.vcfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32,
                                                            device=device) / rot))
-        pos = patch_positions(grid_thw, self.vcfg.spatial_merge_size).to(device)
+        pos = to_device(patch_positions(grid_thw, self.vcfg.spatial_merge_size), device)
         return torch.cat([pos[:, :1] * inv, pos[:, 1:] * inv], dim=-1)  # [n_patches, head_dim/2]
 
     def _with_class_tokens(self, x, angles, lengths: List[int]) -> Tuple[torch.Tensor, ...]:
