@@ -24,8 +24,8 @@ class FusedCalls:
         monkeypatch.setattr(torch, "_fused_adamw_", counted)
 
 
-def _runner(distributed: bool, bf16: bool = True):
-    """The benchmark's megatron trainer on the tiny model (one rank), and its packs."""
+def _runner(distributed: bool):
+    """The benchmark's megatron trainer on the tiny model in bf16 (one rank), and its packs."""
     from megatron_patch.benchmarking import throughput
     from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace
     from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches
@@ -33,7 +33,7 @@ def _runner(distributed: bool, bf16: bool = True):
     from megatron_patch.training.parallel_setup import seed_everything
     argv = ["--model", "tiny", "--seq-length", "256", "--image-size-min", "56",
             "--image-size-max", "112", "--steps", str(STEPS), "--warmup-steps", "0",
-            "--lr", "1e-3"] + (["--bf16"] if bf16 else [])
+            "--lr", "1e-3", "--bf16"]
     args = throughput.parse_args(argv + (["--use-distributed-optimizer"] if distributed else []))
     train_args = trainer_namespace(args)
     cfg = get_config("tiny")
@@ -63,7 +63,7 @@ def parallel():
 
 
 def test_the_cpu_keeps_torchs_default_kernel(parallel):
-    runner, batches = _runner(distributed=False)
+    runner, _ = _runner(distributed=False)
     groups = runner.optimizer.optimizer.param_groups
     assert fused_adam.use_fused_kernels(runner.optimizer) == 0
     assert not any(group.get("fused") for group in groups)
