@@ -218,14 +218,18 @@ def parts(args, batch, device) -> dict:
                 depth=depth, optimizer=optimizer)
 
 
-def synthetic_pack(args, cfg):
+def synthetic_packs(args, cfg) -> SyntheticPackedBatches:
+    """The benchmark's synthetic packs for this model and the command line's sizes."""
     vcfg = cfg.vision
-    spec = SyntheticSpec(vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
-                         seq_length=args.seq_length, patch_dim=vcfg.patch_dim,
-                         merge_size=vcfg.spatial_merge_size, patch_size=vcfg.patch_size,
-                         image_side_min=args.image_size_min, image_side_max=args.image_size_max,
-                         seed=args.seed)
-    return SyntheticPackedBatches(spec).take(args.pack + 1)[args.pack]
+    return SyntheticPackedBatches(SyntheticSpec(
+        vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
+        seq_length=args.seq_length, patch_dim=vcfg.patch_dim,
+        merge_size=vcfg.spatial_merge_size, patch_size=vcfg.patch_size,
+        image_side_min=args.image_size_min, image_side_max=args.image_size_max, seed=args.seed))
+
+
+def synthetic_pack(args, cfg):
+    return synthetic_packs(args, cfg).take(args.pack + 1)[args.pack]
 
 
 def report(args, result: dict, batch) -> str:

@@ -22,12 +22,7 @@ PACKS, EVALUATED = 7, (2, 4, 6)  # evaluation before training on these
 def _packs(bench, args, cfg, count):
     """``count`` synthetic packs, no two with the same number of image patches: each shape the
     vision tower sees is new (a shape seen before could reuse a graph compiled for it)."""
-    packs = bench.SyntheticPackedBatches(bench.SyntheticSpec(
-        vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
-        seq_length=args.seq_length, patch_dim=cfg.vision.patch_dim,
-        merge_size=cfg.vision.spatial_merge_size, patch_size=cfg.vision.patch_size,
-        image_side_min=args.image_size_min, image_side_max=args.image_size_max,
-        seed=args.seed)).take(8 * count)
+    packs = bench.synthetic_packs(args, cfg).take(8 * count)
     by_patches = {int(pack.image_grid_thw.prod(dim=1).sum()): pack for pack in reversed(packs)}
     assert len(by_patches) >= count, sorted(by_patches)
     return list(by_patches.values())[:count]
