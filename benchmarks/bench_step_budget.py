@@ -54,7 +54,8 @@ H200_2026_12_04 = dict(matmul_seconds=0.910, attention_seconds=0.464)
 
 
 def step_flops(args) -> dict:
-    """Model and hardware FLOPs of one step, and the attention's share, averaged over
+    """Model and hardware FLOPs of one step, the attention's share, and the hardware FLOPs with
+    megatron's output layer (``as_profiled``: how the 2026-12-04 step ran), averaged over
     ``args.steps`` steps of the benchmark's synthetic packs."""
     cfg = get_config(args.model, arguments.model_overrides(args))
     language, vision = model_shapes(cfg)
@@ -63,7 +64,7 @@ def step_flops(args) -> dict:
                          merge_size=cfg.vision.spatial_merge_size,
                          patch_size=cfg.vision.patch_size, image_side_min=args.image_size_min,
                          image_side_max=args.image_size_max, seed=args.seed)
-    totals = dict(model=0.0, hardware=0.0, attention=0.0)
+    totals = dict(model=0.0, hardware=0.0, attention=0.0, as_profiled=0.0)
     batches = SyntheticPackedBatches(spec).take(args.steps * args.micro_batches)
     for batch in batches:
         model, hardware = batch_flops(batch, language, vision, None,
@@ -72,6 +73,7 @@ def step_flops(args) -> dict:
         patches = batch.image_grid_thw.prod(dim=1).tolist()
         totals["model"] += model
         totals["hardware"] += hardware
+        totals["as_profiled"] += batch_flops(batch, language, vision, None)[1]
         totals["attention"] += 3 * (flops.language_attention_flops(language, segments)
                                     + flops.vision_attention_flops(vision, patches))
     return {key: value / args.steps for key, value in totals.items()}
@@ -79,10 +81,11 @@ def step_flops(args) -> dict:
 
 def measured_rates(args, per_step: dict) -> tuple:
     """(matmul, attention) FLOP/s: the command line's, else the 2026-12-04 H200 profile's kernel
-    seconds for the FLOPs of an average step as it ran then. It ran megatron's output layer and
-    no recompute, so its matmuls did the model FLOPs less the attention's."""
+    seconds for the FLOPs of an average step as it ran then (megatron's output layer, no
+    recompute)."""
     matmul = (args.matmul_tflops * 1e12 if args.matmul_tflops else
-              (per_step["model"] - per_step["attention"]) / H200_2026_12_04["matmul_seconds"])
+              (per_step["as_profiled"] - per_step["attention"])
+              / H200_2026_12_04["matmul_seconds"])
     attention = (args.attention_tflops * 1e12 if args.attention_tflops else
                  per_step["attention"] / H200_2026_12_04["attention_seconds"])
     return matmul, attention

@@ -45,9 +45,11 @@ def test_tool_measures_both_trainers_on_the_same_batches(tmp_path):
         assert r["step_time_s"] == pytest.approx(sum(r["step_times_s"]) / 2)
         assert r["tokens_per_s_per_device"] == pytest.approx(
             2 * r["tokens_per_step"] / sum(r["step_times_s"]), rel=1e-6)
-        # MFU = model FLOPs / time / peak; no recompute: hardware FLOPs = model FLOPs
+        # MFU = model FLOPs / time / peak; no recompute: the hardware FLOPs are the model
+        # FLOPs less the patch embedding's input gradient (pixels take none), a few percent of
+        # this tiny model's (the exact count is tests/test_training_flops.py's)
         assert r["mfu"] == pytest.approx(r["model_tflops_per_s_per_device"] / 0.5)
-        assert r["hfu"] == pytest.approx(r["mfu"])
+        assert 0.95 * r["mfu"] < r["hfu"] < r["mfu"]
         assert r["peak_memory_gib"] > 0
         assert all(math.isfinite(loss) for loss in r["losses"])
     # the same batches: identical work per step, and (same init scale) similar initial losses
@@ -103,10 +105,11 @@ def test_mfu_is_not_available_without_a_peak_on_cpu(tmp_path):
     table = (tmp_path / "profile" / "megatron_profile.txt").read_text()
     assert table.startswith("megatron: profiled step") and "aten::mm" in table
     assert "sorted by self_cpu_time_total" in table and "self_device_time" not in table
-    # full recompute: the hardware runs the layers' forward once more, not the output layer's
-    # (just under 4/3 of the model FLOPs; the exact count is tests/test_training_flops.py's)
+    # full recompute: the hardware runs the layers' forward once more, not the output layer's,
+    # patch embedding's or adapter's (under 4/3 of the model FLOPs; the exact count is
+    # tests/test_training_flops.py's)
     model, hardware = r["model_tflops_per_s_per_device"], r["hardware_tflops_per_s_per_device"]
-    assert model * 1.2 < hardware < model * 4 / 3
+    assert model * 1.1 < hardware < model * 4 / 3
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_query_groups": 1, "vision_hidden_size": 32,
@@ -503,9 +506,10 @@ def test_a_profiled_cuda_step_counts_its_host_syncs_by_line(tmp_path):
 
 
 def test_step_budget_splits_the_mfu_formulas_flops_and_times_them():
-    """bench_step_budget: with megatron's loss the step's hardware FLOPs are its model FLOPs
-    (the MFU formula's, interval_stats.batch_flops); the chunked loss lowers only the matmuls';
-    the seconds at given rates add up to the step the target MFU allows."""
+    """bench_step_budget: the step's FLOPs are the MFU formula's (interval_stats.batch_flops);
+    with megatron's loss the hardware runs the model FLOPs less the patch embedding's input
+    gradient, the chunked loss lowers only the matmuls'; the seconds at given rates add up to
+    the step the target MFU allows."""
     bench = load_benchmark("bench_step_budget")
     args = bench.parse_args(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64",
                              "--ffn-hidden-size", "128", "--num-attention-heads", "4",
@@ -514,7 +518,8 @@ def test_step_budget_splits_the_mfu_formulas_flops_and_times_them():
                              "--image-size-max", "112"])
     chunked = bench.step_flops(args)
     whole = bench.step_flops(bench.argparse.Namespace(**{**vars(args), "no_loss_chunks": True}))
-    assert chunked["model"] == whole["model"] == pytest.approx(whole["hardware"], rel=1e-12)
+    assert chunked["model"] == whole["model"] and chunked["as_profiled"] == whole["hardware"]
+    assert 0.99 * whole["model"] < whole["hardware"] < whole["model"]
     assert 0 < chunked["attention"] == whole["attention"] < chunked["hardware"] < whole["hardware"]
     seconds = bench.budget(chunked, matmul_rate=2e12, attention_rate=1e12, mfu=0.5, peak=8e12)
     assert seconds["allowed"] == pytest.approx(chunked["model"] / 4e12)

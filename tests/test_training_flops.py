@@ -85,3 +85,103 @@ def test_a_micro_batch_counts_its_loss_tokens_for_the_chunked_loss():
     assert batch_flops(batch, shape, vision, False) == training_flops(shape, [5, 7])
     assert batch_flops(batch, shape, vision, False, chunked_loss=True) == \
         training_flops(shape, [5, 7], loss_tokens=3)
+
+
+# ------------------------------------------------ the formula against the models' own matmuls
+
+RECOMPUTE_CONFIG = {None: {}, "mlp": dict(recompute_granularity="selective",
+                                          recompute_modules=["mlp"]),
+                    "full": dict(recompute_granularity="full", recompute_method="uniform",
+                                 recompute_num_layers=1)}
+
+
+def counted_matmul_flops(step) -> int:
+    """The matmul FLOPs torch's FLOP counter sees while ``step()`` runs: GEMMs (in-place
+    accumulating ones too, which its table lacks) and convolutions. Batched matmuls are left
+    out: in these models they are megatron's RoPE angle table, not a layer; attention on the
+    CPU goes through an SDPA kernel the counter does not know, so it is not counted either."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def accumulating_gemm(into_shape, a_shape, b_shape, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.addmm_: accumulating_gemm}) as mode:
+        step()
+    counts = mode.get_flop_counts()["Global"]
+    return sum(flops for op, flops in counts.items() if str(op) != "aten.bmm")
+
+
+def _pack_and_shapes():
+    from megatron_patch.model import get_config
+    from megatron_patch.training.interval_stats import model_shapes
+    from trainer_runs import load_benchmark
+    bench = load_benchmark("bench_launches")
+    args = bench.parse_args(["--model", "tiny", "--seq-length", "1024", "--image-size-min", "56",
+                             "--image-size-max", "112", "--pack", "1", "--full-widths"])
+    # query width (heads x head_dim = 96) unlike the hidden size (64), as in Qwen3
+    cfg = get_config("tiny", {"language.head_dim": 24})
+    pack = bench.synthetic_pack(args, cfg)
+    assert pack.num_images == 2 and 0 < pack.loss_mask.count_nonzero() < pack.tokens.numel()
+    return cfg, pack, model_shapes(cfg)
+
+
+def _expected_without_attention(pack, shapes, recompute, chunked_loss: bool) -> float:
+    """HFU's hardware FLOPs of the micro-batch, less its attention (not counted on the CPU),
+    which full recompute runs twice forward."""
+    from megatron_patch.training.interval_stats import batch_flops
+    language, vision = shapes
+    segments = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist()
+    attention = (language_attention_flops(language, segments)
+                 + vision_attention_flops(vision, pack.image_grid_thw.prod(dim=1).tolist()))
+    _, hardware = batch_flops(pack, language, vision, recompute, chunked_loss=chunked_loss)
+    return hardware - (4 if recompute in ("full", "full_early_stop") else 3) * attention
+
+
+@pytest.mark.parametrize("loss_chunk_tokens,recompute", [(0, None), (64, None), (64, "mlp"),
+                                                         (0, "full")])
+def test_hardware_flops_are_the_matmuls_the_megatron_model_runs(loss_chunk_tokens, recompute):
+    """HFU's count equals, FLOP for FLOP, what torch's counter sees in a training micro-batch
+    of the model (forward and backward, images included): megatron's output layer or the
+    chunked loss on the loss tokens (its logits GEMM twice), and each recompute's repeats (full:
+    both towers' layers, not the patch embedding, adapter or output layer)."""
+    import torch
+    from megatron_patch.model import build_model
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+    from megatron_patch.training.train_step import model_inputs
+    cfg, pack, shapes = _pack_and_shapes()
+    initialize(1, 1, 1234)
+    try:
+        model = build_model(cfg, attention_backend="local", loss_chunk_tokens=loss_chunk_tokens,
+                            **RECOMPUTE_CONFIG[recompute])
+        inputs = model_inputs(pack, torch.device("cpu"))
+
+        def step():
+            (model(**inputs) * inputs["loss_mask"]).sum().backward()
+
+        counted = counted_matmul_flops(step)
+    finally:
+        shutdown()
+    assert counted == _expected_without_attention(pack, shapes, recompute, loss_chunk_tokens > 0)
+
+
+@pytest.mark.parametrize("recompute", [None, "full"])
+def test_hardware_flops_are_the_matmuls_the_baseline_runs(recompute):
+    """The plain-PyTorch baseline (benchmarks/baseline_llava.py) is measured with the same
+    formula: its logits over every token and, under full recompute, its per-layer
+    torch.utils.checkpoint, which stops before each layer's last matmul
+    (benchmarking/throughput.recompute_as_run)."""
+    import torch
+    from megatron_patch.benchmarking.runners import load_baseline
+    from megatron_patch.benchmarking.throughput import recompute_as_run
+    cfg, pack, shapes = _pack_and_shapes()
+    baseline = load_baseline().BaselineTrainer(cfg, torch.device("cpu"), recompute=recompute)
+    inputs = baseline._inputs(pack)
+
+    def step():
+        (baseline.model(**inputs) * pack.loss_mask).sum().backward()
+
+    as_run = recompute_as_run("baseline", recompute)
+    assert counted_matmul_flops(step) == _expected_without_attention(pack, shapes, as_run,
+                                                                     chunked_loss=False)

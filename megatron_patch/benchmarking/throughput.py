@@ -21,10 +21,11 @@ synchronised at both ends):
   every matmul of the vision tower (per image, its class token included, attention over the whole
   image), the adapter and the language model (attention causal within each packed segment,
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
-  forward). Model FLOPs use 3x; hardware FLOPs add the layers' recomputed forward under full
-  recompute, the MLPs' forward again under selective recompute of "mlp" (its other modules are
-  not counted), and count megatron's chunked loss as it runs:
-  the output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
+  forward). Model FLOPs use 3x; hardware FLOPs count what runs: the decoder layers' forward
+  again under full recompute (the baseline's torch.utils.checkpoint without each layer's last
+  matmul), the MLPs' forward again under selective recompute of "mlp" (its other modules are
+  not counted), no input gradient for the pixels, and megatron's chunked loss as it runs: the
+  output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
   the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
   on CPU the process's resident-set high-water mark (VmHWM, reset through
@@ -67,10 +68,11 @@ FORMULA = {
     "tokens_per_s_per_device": "real (non-padding) tokens of the timed steps / their wall time / devices",
     "model_flops": "3 x forward FLOPs of vision tower + adapter + language model "
                    "(megatron_patch/training/flops.py, interval_stats.batch_flops)",
-    "hardware_flops": "model FLOPs + the layers' forward again under full recompute (the MLPs' "
-                      "under selective recompute of mlp); with the "
-                      "chunked loss the output layer counts 4 x forward of the loss tokens "
-                      "instead of 3 x forward of every token",
+    "hardware_flops": "model FLOPs less the patch embedding's input gradient, + the decoder "
+                      "layers' forward again under full recompute (the MLPs' under selective "
+                      "recompute of mlp); with the chunked loss the output layer counts 4 x "
+                      "forward of the loss tokens instead of 3 x forward of every token "
+                      "(flops.training_flops)",
     "mfu": "model_flops / time / devices / peak_flops",
     "hfu": "hardware_flops / time / devices / peak_flops",
     "data_wait_fraction": "time fetching the micro-batches of a step / step time",
@@ -346,6 +348,15 @@ def run(args) -> Dict:
     return report
 
 
+def recompute_as_run(trainer: str, recompute: Optional[str]) -> Optional[str]:
+    """What ``trainer``'s backward repeats (flops.training_flops) when the megatron trainer's
+    would repeat ``recompute``: the baseline recomputes whole layers (full) or nothing, through
+    torch.utils.checkpoint, which leaves out each layer's last matmul."""
+    if trainer == "megatron":
+        return recompute
+    return "full_early_stop" if recompute == "full" else None
+
+
 def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, shapes, peak):
     """Builds one trainer on a clean device, measures it, frees it: (result, batch keys)."""
     from megatron_patch.training.parallel_setup import seed_everything
@@ -358,9 +369,7 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
               else baseline_runner(train_args, cfg, device))
     # the baseline computes every token's logits; megatron's chunked loss the loss tokens' only
     chunked_loss = name == "megatron" and kernels.loss_chunk_tokens(train_args) > 0
-    recompute = kernels.recomputed_flops(train_args)
-    if name != "megatron" and recompute == "mlp":
-        recompute = None  # the baseline recomputes whole layers (full) or nothing
+    recompute = recompute_as_run(name, kernels.recomputed_flops(train_args))
 
     def flops_of(batch):
         return batch_flops(batch, *shapes, recompute, chunked_loss)

@@ -5,12 +5,21 @@ Per token, a dense matmul of [in x out] costs 2*in*out FLOPs forward; training c
 ctx the tokens attended to: causal text attends to (n+1)/2 tokens on average in a sequence
 (segment) of n; each image's patches attend to the whole image (+ its class token).
 MFU counts 3x forward of every token, whatever the implementation skips or repeats. HFU counts
-what the hardware executes: full recompute repeats the layers' forward (not the output layer's),
-selective recompute of the MLP repeats the MLPs' forward (both towers; the norms' and core
-attention's recompute are left out: no matmuls, or small), and the chunked loss
-(model/output_loss.py) runs the output layer on the loss tokens only, its forward twice (4x
-their logits FLOPs instead of 3x every token's). Peak numbers are dense bf16 tensor-core
-figures (no sparsity).
+what the hardware executes:
+
+* the patch embedding's backward is its weight gradient only (pixels take no gradient);
+* full recompute repeats the decoder layers' forward, in both towers (not the patch
+  embedding, the adapter or the output layer, which run outside the recomputed layers).
+  torch.utils.checkpoint's non-reentrant recompute (the baseline's, per layer:
+  ``"full_early_stop"``) stops once it has every tensor the backward saved, so each layer's
+  last matmul, the MLP's output projection, does not run again;
+* selective recompute of the MLP repeats the MLPs' forward (both towers; the norms' and core
+  attention's recompute are left out: no matmuls, or small);
+* the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
+  forward twice (4x their logits FLOPs instead of 3x every token's).
+
+tests/test_training_flops.py checks these counts against torch's FLOP counter run over the
+model itself. Peak numbers are dense bf16 tensor-core figures (no sparsity).
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -83,6 +92,20 @@ def mlp_forward_flops(language: LanguageShape, segment_lengths: Sequence[int],
     return total
 
 
+def mlp_output_flops(language: LanguageShape, segment_lengths: Sequence[int],
+                     vision: Optional[VisionShape] = None,
+                     image_patch_counts: Sequence[int] = ()) -> float:
+    """Every layer's MLP output projection (ffn -> hidden) forward, both towers: what an early
+    stopping recompute leaves out."""
+    total = (language.num_layers * sum(segment_lengths)
+             * 2 * language.ffn_hidden_size * language.hidden_size)
+    if vision is not None:
+        total += sum(vision.num_layers * (patches + (1 if vision.class_token else 0))
+                     * 2 * vision.ffn_hidden_size * vision.hidden_size
+                     for patches in image_patch_counts)
+    return total
+
+
 def vision_mlp_flops_per_patch(shape: VisionShape) -> float:
     return 2 * 2 * shape.hidden_size * shape.ffn_hidden_size
 
@@ -93,16 +116,32 @@ def logits_flops(shape: LanguageShape, tokens: int) -> float:
 
 
 def vision_forward_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """The patch embedding, the decoder layers and the adapter, forward."""
+    return (patch_embedding_flops(shape, image_patch_counts)
+            + vision_layers_flops(shape, image_patch_counts)
+            + adapter_flops(shape, image_patch_counts))
+
+
+def patch_embedding_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """Each patch's pixels to the tower's width, forward."""
+    return sum(2 * patches * shape.patch_dim * shape.hidden_size for patches in image_patch_counts)
+
+
+def vision_layers_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """Every decoder layer of the tower, forward: its linears over the patches and the class
+    token, and its attention within each image."""
     h = shape.hidden_size
-    total = vision_attention_flops(shape, image_patch_counts)
-    for patches in image_patch_counts:
-        n = patches + (1 if shape.class_token else 0)
-        linear = n * (2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape))
-        total += shape.num_layers * linear + 2 * patches * shape.patch_dim * h
-        merged = patches // (shape.merge_size ** 2)
-        wide = h * shape.merge_size ** 2
-        total += 2 * merged * (wide * wide + wide * shape.out_hidden_size)
-    return total
+    per_token = 2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape)
+    tokens = sum(patches + (1 if shape.class_token else 0) for patches in image_patch_counts)
+    return (shape.num_layers * tokens * per_token
+            + vision_attention_flops(shape, image_patch_counts))
+
+
+def adapter_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """The adapter's two linears over the merged patches (merge x merge -> 1), forward."""
+    wide = shape.hidden_size * shape.merge_size ** 2
+    merged = sum(patches // (shape.merge_size ** 2) for patches in image_patch_counts)
+    return 2 * merged * (wide * wide + wide * shape.out_hidden_size)
 
 
 def vision_attention_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
@@ -116,15 +155,21 @@ def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
                    vision: Optional[VisionShape] = None, image_patch_counts: Sequence[int] = (),
                    recompute: Optional[str] = None, loss_tokens: Optional[int] = None) -> tuple:
     """(model FLOPs, hardware FLOPs) of one training step over these sequences and images.
-    ``recompute``: "full", "mlp" (selective, with the MLP among its modules) or None;
+    ``recompute``: "full", "full_early_stop" (full through torch.utils.checkpoint's
+    non-reentrant recompute), "mlp" (selective, with the MLP among its modules) or None;
     ``loss_tokens``: the chunked loss's token count, None for megatron's full logits."""
     forward = language_forward_flops(language, segment_lengths)
+    all_logits = logits_flops(language, sum(segment_lengths))
+    pixels_in = outside_layers = 0.0  # the vision tower's matmuls around its decoder layers
     if vision is not None and image_patch_counts:
         forward += vision_forward_flops(vision, image_patch_counts)
-    all_logits = logits_flops(language, sum(segment_lengths))
-    hardware = 3 * forward
-    if recompute == "full":
-        hardware += forward - all_logits
+        pixels_in = patch_embedding_flops(vision, image_patch_counts)
+        outside_layers = pixels_in + adapter_flops(vision, image_patch_counts)
+    hardware = 3 * forward - pixels_in  # no input gradient for the pixels
+    if recompute in ("full", "full_early_stop"):
+        hardware += forward - all_logits - outside_layers
+    if recompute == "full_early_stop":
+        hardware -= mlp_output_flops(language, segment_lengths, vision, image_patch_counts)
     elif recompute == "mlp":
         hardware += mlp_forward_flops(language, segment_lengths, vision, image_patch_counts)
     if loss_tokens is not None:
