@@ -1,4 +1,6 @@
-"""The FLOPs formula against a count done by hand, and the peak table lookups."""
+"""The FLOPs formula against a count done by hand and against torch's FLOP counter run over
+the models (the megatron model's and the baseline's training micro-batches), and the peak table
+lookups."""
 import pytest
 
 from megatron_patch.training.flops import (LanguageShape, VisionShape,
@@ -87,7 +89,7 @@ def test_a_micro_batch_counts_its_loss_tokens_for_the_chunked_loss():
         training_flops(shape, [5, 7], loss_tokens=3)
 
 
-# ------------------------------------------------ the formula against the models' own matmuls
+# ------------------------------------------ the formula against the models' own operators
 
 RECOMPUTE_CONFIG = {None: {}, "mlp": dict(recompute_granularity="selective",
                                           recompute_modules=["mlp"]),
@@ -95,21 +97,44 @@ RECOMPUTE_CONFIG = {None: {}, "mlp": dict(recompute_granularity="selective",
                                  recompute_num_layers=1)}
 
 
-def counted_matmul_flops(step) -> int:
-    """The matmul FLOPs torch's FLOP counter sees while ``step()`` runs: GEMMs (in-place
-    accumulating ones too, which its table lacks) and convolutions. Batched matmuls are left
-    out: in these models they are megatron's RoPE angle table, not a layer; attention on the
-    CPU goes through an SDPA kernel the counter does not know, so it is not counted either."""
+def _attention_pairs(query_shape, key_shape, is_causal: bool) -> int:
+    """(query, key) pairs scored in one SDPA call on ``[b, heads, n, d]`` tensors, for every
+    head: a causal call scores each query against itself and the keys before it."""
+    b, heads, n, m = query_shape[0], query_shape[1], query_shape[2], key_shape[2]
+    return b * heads * (n * (n + 1) // 2 if is_causal else n * m)
+
+
+def _attention_forward(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False,
+                       out_shape=None, **kwargs):
+    return 2 * _attention_pairs(query_shape, key_shape, is_causal) * (
+        query_shape[-1] + value_shape[-1])
+
+
+def _attention_backward(grad_shape, query_shape, key_shape, value_shape, out_shape_, lse_shape,
+                        dropout_p=0.0, is_causal=False, out_shape=None, **kwargs):
+    return 2 * _attention_forward(query_shape, key_shape, value_shape, is_causal=is_causal)
+
+
+def _accumulating_gemm(into_shape, a_shape, b_shape, out_shape=None, **kwargs):
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def counted_flops(step) -> int:
+    """The FLOPs torch's FLOP counter sees while ``step()`` runs: GEMMs (in-place accumulating
+    ones too, which its table lacks), convolutions, and the CPU's SDPA kernel (not in its table
+    either), scored as the MFU formula scores attention: 4 x head_dim FLOPs per (query, key)
+    pair and head, causal calls the pairs at or before each query, the backward twice the
+    forward. Batched matmuls are left out: here they are megatron's RoPE angle table."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    def accumulating_gemm(into_shape, a_shape, b_shape, out_shape=None, **kwargs):
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    with FlopCounterMode(display=False,
-                         custom_mapping={torch.ops.aten.addmm_: accumulating_gemm}) as mode:
+    aten = torch.ops.aten
+    formulas = {aten.addmm_: _accumulating_gemm,
+                aten._scaled_dot_product_flash_attention_for_cpu: _attention_forward,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as mode:
         step()
     counts = mode.get_flop_counts()["Global"]
+    assert any("attention" in str(op) for op in counts), counts  # attention was counted
     return sum(flops for op, flops in counts.items() if str(op) != "aten.bmm")
 
 
@@ -127,47 +152,64 @@ def _pack_and_shapes():
     return cfg, pack, model_shapes(cfg)
 
 
-def _expected_without_attention(pack, shapes, recompute, chunked_loss: bool) -> float:
-    """HFU's hardware FLOPs of the micro-batch, less its attention (not counted on the CPU),
-    which full recompute runs twice forward."""
+def _expected(pack, shapes, recompute, chunked_loss: bool) -> float:
+    """HFU's hardware FLOPs of the micro-batch (the trainer's interval_stats.batch_flops)."""
     from megatron_patch.training.interval_stats import batch_flops
-    language, vision = shapes
-    segments = (pack.cu_seqlens[1:] - pack.cu_seqlens[:-1]).tolist()
-    attention = (language_attention_flops(language, segments)
-                 + vision_attention_flops(vision, pack.image_grid_thw.prod(dim=1).tolist()))
-    _, hardware = batch_flops(pack, language, vision, recompute, chunked_loss=chunked_loss)
-    return hardware - (4 if recompute in ("full", "full_early_stop") else 3) * attention
+    return batch_flops(pack, *shapes, recompute, chunked_loss=chunked_loss)[1]
 
 
-@pytest.mark.parametrize("loss_chunk_tokens,recompute", [(0, None), (64, None), (64, "mlp"),
-                                                         (0, "full")])
-def test_hardware_flops_are_the_matmuls_the_megatron_model_runs(loss_chunk_tokens, recompute):
-    """HFU's count equals, FLOP for FLOP, what torch's counter sees in a training micro-batch
-    of the model (forward and backward, images included): megatron's output layer or the
-    chunked loss on the loss tokens (its logits GEMM twice), and each recompute's repeats (full:
-    both towers' layers, not the patch embedding, adapter or output layer)."""
-    import torch
+def _megatron_model(cfg, loss_chunk_tokens: int = 0, recompute=None):
     from megatron_patch.model import build_model
+    return build_model(cfg, attention_backend="local", loss_chunk_tokens=loss_chunk_tokens,
+                       **RECOMPUTE_CONFIG[recompute])
+
+
+def test_model_flops_are_three_times_the_forward_the_megatron_model_runs():
+    """MFU's FLOPs: 3 x the forward the model runs with megatron's output layer (every token's
+    logits), both towers and their attention included."""
+    import torch
+    from megatron_patch.training.interval_stats import batch_flops
     from megatron_patch.training.parallel_setup import initialize, shutdown
     from megatron_patch.training.train_step import model_inputs
     cfg, pack, shapes = _pack_and_shapes()
     initialize(1, 1, 1234)
     try:
-        model = build_model(cfg, attention_backend="local", loss_chunk_tokens=loss_chunk_tokens,
-                            **RECOMPUTE_CONFIG[recompute])
+        model = _megatron_model(cfg)
+        inputs = model_inputs(pack, torch.device("cpu"))
+        with torch.no_grad():
+            counted = counted_flops(lambda: model(**inputs))
+    finally:
+        shutdown()
+    assert 3 * counted == batch_flops(pack, *shapes, None)[0]
+
+
+@pytest.mark.parametrize("loss_chunk_tokens,recompute", [(0, None), (64, None), (64, "mlp"),
+                                                         (0, "full")])
+def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, recompute):
+    """HFU's count equals, FLOP for FLOP, what torch's counter sees in a training micro-batch
+    of the model (forward and backward, images included): megatron's output layer or the
+    chunked loss on the loss tokens (its logits GEMM twice), and each recompute's repeats (full:
+    both towers' layers, not the patch embedding, adapter or output layer)."""
+    import torch
+    from megatron_patch.training.parallel_setup import initialize, shutdown
+    from megatron_patch.training.train_step import model_inputs
+    cfg, pack, shapes = _pack_and_shapes()
+    initialize(1, 1, 1234)
+    try:
+        model = _megatron_model(cfg, loss_chunk_tokens, recompute)
         inputs = model_inputs(pack, torch.device("cpu"))
 
         def step():
             (model(**inputs) * inputs["loss_mask"]).sum().backward()
 
-        counted = counted_matmul_flops(step)
+        counted = counted_flops(step)
     finally:
         shutdown()
-    assert counted == _expected_without_attention(pack, shapes, recompute, loss_chunk_tokens > 0)
+    assert counted == _expected(pack, shapes, recompute, loss_chunk_tokens > 0)
 
 
 @pytest.mark.parametrize("recompute", [None, "full"])
-def test_hardware_flops_are_the_matmuls_the_baseline_runs(recompute):
+def test_hardware_flops_are_what_the_baseline_runs(recompute):
     """The plain-PyTorch baseline (benchmarks/baseline_llava.py) is measured with the same
     formula: its logits over every token and, under full recompute, its per-layer
     torch.utils.checkpoint, which stops before each layer's last matmul
@@ -183,5 +225,4 @@ def test_hardware_flops_are_the_matmuls_the_baseline_runs(recompute):
         (baseline.model(**inputs) * pack.loss_mask).sum().backward()
 
     as_run = recompute_as_run("baseline", recompute)
-    assert counted_matmul_flops(step) == _expected_without_attention(pack, shapes, as_run,
-                                                                     chunked_loss=False)
+    assert counted_flops(step) == _expected(pack, shapes, as_run, chunked_loss=False)

@@ -18,8 +18,8 @@ what the hardware executes:
 * the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
   forward twice (4x their logits FLOPs instead of 3x every token's).
 
-tests/test_training_flops.py checks these counts against torch's FLOP counter run over the
-model itself. Peak numbers are dense bf16 tensor-core figures (no sparsity).
+tests/test_training_flops.py checks these counts, attention included, against torch's FLOP
+counter run over a training micro-batch of the model itself (and of the baseline trainer's). Peak numbers are dense bf16 tensor-core figures (no sparsity).
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
