@@ -91,10 +91,18 @@ def test_a_micro_batch_counts_its_loss_tokens_for_the_chunked_loss():
 
 # ------------------------------------------ the formula against the models' own operators
 
-RECOMPUTE_CONFIG = {None: {}, "mlp": dict(recompute_granularity="selective",
-                                          recompute_modules=["mlp"]),
-                    "full": dict(recompute_granularity="full", recompute_method="uniform",
-                                 recompute_num_layers=1)}
+def recompute_args(granularity=None, method="uniform", layers=1, modules=None, stages=1):
+    """The trainer's recompute switches (arguments.add_recompute_arguments)."""
+    from types import SimpleNamespace
+    return SimpleNamespace(recompute_granularity=granularity, recompute_method=method,
+                           recompute_num_layers=layers, recompute_modules=modules,
+                           pipeline_model_parallel_size=stages)
+
+
+RECOMPUTE_CASES = {"none": recompute_args(),
+                   "selective mlp": recompute_args("selective", modules=["mlp"]),
+                   "full": recompute_args("full"),
+                   "full, block of 3": recompute_args("full", "block", 3)}
 
 
 def _attention_pairs(query_shape, key_shape, is_causal: bool) -> int:
@@ -152,16 +160,17 @@ def _pack_and_shapes():
     return cfg, pack, model_shapes(cfg)
 
 
-def _expected(pack, shapes, recompute, chunked_loss: bool) -> float:
+def _expected(pack, shapes, recompute, chunked_loss: bool, recomputed_layers=None) -> float:
     """HFU's hardware FLOPs of the micro-batch (the trainer's interval_stats.batch_flops)."""
     from megatron_patch.training.interval_stats import batch_flops
-    return batch_flops(pack, *shapes, recompute, chunked_loss=chunked_loss)[1]
+    return batch_flops(pack, *shapes, recompute, chunked_loss, recomputed_layers)[1]
 
 
-def _megatron_model(cfg, loss_chunk_tokens: int = 0, recompute=None):
+def _megatron_model(cfg, loss_chunk_tokens: int = 0, recompute=RECOMPUTE_CASES["none"]):
     from megatron_patch.model import build_model
+    from megatron_patch.training import kernels
     return build_model(cfg, attention_backend="local", loss_chunk_tokens=loss_chunk_tokens,
-                       **RECOMPUTE_CONFIG[recompute])
+                       **kernels.recompute_config(recompute))
 
 
 def test_model_flops_are_three_times_the_forward_the_megatron_model_runs():
@@ -183,17 +192,22 @@ def test_model_flops_are_three_times_the_forward_the_megatron_model_runs():
     assert 3 * counted == batch_flops(pack, *shapes, None)[0]
 
 
-@pytest.mark.parametrize("loss_chunk_tokens,recompute", [(0, None), (64, None), (64, "mlp"),
-                                                         (0, "full")])
-def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, recompute):
+@pytest.mark.parametrize("loss_chunk_tokens,case", [(0, "none"), (64, "none"),
+                                                    (64, "selective mlp"), (0, "full"),
+                                                    (64, "full, block of 3")])
+def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, case):
     """HFU's count equals, FLOP for FLOP, what torch's counter sees in a training micro-batch
     of the model (forward and backward, images included): megatron's output layer or the
     chunked loss on the loss tokens (its logits GEMM twice), and each recompute's repeats (full:
-    both towers' layers, not the patch embedding, adapter or output layer)."""
+    both towers' layers, not the patch embedding, adapter or output layer; by blocks: the first
+    3 of the 4 language layers and both vision layers), as the trainer passes them
+    (kernels.recomputed_flops, kernels.recomputed_layers)."""
     import torch
+    from megatron_patch.training import kernels
     from megatron_patch.training.parallel_setup import initialize, shutdown
     from megatron_patch.training.train_step import model_inputs
     cfg, pack, shapes = _pack_and_shapes()
+    recompute = RECOMPUTE_CASES[case]
     initialize(1, 1, 1234)
     try:
         model = _megatron_model(cfg, loss_chunk_tokens, recompute)
@@ -205,7 +219,21 @@ def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, reco
         counted = counted_flops(step)
     finally:
         shutdown()
-    assert counted == _expected(pack, shapes, recompute, loss_chunk_tokens > 0)
+    assert counted == _expected(pack, shapes, kernels.recomputed_flops(recompute),
+                                loss_chunk_tokens > 0, kernels.recomputed_layers(recompute, cfg))
+
+
+def test_block_recompute_repeats_the_first_layers_of_each_stage_and_of_the_vision_tower():
+    from megatron_patch.model import get_config
+    from megatron_patch.training.kernels import recomputed_layers
+    cfg = get_config("tiny", {"num_layers": 6, "vision_num_layers": 2})
+    assert recomputed_layers(recompute_args("full"), cfg) is None  # uniform: every layer
+    assert recomputed_layers(recompute_args("selective"), cfg) is None
+    assert recomputed_layers(recompute_args("full", "block", 1), cfg) == (1, 1)
+    assert recomputed_layers(recompute_args("full", "block", 5), cfg) == (5, 2)
+    assert recomputed_layers(recompute_args("full", "block", 2, stages=2), cfg) == (4, 2)
+    uneven = get_config("tiny", {"num_layers": 7, "decoder_first_pipeline_num_layers": 1})  # 1, 3, 3
+    assert recomputed_layers(recompute_args("full", "block", 2, stages=3), uneven) == (1 + 2 + 2, 2)
 
 
 @pytest.mark.parametrize("recompute", [None, "full"])

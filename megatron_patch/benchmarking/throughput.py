@@ -22,8 +22,8 @@ synchronised at both ends):
   image), the adapter and the language model (attention causal within each packed segment,
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
   forward). Model FLOPs use 3x; hardware FLOPs count what runs: the decoder layers' forward
-  again under full recompute (the baseline's torch.utils.checkpoint without each layer's last
-  matmul), the MLPs' forward again under selective recompute of "mlp" (its other modules are
+  again under full recompute (by megatron's block method the first N of each stage; the
+  baseline's torch.utils.checkpoint without each layer's last matmul), the MLPs' forward again under selective recompute of "mlp" (its other modules are
   not counted), no input gradient for the pixels, and megatron's chunked loss as it runs: the
   output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
   the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
@@ -69,7 +69,8 @@ FORMULA = {
     "model_flops": "3 x forward FLOPs of vision tower + adapter + language model "
                    "(megatron_patch/training/flops.py, interval_stats.batch_flops)",
     "hardware_flops": "model FLOPs less the patch embedding's input gradient, + the decoder "
-                      "layers' forward again under full recompute (the MLPs' under selective "
+                      "layers' forward again under full recompute (those it recomputes: "
+                      "kernels.recomputed_layers; the MLPs' under selective "
                       "recompute of mlp); with the chunked loss the output layer counts 4 x "
                       "forward of the loss tokens instead of 3 x forward of every token "
                       "(flops.training_flops)",
@@ -286,7 +287,8 @@ def dry_run(args, cfg, train_args) -> Dict:
     finally:
         shutdown()
     batch = SyntheticPackedBatches(synthetic_spec(args, cfg, train_args)).take(1)[0]
-    flops = batch_flops(batch, *model_shapes(cfg), kernels.recomputed_flops(train_args))
+    flops = batch_flops(batch, *model_shapes(cfg), kernels.recomputed_flops(train_args),
+                        recomputed_layers=kernels.recomputed_layers(train_args, cfg))
     return {"parameters": {"megatron": ours, "baseline": theirs},
             "one_micro_batch": {"real_tokens": batch.real_tokens, "samples": batch.num_samples,
                                 "images": batch.num_images, "model_flops": flops[0],
@@ -370,9 +372,11 @@ def _measure_trainer(name: str, args, train_args, cfg, device, open_batches, sha
     # the baseline computes every token's logits; megatron's chunked loss the loss tokens' only
     chunked_loss = name == "megatron" and kernels.loss_chunk_tokens(train_args) > 0
     recompute = recompute_as_run(name, kernels.recomputed_flops(train_args))
+    # the baseline recomputes every layer; megatron's block method only some
+    layers = kernels.recomputed_layers(train_args, cfg) if name == "megatron" else None
 
     def flops_of(batch):
-        return batch_flops(batch, *shapes, recompute, chunked_loss)
+        return batch_flops(batch, *shapes, recompute, chunked_loss, layers)
 
     try:
         parameters = runner.parameter_count()

@@ -22,7 +22,7 @@ tests/test_training_flops.py checks these counts, attention included, against to
 counter run over a training micro-batch of the model itself (and of the baseline trainer's). Peak numbers are dense bf16 tensor-core figures (no sparsity).
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 PEAK_BF16_TFLOPS = {  # by a substring of torch.cuda.get_device_name()
     "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
@@ -55,13 +55,19 @@ class VisionShape:
 
 
 def language_forward_flops(shape: LanguageShape, segment_lengths: Sequence[int]) -> float:
-    tokens = sum(segment_lengths)
+    """The decoder layers and the output layer over every token, forward."""
+    return (shape.num_layers * language_layer_flops(shape, segment_lengths)
+            + logits_flops(shape, sum(segment_lengths)))
+
+
+def language_layer_flops(shape: LanguageShape, segment_lengths: Sequence[int]) -> float:
+    """One decoder layer's forward: its linears and its causal attention within each segment."""
     q_width = shape.num_attention_heads * shape.head_dim
     kv_width = shape.num_query_groups * shape.head_dim
     per_token_linear = 2 * shape.hidden_size * (q_width + 2 * kv_width) + 2 * q_width * shape.hidden_size
     per_token_linear += language_mlp_flops_per_token(shape)
-    return (shape.num_layers * tokens * per_token_linear
-            + language_attention_flops(shape, segment_lengths) + logits_flops(shape, tokens))
+    return (sum(segment_lengths) * per_token_linear
+            + attention_forward_flops(segment_lengths, q_width, causal=True))
 
 
 def attention_forward_flops(segment_lengths: Sequence[int], width: int, causal: bool) -> float:
@@ -128,13 +134,18 @@ def patch_embedding_flops(shape: VisionShape, image_patch_counts: Sequence[int])
 
 
 def vision_layers_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
-    """Every decoder layer of the tower, forward: its linears over the patches and the class
+    """Every decoder layer of the tower, forward."""
+    return shape.num_layers * vision_layer_flops(shape, image_patch_counts)
+
+
+def vision_layer_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
+    """One decoder layer of the tower, forward: its linears over the patches and the class
     token, and its attention within each image."""
     h = shape.hidden_size
     per_token = 2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape)
-    tokens = sum(patches + (1 if shape.class_token else 0) for patches in image_patch_counts)
-    return (shape.num_layers * tokens * per_token
-            + vision_attention_flops(shape, image_patch_counts))
+    extra = 1 if shape.class_token else 0
+    lengths = [patches + extra for patches in image_patch_counts]
+    return sum(lengths) * per_token + attention_forward_flops(lengths, h, causal=False)
 
 
 def adapter_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
@@ -153,21 +164,28 @@ def vision_attention_flops(shape: VisionShape, image_patch_counts: Sequence[int]
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
                    vision: Optional[VisionShape] = None, image_patch_counts: Sequence[int] = (),
-                   recompute: Optional[str] = None, loss_tokens: Optional[int] = None) -> tuple:
+                   recompute: Optional[str] = None, loss_tokens: Optional[int] = None,
+                   recomputed_layers: Optional[Tuple[int, int]] = None) -> tuple:
     """(model FLOPs, hardware FLOPs) of one training step over these sequences and images.
     ``recompute``: "full", "full_early_stop" (full through torch.utils.checkpoint's
     non-reentrant recompute), "mlp" (selective, with the MLP among its modules) or None;
+    ``recomputed_layers``: (language, vision) layers that full recompute repeats, None for all
+    (megatron's block method repeats only some: kernels.recomputed_layers);
     ``loss_tokens``: the chunked loss's token count, None for megatron's full logits."""
-    forward = language_forward_flops(language, segment_lengths)
+    with_images = vision is not None and bool(image_patch_counts)
+    language_layer = language_layer_flops(language, segment_lengths)
+    vision_layer = vision_layer_flops(vision, image_patch_counts) if with_images else 0.0
     all_logits = logits_flops(language, sum(segment_lengths))
-    pixels_in = outside_layers = 0.0  # the vision tower's matmuls around its decoder layers
-    if vision is not None and image_patch_counts:
+    forward = language.num_layers * language_layer + all_logits
+    pixels_in = 0.0  # the patch embedding's FLOPs: its input takes no gradient
+    if with_images:
         forward += vision_forward_flops(vision, image_patch_counts)
         pixels_in = patch_embedding_flops(vision, image_patch_counts)
-        outside_layers = pixels_in + adapter_flops(vision, image_patch_counts)
-    hardware = 3 * forward - pixels_in  # no input gradient for the pixels
-    if recompute in ("full", "full_early_stop"):
-        hardware += forward - all_logits - outside_layers
+    hardware = 3 * forward - pixels_in
+    if recompute in ("full", "full_early_stop"):  # the layers only, not what runs around them
+        language_layers, vision_layers = recomputed_layers or (
+            language.num_layers, vision.num_layers if vision is not None else 0)
+        hardware += language_layers * language_layer + vision_layers * vision_layer
     if recompute == "full_early_stop":
         hardware -= mlp_output_flops(language, segment_lengths, vision, image_patch_counts)
     elif recompute == "mlp":

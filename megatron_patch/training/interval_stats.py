@@ -7,7 +7,7 @@ stage's TP0 rank, so a world-wide SUM gives global figures.
 """
 import resource
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,17 +30,20 @@ def model_shapes(cfg):
 
 
 def batch_flops(batch, language: LanguageShape, vision: VisionShape, recompute: Optional[str],
-                chunked_loss: bool = False):
+                chunked_loss: bool = False,
+                recomputed_layers: Optional[Tuple[int, int]] = None):
     """(model, hardware) FLOPs of one micro-batch as the model runs it (padding included);
-    ``recompute``: what the backward repeats (kernels.recomputed_flops); ``chunked_loss``: the
-    output layer ran on the loss tokens only (flops.training_flops)."""
+    ``recompute``: what the backward repeats (kernels.recomputed_flops), full recompute in
+    ``recomputed_layers`` (kernels.recomputed_layers); ``chunked_loss``: the output layer ran on
+    the loss tokens only (flops.training_flops)."""
     if batch.cu_seqlens is not None:
         segments = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     else:
         segments = [batch.tokens.shape[1]] * batch.tokens.shape[0]
     patches = batch.image_grid_thw.prod(dim=1).tolist() if batch.image_grid_thw.numel() else []
     loss_tokens = int(batch.loss_mask.count_nonzero()) if chunked_loss else None
-    return training_flops(language, segments, vision, patches, recompute, loss_tokens)
+    return training_flops(language, segments, vision, patches, recompute, loss_tokens,
+                          recomputed_layers)
 
 
 @dataclass

@@ -8,7 +8,7 @@ the kernels that produced it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -157,6 +157,23 @@ def recomputed_flops(args) -> Optional[str]:
             getattr(args, "recompute_modules", None) or ()):
         return "mlp"
     return None
+
+
+def recomputed_layers(args, cfg) -> Optional[Tuple[int, int]]:
+    """(language, vision) decoder layers that full recompute runs again, None for all of them
+    (flops.training_flops). megatron's uniform method repeats every layer; its block method the
+    first ``--recompute-num-layers`` of each pipeline stage's language layers and of the vision
+    tower's (built whole on the first stage)."""
+    if args.recompute_granularity != "full" or args.recompute_method != "block":
+        return None
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron_patch.model.transformer_configs import language_transformer_config
+    stages = args.pipeline_model_parallel_size
+    config = language_transformer_config(cfg, pipeline_model_parallel_size=stages)
+    first = args.recompute_num_layers
+    language = sum(min(first, get_num_layers_to_build(config, pp_rank=rank))
+                   for rank in range(stages))
+    return language, min(first, cfg.vision.num_layers)
 
 
 def summary(args) -> Dict[str, object]:

@@ -102,6 +102,7 @@ class Trainer:
         self.metrics = MetricsLogger(args.tensorboard_dir, enabled=ranks.rank == 0,
                                      run_config=vars(args), purge_step=self.state.iteration + 1)
         self.language_shape, self.vision_shape = model_shapes(self.cfg)
+        self.recomputed_layers = kernels.recomputed_layers(args, self.cfg)
         self.peak_flops = peak_flops_per_device(
             torch.cuda.get_device_name() if torch.cuda.is_available() else None)
         self.stop_request = StopRequest([signal_from_name(name) for name in args.exit_signals])
@@ -219,7 +220,7 @@ class Trainer:
             chunked_loss = kernels.loss_chunk_tokens(args) > 0
             for batch in micro_batches:
                 flops = batch_flops(batch, self.language_shape, self.vision_shape, recompute,
-                                    chunked_loss)
+                                    chunked_loss, self.recomputed_layers)
                 stats.add_batch(batch, flops)
         return outcome
 
