@@ -23,9 +23,10 @@ synchronised at both ends):
   padding segment included, logits layer included); training = 3 x forward (backward = 2 x
   forward). Model FLOPs use 3x; hardware FLOPs count what runs: the decoder layers' forward
   again under full recompute (by megatron's block method the first N of each stage; the
-  baseline's torch.utils.checkpoint without each layer's last matmul), the MLPs' forward again under selective recompute of "mlp" (its other modules are
-  not counted), no input gradient for the pixels, and megatron's chunked loss as it runs: the
-  output layer over the loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
+  baseline's torch.utils.checkpoint without each layer's last matmul), the MLPs' forward
+  again under selective recompute of "mlp" (its other modules are not counted), no input
+  gradient for the pixels, and megatron's chunked loss as it runs: the output layer over the
+  loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
   the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
   on CPU the process's resident-set high-water mark (VmHWM, reset through

@@ -19,7 +19,8 @@ what the hardware executes:
   forward twice (4x their logits FLOPs instead of 3x every token's).
 
 tests/test_training_flops.py checks these counts, attention included, against torch's FLOP
-counter run over a training micro-batch of the model itself (and of the baseline trainer's). Peak numbers are dense bf16 tensor-core figures (no sparsity).
+counter run over a training micro-batch of the model itself (and of the baseline trainer's).
+Peak numbers are dense bf16 tensor-core figures (no sparsity).
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple

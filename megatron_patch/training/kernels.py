@@ -11,10 +11,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
 from megatron_patch.compat import apply_wgrad_accumulation, wgrad_accumulation
 from megatron_patch.model.attention import flash_varlen_kernel
 from megatron_patch.model.layer_specs import resolve_backend
+from megatron_patch.model.transformer_configs import language_transformer_config
 
 
 def attention_backend(args) -> str:
@@ -166,8 +168,6 @@ def recomputed_layers(args, cfg) -> Optional[Tuple[int, int]]:
     tower's (built whole on the first stage)."""
     if args.recompute_granularity != "full" or args.recompute_method != "block":
         return None
-    from megatron.core.transformer.transformer_block import get_num_layers_to_build
-    from megatron_patch.model.transformer_configs import language_transformer_config
     stages = args.pipeline_model_parallel_size
     config = language_transformer_config(cfg, pipeline_model_parallel_size=stages)
     first = args.recompute_num_layers
