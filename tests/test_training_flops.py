@@ -224,6 +224,8 @@ def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, case
 
 
 def test_block_recompute_repeats_the_first_layers_of_each_stage_and_of_the_vision_tower():
+    """megatron's block method checkpoints the first N layers of each pipeline stage's block
+    (uneven first/last stages included) and of the vision tower, built whole on stage 0."""
     from megatron_patch.model import get_config
     from megatron_patch.training.kernels import recomputed_layers
     cfg = get_config("tiny", {"num_layers": 6, "vision_num_layers": 2})
@@ -232,7 +234,8 @@ def test_block_recompute_repeats_the_first_layers_of_each_stage_and_of_the_visio
     assert recomputed_layers(recompute_args("full", "block", 1), cfg) == (1, 1)
     assert recomputed_layers(recompute_args("full", "block", 5), cfg) == (5, 2)
     assert recomputed_layers(recompute_args("full", "block", 2, stages=2), cfg) == (4, 2)
-    uneven = get_config("tiny", {"num_layers": 7, "decoder_first_pipeline_num_layers": 1})  # 1, 3, 3
+    # stages of 1, 3 and 3 layers
+    uneven = get_config("tiny", {"num_layers": 7, "decoder_first_pipeline_num_layers": 1})
     assert recomputed_layers(recompute_args("full", "block", 2, stages=3), uneven) == (1 + 2 + 2, 2)
 
 
