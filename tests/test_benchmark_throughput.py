@@ -346,25 +346,28 @@ def test_activation_memory_benchmark_shows_what_sequence_parallelism_saves(tmp_p
     assert "largest" not in rows[1] and "cross_entropy.py" in result.stdout
 
 
-def test_chunked_loss_keeps_no_logits_sized_tensor_for_the_backward(tmp_path):
-    """bench_activation_memory.py with --loss-chunk-tokens (one process, TP=1): the fp32 softmax
-    that megatron's cross entropy keeps (tokens x vocab x 4 bytes) is gone from what the forward
-    saves; the decoder layers save the same as before."""
+def test_chunked_loss_keeps_half_the_bytes_of_megatrons_softmax_for_the_backward(tmp_path):
+    """bench_activation_memory.py with --loss-chunk-tokens (one process, TP=1, bf16, every token
+    in the loss): megatron's cross entropy keeps the fp32 softmax (tokens x vocab x 4 bytes),
+    the largest tensor the forward saves; the chunked loss keeps the bf16 gradient of the logits
+    instead (2 bytes), in pieces of one chunk; the decoder layers save the same as before."""
     from megatron_patch.model import get_config
     bench = load_benchmark("bench_activation_memory")
     rows = {}
     for chunk_tokens in (0, 128):
         out = tmp_path / f"memory_{chunk_tokens}.json"
-        bench.main(["--seq-length", "384", "--top", "3", "--loss-chunk-tokens",
+        bench.main(["--seq-length", "384", "--bf16", "--top", "8", "--loss-chunk-tokens",
                     str(chunk_tokens), "--json", str(out)])
         rows[chunk_tokens] = json.loads(out.read_text())["rows"][0]
     vocab = get_config("tiny").language.vocab_size
     megatron, chunked = rows[0], rows[128]
-    assert any(vocab in entry["shape"] for entry in megatron["largest"])
-    assert not any(vocab in entry["shape"] for entry in chunked["largest"])
+    assert [384, 1, vocab] in [entry["shape"] for entry in megatron["largest"]]
+    kept = [entry for entry in chunked["largest"] if vocab in entry["shape"]]
+    assert [entry["shape"] for entry in kept] == [[128, vocab]] * 3
+    assert all(entry["bytes"] == 128 * vocab * 2 for entry in kept)
     assert chunked["decoder_per_layer"] == megatron["decoder_per_layer"]
-    # the softmax is gone; the chunked loss keeps a few [tokens] vectors (labels, log-sum-exp)
-    assert megatron["other"] - chunked["other"] >= 384 * vocab * 4 - 384 * 32
+    # the softmax's 4 bytes become 2; the chunked loss also keeps a few [tokens] vectors
+    assert megatron["other"] - chunked["other"] >= 384 * vocab * (4 - 2) - 384 * 32
 
 
 def test_activation_memory_estimate_for_a_deeper_model_equals_measuring_it(tmp_path):

@@ -327,8 +327,9 @@ def test_weight_gradients_accumulate_in_fp32_without_apex():
 def test_chunked_loss_on_cuda_is_as_accurate_and_peaks_lower():
     """model/output_loss.py on CUDA, bf16, 4096 tokens x 32768 vocabulary: the loss and both
     gradients as close to float64 as megatron's output layer + fused cross entropy (the CUDA
-    default it replaces), and the forward + backward's peak at least the fp32 softmax lower
-    (4096 x 32768 x 4 bytes = 512 MiB)."""
+    default it replaces), and the forward + backward's peak lower by at least the difference
+    between the fp32 softmax megatron keeps and the bf16 logits' gradient the chunked loss
+    keeps (4096 x 32768 x (4 - 2) bytes = 256 MiB)."""
     from megatron.core import parallel_state
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
@@ -368,4 +369,4 @@ def test_chunked_loss_on_cuda_is_as_accurate_and_peaks_lower():
                                     reference, exact):
         assert error(got, want) <= 1.5 * error(ref, want) + 1e-4, (name, error(got, want),
                                                                   error(ref, want))
-    assert chunked_peak <= reference_peak - tokens * vocab * 4, (chunked_peak, reference_peak)
+    assert chunked_peak <= reference_peak - tokens * vocab * 2, (chunked_peak, reference_peak)

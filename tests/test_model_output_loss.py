@@ -145,21 +145,22 @@ def _tiny_model_losses(loss_chunk_tokens, mask, upstream):
     with gemms:
         loss = model(ids, torch.arange(ids.shape[1]).expand_as(ids), pixel_values=pixels,
                      image_grid_thw=grid, labels=torch.roll(ids, -1, 1), loss_mask=mask)
-    (loss * mask * upstream).sum().backward()
+        (loss * mask * upstream).sum().backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, gemms.rows
 
 
 def test_only_the_tokens_in_the_loss_are_computed_and_their_gradients_are_megatrons():
     """A loss mask with 23 of 64 tokens: the chunked loss runs the output layer on those 23
-    (chunks of 10: GEMMs of 10, 10 and 3 rows) and reports 0 for the others; the masked loss
-    and every gradient equal megatron's full-logits path."""
+    (chunks of 10: GEMMs of 10, 10 and 3 rows), and only in the forward (the backward starts
+    from the kept gradient, as megatron's from its saved softmax), and reports 0 for the
+    others; the masked loss and every gradient equal megatron's full-logits path."""
     generator = torch.Generator().manual_seed(1)
     mask = torch.zeros(2, 32)
     mask.view(-1)[torch.randperm(64, generator=generator)[:23]] = 1.0
     upstream = torch.rand(2, 32, generator=generator)
     loss, grads, rows = _tiny_model_losses(10, mask, upstream)
     ref_loss, ref_grads, ref_rows = _tiny_model_losses(0, mask, upstream)
-    assert ref_rows == [64] and rows == [10, 10, 3]  # the forward's GEMMs
+    assert ref_rows == [64] and rows == [10, 10, 3]  # forward and backward
     assert torch.equal(loss[mask == 0], torch.zeros(41))
     torch.testing.assert_close(loss[mask == 1], ref_loss[mask == 1], rtol=1e-5, atol=1e-6)
     for name, grad in ref_grads.items():
@@ -187,11 +188,57 @@ def test_compiled_chunk_kernels_equal_the_eager_ones():
             torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_backward_kernel_with_a_tensor_parallel_shift_equals_the_eager_one():
+    """Under TP the backward's kernel also shifts each label's column (the CPU's TP tests run
+    the eager kernel): compiled, the same values, for varying row counts."""
+    from megatron_patch.model import output_loss
+    generator = torch.Generator().manual_seed(3)
+    compiled = output_loss._compiled(output_loss.scaled_gradient)
+    for rows in (5, 8):
+        kept = torch.rand(rows, VOCAB, generator=generator).to(torch.bfloat16)
+        scale, shift = torch.rand(rows, generator=generator), -torch.rand(rows, generator=generator)
+        labels = torch.randint(0, VOCAB, (rows,), generator=generator)
+        in_shard = torch.rand(rows, generator=generator) > 0.3
+        eager = output_loss.scaled_gradient(kept, scale, shift, labels, in_shard)
+        assert not torch.equal(eager, output_loss.scaled_gradient(kept, scale, None, labels,
+                                                                  in_shard))
+        torch.testing.assert_close(compiled(kept, scale, shift, labels, in_shard), eager)
+
+
 def test_evaluation_without_autograd_gives_the_same_losses():
     hidden, weight, labels, upstream = _inputs()
     expected = _chunked(hidden, weight, labels, upstream, 5)[0]
     with torch.no_grad():
         assert torch.equal(linear_cross_entropy(hidden, weight, labels, 5), expected)
+
+
+def test_only_a_backward_to_come_makes_the_forward_keep_the_logits_gradient(monkeypatch):
+    """The kept gradient is tokens x vocab: evaluation (no grad mode, or nothing that needs a
+    gradient) must not compute or hold it; training must."""
+    from megatron_patch.model import output_loss
+    kept, statistics = [], output_loss.softmax_statistics
+
+    def recording(logits, labels, in_shard, keep_gradient):
+        kept.append(keep_gradient)
+        return statistics(logits, labels, in_shard, keep_gradient)
+
+    monkeypatch.setattr(output_loss, "softmax_statistics", recording)
+    hidden, weight, labels, _ = _inputs()
+    with torch.no_grad():
+        linear_cross_entropy(hidden.requires_grad_(), weight, labels, TOKENS)
+    linear_cross_entropy(hidden.detach(), weight, labels, TOKENS)
+    linear_cross_entropy(hidden.detach(), weight.requires_grad_(), labels, TOKENS)
+    assert kept == [False, False, True]
+
+
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients():
+    hidden, weight, labels, upstream = _inputs()
+    hidden.requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, labels, 5)
+    (loss * upstream).sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    (loss * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
 
 
 def test_a_failing_compiler_names_the_switch_that_avoids_it(monkeypatch):

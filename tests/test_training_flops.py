@@ -54,16 +54,15 @@ def test_mlp_recompute_repeats_the_mlps_of_both_towers():
     assert model == plain[0] and hardware == plain[1] + language_mlps + vision_mlps
 
 
-def test_chunked_loss_hardware_flops_count_the_loss_tokens_logits_four_times():
-    """The chunked loss runs the output layer on the loss tokens only, forward twice: MFU's
-    model FLOPs stay the model's; the hardware FLOPs trade 3x every token's logits for 4x the
-    loss tokens'."""
+def test_chunked_loss_hardware_flops_count_the_loss_tokens_logits_only():
+    """The chunked loss runs the output layer on the loss tokens only: MFU's model FLOPs stay
+    the model's; the hardware FLOPs trade 3x every token's logits for 3x the loss tokens'."""
     shape = LanguageShape(2, 8, 16, 2, 1, 4, 10)
     forward = language_forward_flops(shape, [5, 7])
     per_token_logits = 2 * 8 * 10
     model, hardware = training_flops(shape, [5, 7], loss_tokens=3)
     assert model == 3 * forward
-    assert hardware == 3 * forward - 3 * 12 * per_token_logits + 4 * 3 * per_token_logits
+    assert hardware == 3 * forward - 3 * 12 * per_token_logits + 3 * 3 * per_token_logits
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
@@ -198,9 +197,9 @@ def test_model_flops_are_three_times_the_forward_the_megatron_model_runs():
 def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, case):
     """HFU's count equals, FLOP for FLOP, what torch's counter sees in a training micro-batch
     of the model (forward and backward, images included): megatron's output layer or the
-    chunked loss on the loss tokens (its logits GEMM twice), and each recompute's repeats (full:
-    both towers' layers, not the patch embedding, adapter or output layer; by blocks: the first
-    3 of the 4 language layers and both vision layers), as the trainer passes them
+    chunked loss on the loss tokens (forward, input and weight gradient), and each recompute's
+    repeats (full: both towers' layers, not the patch embedding, adapter or output layer; by
+    blocks: the first 3 of the 4 language layers and both vision layers), as the trainer passes them
     (kernels.recomputed_flops, kernels.recomputed_layers)."""
     import torch
     from megatron_patch.training import kernels

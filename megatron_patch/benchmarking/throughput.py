@@ -26,8 +26,8 @@ synchronised at both ends):
   baseline's torch.utils.checkpoint without each layer's last matmul), the MLPs' forward
   again under selective recompute of "mlp" (its other modules are not counted), no input
   gradient for the pixels, and megatron's chunked loss as it runs: the output layer over the
-  loss tokens only, its forward twice. Peak: ``--peak-tflops``, else
-  the dense bf16 table in flops.py for the CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
+  loss tokens only. Peak: ``--peak-tflops``, else the dense bf16 table in flops.py for the
+  CUDA device name; unknown (CPU) -> MFU/HFU "n/a".
 * peak memory: ``torch.cuda.max_memory_allocated`` on GPU (reset before each trainer is built);
   on CPU the process's resident-set high-water mark (VmHWM, reset through
   ``/proc/self/clear_refs`` before each trainer where the kernel allows it, else ru_maxrss which
@@ -72,8 +72,8 @@ FORMULA = {
     "hardware_flops": "model FLOPs less the patch embedding's input gradient, + the decoder "
                       "layers' forward again under full recompute (those it recomputes: "
                       "kernels.recomputed_layers; the MLPs' under selective "
-                      "recompute of mlp); with the chunked loss the output layer counts 4 x "
-                      "forward of the loss tokens instead of 3 x forward of every token "
+                      "recompute of mlp); with the chunked loss the output layer counts 3 x "
+                      "forward of the loss tokens instead of every token's "
                       "(flops.training_flops)",
     "mfu": "model_flops / time / devices / peak_flops",
     "hfu": "hardware_flops / time / devices / peak_flops",

@@ -15,8 +15,8 @@ what the hardware executes:
   last matmul, the MLP's output projection, does not run again;
 * selective recompute of the MLP repeats the MLPs' forward (both towers; the norms' and core
   attention's recompute are left out: no matmuls, or small);
-* the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only, its
-  forward twice (4x their logits FLOPs instead of 3x every token's).
+* the chunked loss (model/output_loss.py) runs the output layer on the loss tokens only (3x
+  their logits FLOPs instead of 3x every token's).
 
 tests/test_training_flops.py checks these counts, attention included, against torch's FLOP
 counter run over a training micro-batch of the model itself (and of the baseline trainer's).
@@ -192,7 +192,7 @@ def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
     elif recompute == "mlp":
         hardware += mlp_forward_flops(language, segment_lengths, vision, image_patch_counts)
     if loss_tokens is not None:
-        hardware += 4 * logits_flops(language, loss_tokens) - 3 * all_logits
+        hardware += 3 * (logits_flops(language, loss_tokens) - all_logits)
     return 3 * forward, hardware
 
 
