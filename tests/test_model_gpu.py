@@ -370,3 +370,30 @@ def test_chunked_loss_on_cuda_is_as_accurate_and_peaks_lower():
         assert error(got, want) <= 1.5 * error(ref, want) + 1e-4, (name, error(got, want),
                                                                   error(ref, want))
     assert chunked_peak <= reference_peak - tokens * vocab * 2, (chunked_peak, reference_peak)
+
+
+def test_token_embedding_rows_into_main_grad_are_exact_and_deterministic_on_cuda():
+    """compat/embedding_wgrad.py on CUDA (the trainer's path under gradient-accumulation
+    fusion): 8192 lookups of 1000 distinct rows of a 32768 x 1024 bf16 table, their gradient
+    added into the fp32 buffer as float64 would add it, and the same bits on a second run (a
+    resume compares runs bit for bit; ``index_add_`` would add repeats in any order)."""
+    import torch.nn.functional as F
+
+    from megatron_patch.compat.embedding_wgrad import rows_into_main_grad
+    g = torch.Generator(device=DEV).manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(32768, 1024, device=DEV, generator=g).bfloat16())
+    ids = torch.randint(0, 1000, (8192,), device=DEV, generator=g)
+    upstream = torch.randn(8192, 1024, device=DEV, generator=g).bfloat16()
+    buffers = []
+    for _ in range(2):
+        weight.main_grad = torch.zeros(weight.shape, device=DEV)
+        weight.grad, weight.grad_added_to_main_grad = None, False
+        with rows_into_main_grad(weight):
+            out = F.embedding(ids, weight)
+        (out * upstream).sum().backward()
+        assert weight.grad_added_to_main_grad is True
+        buffers.append(weight.main_grad)
+    exact = torch.zeros(weight.shape, device=DEV, dtype=torch.float64).index_add_(
+        0, ids, upstream.double())
+    torch.testing.assert_close(buffers[0].double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.equal(buffers[0], buffers[1])

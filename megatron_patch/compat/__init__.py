@@ -31,6 +31,10 @@ its buffer with one multi-tensor add per backward instead of one add each, bit f
 
 :func:`apply_bias_gelu_fusion` compiles the vision MLP's fc1 bias and exact GELU into one kernel
 on a GPU (see compat/bias_gelu.py).
+
+``compat.embedding_wgrad.rows_into_main_grad`` adds the token embedding's gradient into its
+fp32 buffer row by row under gradient-accumulation fusion, instead of a table-sized gradient
+and DDP's add (the model's ``embed`` uses it).
 """
 from megatron_patch.compat.bias_gelu import apply as apply_bias_gelu_fusion
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Optional
 
 import torch
 
@@ -75,6 +76,17 @@ def wgrad_gemm_accum_fp16(input: torch.Tensor, grad_output: torch.Tensor,
     main_grad.addmm_(_as_matrix(grad_output).t(), _as_matrix(input))
 
 
+def placeholder_weight_gradient(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """What megatron's linears return for a weight whose gradient went into ``main_grad``: a
+    placeholder that keeps DDP's hook on the main thread (or None without DDP's marker), with
+    the marker set so that the hook does not add it."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
+
+
 def install() -> None:
     """Give megatron's linears these functions where APEX's kernel is missing (idempotent).
 
@@ -105,5 +117,6 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     return f"{dtype} GEMM, then an add (no fp32-output GEMM on {device.type}: unfused arithmetic)"
 
 
-__all__ = ["accumulates_in_place", "describe", "fp32_output_gemm_works", "install", "uses_apex",
-           "wgrad_gemm_accum_fp16", "wgrad_gemm_accum_fp32"]
+__all__ = ["accumulates_in_place", "describe", "fp32_output_gemm_works", "install",
+           "placeholder_weight_gradient", "uses_apex", "wgrad_gemm_accum_fp16",
+           "wgrad_gemm_accum_fp32"]

@@ -43,6 +43,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.compat.embedding_wgrad import rows_into_main_grad
 from megatron_patch.model.adapter import VisionAdapter
 from megatron_patch.model.attention import with_fixed_segments
 from megatron_patch.model.configs import LlavaOVConfig
@@ -93,8 +94,13 @@ class LlavaOVModel(MegatronModule):
         on the device and reading the count back would make the host wait, every micro-batch,
         for everything queued before, and leave the GPU idle while the host then launches the
         vision tower. So on a GPU a count that disagrees with the images stops the run with a
-        device-side assertion; on the CPU, where reading it costs nothing, with a message."""
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        device-side assertion; on the CPU, where reading it costs nothing, with a message.
+        Under gradient-accumulation fusion the token embedding's gradient goes into its fp32
+        buffer row by row (compat/embedding_wgrad.py)."""
+        embedding = self.language_model.embedding
+        with rows_into_main_grad(embedding.word_embeddings.weight,
+                                 self.language_model.config.gradient_accumulation_fusion):
+            emb = embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
         is_image = (input_ids == self.image_token_id).reshape(-1)  # [b * s], row-major
         has_pixels = pixel_values is not None and pixel_values.numel() > 0
         merged = self.cfg.vision.spatial_merge_size ** 2

@@ -129,16 +129,6 @@ def _global_logsumexp(local: torch.Tensor, group) -> torch.Tensor:
     return total.log_().add_(peak)
 
 
-def _dummy_weight_gradient(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """What megatron's linears return for a weight whose gradient went into ``main_grad``: a
-    placeholder that keeps DDP's hook on the main thread (or None without DDP's marker)."""
-    if not hasattr(weight, "grad_added_to_main_grad"):
-        return None
-    weight.grad_added_to_main_grad = True
-    make = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-    return make(weight.main_grad.shape, dtype=weight.dtype, device=weight.device)
-
-
 def _accumulate_weight_gradient(hidden: torch.Tensor, grad_logits: torch.Tensor,
                                 into: torch.Tensor) -> None:
     """``into += grad_logits^T hidden`` with the best GEMM this device has for ``into``'s dtype."""
@@ -208,7 +198,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             del grad_logits
         grad_weight = None
         if weight_grad_sum is not None:
-            grad_weight = _dummy_weight_gradient(weight) if fused else \
+            grad_weight = wgrad_accumulation.placeholder_weight_gradient(weight) if fused else \
                 weight_grad_sum.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None
 

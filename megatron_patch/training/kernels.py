@@ -62,8 +62,9 @@ def gradient_accumulation_fusion(args) -> bool:
     into the fp32 gradient buffer, saving a kernel, a bf16 temporary and a bf16 rounding per
     weight and micro-batch. Transformer Engine's linears fuse it themselves; megatron's own use
     APEX's kernel where installed, torch's fp32-output GEMM otherwise
-    (compat/wgrad_accumulation.py). The CPU may opt in but by default keeps DDP's separate add,
-    the arithmetic the demo's trajectory was measured with."""
+    (compat/wgrad_accumulation.py). The token embedding adds its rows into its buffer instead of
+    a table-sized gradient (compat/embedding_wgrad.py). The CPU may opt in but by default keeps
+    DDP's separate add, the arithmetic the demo's trajectory was measured with."""
     apply_wgrad_accumulation()
     if args.gradient_accumulation_fusion is not None:
         return args.gradient_accumulation_fusion
