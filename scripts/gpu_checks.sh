@@ -223,6 +223,23 @@ def chunked_loss():  # the GPU default --loss-chunk-tokens 1024; its failure swi
     assert torch.isfinite(weight.grad).all()
 
 
+def embedding_rows():  # the token embedding under gradient-accumulation fusion; off if it fails
+    import torch.nn.functional as F
+    from megatron_patch.compat.embedding_wgrad import rows_into_main_grad
+    weight = torch.nn.Parameter(torch.randn(1000, 64, device="cuda", dtype=torch.bfloat16))
+    weight.main_grad = torch.zeros(1000, 64, device="cuda")
+    weight.grad_added_to_main_grad = False
+    ids = torch.randint(0, 100, (4, 300), device="cuda")  # repeated rows
+    upstream = torch.randn(4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    with rows_into_main_grad(weight):
+        out = F.embedding(ids, weight)
+    (out * upstream).sum().backward()
+    exact = torch.zeros(1000, 64, device="cuda", dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), upstream.double().reshape(-1, 64))
+    torch.testing.assert_close(weight.main_grad.double(), exact, rtol=1e-5, atol=1e-5)
+    assert weight.grad_added_to_main_grad
+
+
 def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off below if it fails
     from megatron.core.fusions.fused_bias_dropout import bias_dropout_add_fused_train
     for tokens in (300, 517, 1029):  # the vision tower's token counts vary: dynamic shapes
@@ -238,7 +255,7 @@ def fused_bias_dropout_add():  # the vision tower's, a GPU default; switched off
 
 for check in (cuda_tensor, nccl_world_of_one, compiled_silu, varlen_forward_backward,
               fp32_output_gemm, compiled_rope, compiled_norms, fused_qkv, chunked_loss,
-              fused_bias_dropout_add, vision_bias_gelu):
+              embedding_rows, fused_bias_dropout_add, vision_bias_gelu):
     started = time.time()
     try:
         check()
@@ -261,6 +278,8 @@ grep -qE "^preflight (compiled_silu|fused_bias_dropout_add|vision_bias_gelu): FA
   && FALLBACKS+=(--no-bias-swiglu-fusion)
 grep -q "^preflight chunked_loss: FAILED" "$OUT/environment.txt" \
   && FALLBACKS+=(--loss-chunk-tokens 0)
+grep -q "^preflight embedding_rows: FAILED" "$OUT/environment.txt" \
+  && FALLBACKS+=(--no-gradient-accumulation-fusion)
 [ ${#FALLBACKS[@]} -gt 0 ] && echo "switched off after failed preflights: ${FALLBACKS[*]}" \
   | tee -a "$OUT/summary.txt"
 

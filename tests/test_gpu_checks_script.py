@@ -110,7 +110,9 @@ def test_every_step_starts_commands_that_their_scripts_accept(tmp_path, monkeypa
 @pytest.mark.parametrize("failing, switch", [("fused_qkv", ["--no-rope-fusion"]),
                                              ("compiled_norms", ["--no-norm-fusion"]),
                                              ("vision_bias_gelu", ["--no-bias-swiglu-fusion"]),
-                                             ("chunked_loss", ["--loss-chunk-tokens", "0"])])
+                                             ("chunked_loss", ["--loss-chunk-tokens", "0"]),
+                                             ("embedding_rows",
+                                              ["--no-gradient-accumulation-fusion"])])
 def test_a_failed_preflight_switches_its_default_off_in_every_step(tmp_path, monkeypatch,
                                                                    failing, switch):
     commands, summary, _ = run_script(tmp_path, steps="bench graphs levers memory", fail=failing)
