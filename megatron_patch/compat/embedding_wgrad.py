@@ -38,6 +38,8 @@ from megatron_patch.compat import wgrad_accumulation
 
 
 class _LookupIntoMainGrad(torch.autograd.Function):
+    """torch's lookup forward; backward: the incoming rows added into ``weight.main_grad`` at
+    their ids, megatron's placeholder returned as the weight's gradient."""
 
     @staticmethod
     def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
