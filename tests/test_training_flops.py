@@ -199,8 +199,8 @@ def test_hardware_flops_are_what_the_megatron_model_runs(loss_chunk_tokens, case
     of the model (forward and backward, images included): megatron's output layer or the
     chunked loss on the loss tokens (forward, input and weight gradient), and each recompute's
     repeats (full: both towers' layers, not the patch embedding, adapter or output layer; by
-    blocks: the first 3 of the 4 language layers and both vision layers), as the trainer passes them
-    (kernels.recomputed_flops, kernels.recomputed_layers)."""
+    blocks: the first 3 of the 4 language layers and both vision layers), as the trainer passes
+    them (kernels.recomputed_flops, kernels.recomputed_layers)."""
     import torch
     from megatron_patch.training import kernels
     from megatron_patch.training.parallel_setup import initialize, shutdown

@@ -88,15 +88,31 @@ def language_mlp_flops_per_token(shape: LanguageShape) -> float:
     return (3 if shape.gated_mlp else 2) * 2 * shape.hidden_size * shape.ffn_hidden_size
 
 
+def image_token_counts(shape: VisionShape, image_patch_counts: Sequence[int]) -> list:
+    """The tokens each image runs through the tower's layers: its patches and its class token."""
+    extra = 1 if shape.class_token else 0
+    return [patches + extra for patches in image_patch_counts]
+
+
+def _in_every_layer(language: LanguageShape, segment_lengths: Sequence[int],
+                    vision: Optional[VisionShape], image_patch_counts: Sequence[int],
+                    per_language_token: float, per_vision_token: float) -> float:
+    """A per-token cost of one layer, over every token of every layer of both towers."""
+    total = language.num_layers * sum(segment_lengths) * per_language_token
+    if vision is not None:
+        total += (vision.num_layers * sum(image_token_counts(vision, image_patch_counts))
+                  * per_vision_token)
+    return total
+
+
 def mlp_forward_flops(language: LanguageShape, segment_lengths: Sequence[int],
                       vision: Optional[VisionShape] = None,
                       image_patch_counts: Sequence[int] = ()) -> float:
     """Every layer's MLP forward (both towers): what selective recompute of "mlp" repeats."""
-    total = language.num_layers * sum(segment_lengths) * language_mlp_flops_per_token(language)
-    if vision is not None:
-        total += sum(vision.num_layers * (patches + (1 if vision.class_token else 0))
-                     * vision_mlp_flops_per_patch(vision) for patches in image_patch_counts)
-    return total
+    return _in_every_layer(
+        language, segment_lengths, vision, image_patch_counts,
+        language_mlp_flops_per_token(language),
+        vision_mlp_flops_per_patch(vision) if vision is not None else 0.0)
 
 
 def mlp_output_flops(language: LanguageShape, segment_lengths: Sequence[int],
@@ -104,13 +120,10 @@ def mlp_output_flops(language: LanguageShape, segment_lengths: Sequence[int],
                      image_patch_counts: Sequence[int] = ()) -> float:
     """Every layer's MLP output projection (ffn -> hidden) forward, both towers: what an early
     stopping recompute leaves out."""
-    total = (language.num_layers * sum(segment_lengths)
-             * 2 * language.ffn_hidden_size * language.hidden_size)
-    if vision is not None:
-        total += sum(vision.num_layers * (patches + (1 if vision.class_token else 0))
-                     * 2 * vision.ffn_hidden_size * vision.hidden_size
-                     for patches in image_patch_counts)
-    return total
+    return _in_every_layer(
+        language, segment_lengths, vision, image_patch_counts,
+        2 * language.ffn_hidden_size * language.hidden_size,
+        2 * vision.ffn_hidden_size * vision.hidden_size if vision is not None else 0.0)
 
 
 def vision_mlp_flops_per_patch(shape: VisionShape) -> float:
@@ -144,8 +157,7 @@ def vision_layer_flops(shape: VisionShape, image_patch_counts: Sequence[int]) ->
     token, and its attention within each image."""
     h = shape.hidden_size
     per_token = 2 * h * 3 * h + 2 * h * h + vision_mlp_flops_per_patch(shape)
-    extra = 1 if shape.class_token else 0
-    lengths = [patches + extra for patches in image_patch_counts]
+    lengths = image_token_counts(shape, image_patch_counts)
     return sum(lengths) * per_token + attention_forward_flops(lengths, h, causal=False)
 
 
@@ -158,9 +170,8 @@ def adapter_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> floa
 
 def vision_attention_flops(shape: VisionShape, image_patch_counts: Sequence[int]) -> float:
     """Every layer's attention within each image (class token included), forward."""
-    extra = 1 if shape.class_token else 0
     return shape.num_layers * attention_forward_flops(
-        [patches + extra for patches in image_patch_counts], shape.hidden_size, causal=False)
+        image_token_counts(shape, image_patch_counts), shape.hidden_size, causal=False)
 
 
 def training_flops(language: LanguageShape, segment_lengths: Sequence[int],
