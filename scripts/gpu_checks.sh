@@ -179,6 +179,20 @@ def compiled_norms():  # the GPU default (no --no-norm-fusion); its failure swit
         out.float().sum().backward()
         torch.testing.assert_close(out, function(*args), rtol=2e-2, atol=2e-2)
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
+    # and each layer's attention residual add with its pre-MLP norm (model/residual_norm.py)
+    from megatron_patch.model import residual_norm
+    for tokens in (300, 517):  # varying token counts, as the vision tower's
+        branch, residual = (torch.randn(tokens, 1, 128, device="cuda", dtype=torch.bfloat16,
+                                        requires_grad=True) for _ in range(2))
+        for function, args in ((residual_norm.add_rms_norm, (None, residual, weight, 1e-6)),
+                               (residual_norm.add_layer_norm,
+                                (bias, residual, weight, bias, 1e-5))):
+            total, out = residual_norm.compiled(function)(branch, *args)
+            (total.float().sum() + out.float().sum()).backward()
+            want_total, want = function(branch, *args)
+            assert torch.equal(total, want_total)
+            torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+        assert torch.isfinite(branch.grad).all() and torch.isfinite(residual.grad).all()
 
 
 def fused_qkv():  # both towers' attention input preparation; its failure: --no-rope-fusion below

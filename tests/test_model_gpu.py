@@ -273,6 +273,17 @@ def test_fused_qkv_preparation_matches_float64_on_cuda():
         assert error < 1e-2, (name, error)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["language", "vision"])
+def test_residual_add_and_norm_in_one_kernel_on_cuda(bias):
+    """The attention's residual add and the pre-MLP norm compiled together
+    (model/residual_norm.py), bf16 at the GPU benchmark's widths: the sum equal to megatron's
+    add, the normalised sum within a rounding of the compiled norm's, the gradients within bf16
+    rounding of float64 (tests/test_model_residual_norm.py)."""
+    from test_model_residual_norm import check_against_megatron_and_float64
+    check_against_megatron_and_float64(bias, same_norm_bits=False, device=DEV, tokens=8192,
+                                       width=1024 if bias else 2048)
+
+
 def test_compiled_bias_gelu_matches_float64_on_cuda():
     """The vision MLP's compiled fc1 bias + exact GELU (compat/bias_gelu.py), bf16, at a vision
     layer's width: output and the gradients of input and bias within bf16 rounding of float64."""

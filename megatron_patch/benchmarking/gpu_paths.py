@@ -4,10 +4,10 @@ it keeps for the backward (benchmarks/bench_activation_memory.py).
 
 Each module that picks a GPU-only path asks a small predicate (``_on_gpu``, ``kernels``'
 ``torch.cuda.is_available``); :func:`gpu_code_paths` makes those say yes. The compiled
-query/key/value preparation, RoPE, norms, SwiGLU, bias-GELU, bias-dropout-add and chunked-loss
-kernels then run through torch.compile's CPU build, which keeps the same tensors for the
-backward and launches one graph as on a GPU, and AdamW through torch's fused kernel (CPU
-build). Packed attention, whose varlen kernel has no CPU build, is a stand-in that computes it
+query/key/value preparation, RoPE, norms (the pre-MLP one with the residual add before it),
+SwiGLU, bias-GELU, bias-dropout-add and chunked-loss kernels then run through torch.compile's
+CPU build, which keeps the same tensors for the backward and launches one graph as on a GPU,
+and AdamW through torch's fused kernel (CPU build). Packed attention, whose varlen kernel has no CPU build, is a stand-in that computes it
 segment by segment, keeps what the kernel keeps and counts one launch each way.
 """
 import contextlib
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from megatron_patch.benchmarking import launch_count
 from megatron_patch.compat import bias_gelu, fused_adam, multi_tensor, packed_rope
-from megatron_patch.model import attention, norms, output_loss, qkv_fusion, vision
+from megatron_patch.model import (attention, norms, output_loss, qkv_fusion, residual_norm,
+                                  vision)
 from megatron_patch.training import kernels
 
 
@@ -59,7 +60,7 @@ def gpu_code_paths():
     """The GPU's code paths on the CPU: what each module checks to choose them says yes."""
     on_gpu = lambda tensor: True  # noqa: E731
     with contextlib.ExitStack() as stack:
-        for module in (packed_rope, norms, output_loss, qkv_fusion, bias_gelu):
+        for module in (packed_rope, norms, output_loss, qkv_fusion, bias_gelu, residual_norm):
             stack.enter_context(mock.patch.object(module, "_on_gpu", on_gpu))
         for module in (multi_tensor, fused_adam):  # tensor lists: a GPU's when not empty
             stack.enter_context(mock.patch.object(module, "_on_gpu", bool))

@@ -21,6 +21,7 @@ demo's trajectory is measured with them). The parameters and their names are tor
 from __future__ import annotations
 
 import functools
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +50,36 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-class CompiledRMSNorm(torch.nn.RMSNorm):
+class _HandedOver:
+    """A norm that can be given its output in advance: model/residual_norm.py computes the
+    residual sum and its norm in one kernel, and hands the result to the norm that megatron's
+    layer calls on that sum next. Held for that one call only."""
+
+    _handed: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def hand_over(self, source: torch.Tensor, output: torch.Tensor) -> None:
+        self._handed = (source, output)
+
+    def _take_handed(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        handed, self._handed = self._handed, None
+        return handed[1] if handed is not None and handed[0] is x else None
+
+
+class CompiledRMSNorm(_HandedOver, torch.nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handed = self._take_handed(x)
+        if handed is not None:
+            return handed
         if not _on_gpu(x):
             return super().forward(x)
         return compiled(rms_norm)(x, self.weight, self.eps)
 
 
-class CompiledLayerNorm(torch.nn.LayerNorm):
+class CompiledLayerNorm(_HandedOver, torch.nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handed = self._take_handed(x)
+        if handed is not None:
+            return handed
         if not _on_gpu(x):
             return super().forward(x)
         return compiled(layer_norm)(x, self.weight, self.bias, self.eps)

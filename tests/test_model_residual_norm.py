@@ -1,0 +1,168 @@
+"""The self-attention's residual add and the pre-MLP norm as one compiled kernel on a GPU
+(model/residual_norm.py). The CPU keeps megatron's path. Here the compiled functions run
+through the CPU's inductor build, and for the routing a stand-in counts the calls a GPU would
+compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.fusions.fused_bias_dropout import (bias_dropout_add_fused_train,
+                                                      bias_dropout_add_unfused)
+
+from megatron_patch.model import build_model, get_config, norms, residual_norm
+from test_model_packed_rope import parameter_gradients, two_packed_samples
+from test_model_reference import init_parallel
+
+
+def _counting(calls):
+    def compiled(function):
+        def call(*args):
+            calls.append(function.__name__)
+            return function(*args)
+        return call
+    return compiled
+
+
+def test_each_layer_adds_the_residual_and_normalises_for_the_mlp_in_one_call(monkeypatch):
+    """On GPU tensors (said yes to here) every layer of both towers computes the attention's
+    residual sum and the pre-MLP norm in one compiled function, and the pre-MLP norm takes its
+    output instead of computing again: the same losses and gradients, to the bit (fp32), as
+    megatron's add and torch's norms. Without compiled norms (the CPU) megatron's add stays."""
+    init_parallel(1, 1)
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    fused = build_model(cfg, attention_backend="local", norm_fusion=True).train()
+    torch.manual_seed(0)
+    plain = build_model(cfg, attention_backend="local", norm_fusion=False).train()
+    layers = [*fused.language_model.decoder.layers, *fused.vision_model.decoder.layers]
+    assert all(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm) for layer in layers)
+    plain_layers = [*plain.language_model.decoder.layers, *plain.vision_model.decoder.layers]
+    assert not any(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
+                   for layer in plain_layers)
+
+    calls = []
+    for module in (norms, residual_norm):
+        monkeypatch.setattr(module, "_on_gpu", lambda x: True)
+        monkeypatch.setattr(module, "compiled", _counting(calls))
+    inputs = two_packed_samples(cfg, seed=2)
+    want, got = parameter_gradients(plain, inputs), parameter_gradients(fused, inputs)
+    language, vision = cfg.language.num_layers, cfg.vision.num_layers
+    assert calls.count("add_rms_norm") == language and calls.count("add_layer_norm") == vision
+    # the input norms, q/k norms and the final norm on their own; no pre-MLP norm
+    assert calls.count("rms_norm") == 3 * language + 1, calls
+    assert calls.count("layer_norm") == vision, calls
+    assert all(layer.pre_mlp_layernorm._handed is None for layer in layers)  # nothing held
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def _stream(bias: bool, dtype, device="cpu", tokens=300, width=64):
+    generator = torch.Generator().manual_seed(1)
+    values = [torch.randn(tokens, 1, width, generator=generator),  # the attention's output
+              torch.randn(width, generator=generator) if bias else None,
+              3 * torch.randn(tokens, 1, width, generator=generator),  # the residual
+              torch.rand(width, generator=generator) + 0.5,  # the norm's weight and bias
+              torch.randn(width, generator=generator) if bias else None]
+    return [None if v is None else v.to(device, dtype).requires_grad_() for v in values]
+
+
+def _fused(branch, bias, residual, weight, norm_bias):
+    if norm_bias is None:
+        return residual_norm.compiled(residual_norm.add_rms_norm)(branch, bias, residual,
+                                                                  weight, 1e-6)
+    return residual_norm.compiled(residual_norm.add_layer_norm)(branch, bias, residual, weight,
+                                                                norm_bias, 1e-5)
+
+
+def _megatrons(branch, bias, residual, weight, norm_bias):
+    """megatron's bias-dropout-add as each tower runs it on a GPU (the language model's without
+    a bias is an eager add, the vision tower's compiled), then the compiled norm."""
+    if bias is None:
+        total = bias_dropout_add_unfused(True)((branch, None), residual, 0.0)
+        return total, norms.compiled(norms.rms_norm)(total, weight, 1e-6)
+    total = bias_dropout_add_fused_train((branch, bias), residual, 0.0)
+    return total, norms.compiled(norms.layer_norm)(total, weight, norm_bias, 1e-5)
+
+
+def _exact(branch, bias, residual, weight, norm_bias):
+    total = residual + (branch if bias is None else branch + bias)
+    if norm_bias is None:
+        return total, norms.rms_norm(total, weight, 1e-6)
+    return total, norms.layer_norm(total, weight, norm_bias, 1e-5)
+
+
+def _values_and_gradients(function, bias: bool, dtype, **stream):
+    leaves = _stream(bias, dtype, **stream)
+    total, normalized = function(*leaves)
+    generator = torch.Generator().manual_seed(2)
+    incoming = [torch.randn(total.shape, generator=generator).to(total) for _ in range(2)]
+    torch.autograd.backward([total, normalized], incoming)
+    return [total, normalized] + [leaf.grad for leaf in leaves if leaf is not None]
+
+
+def check_against_megatron_and_float64(bias: bool, same_norm_bits: bool, **stream) -> None:
+    """The fused kernel in bf16: the sum equal to megatron's add bit for bit (both round an
+    fp32 sum once), the normalised sum equal to the compiled norm's (``same_norm_bits``) or
+    within a bf16 rounding of it; the gradients, whose two parts are added in fp32 before one
+    rounding, within bf16's rounding of float64 and not far from the unfused path's error."""
+    got = _values_and_gradients(_fused, bias, torch.bfloat16, **stream)
+    unfused = _values_and_gradients(_megatrons, bias, torch.bfloat16, **stream)
+    exact = _values_and_gradients(_exact, bias, torch.float64, **stream)
+    assert torch.equal(got[0], unfused[0])
+    if same_norm_bits:
+        assert torch.equal(got[1], unfused[1])
+    else:
+        torch.testing.assert_close(got[1], unfused[1], rtol=2 ** -7, atol=2 ** -7)
+    for name, mine, theirs, reference in zip(
+            ("branch", "bias", "residual", "weight", "norm bias") if bias
+            else ("branch", "residual", "weight"), got[2:], unfused[2:], exact[2:]):
+        scale = reference.abs().max()
+        error = (mine.double() - reference).abs().max() / scale
+        assert error < 2 ** -7, (name, float(error))
+        assert error <= 2 * (theirs.double() - reference).abs().max() / scale + 2 ** -9, name
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["language (rms)", "vision (bias, layer)"])
+def test_the_compiled_kernel_gives_megatrons_values_and_float64s_gradients(bias):
+    """What a GPU compiles, built by the CPU's inductor, in bf16 (the norm reading the sum as
+    rounded: bit for bit the unfused path's forward)."""
+    check_against_megatron_and_float64(bias, same_norm_bits=True)
+
+
+def test_the_norm_takes_a_handed_output_only_for_that_tensor_and_once():
+    norm = norms.CompiledRMSNorm(8, eps=1e-6)
+    total, other = torch.randn(4, 8), torch.randn(4, 8)
+    marker = torch.full((4, 8), 7.0)
+    norm.hand_over(total, marker)
+    assert norm(total) is marker
+    torch.testing.assert_close(norm(total), torch.nn.functional.rms_norm(total, (8,), norm.weight,
+                                                                         1e-6))  # taken once
+    norm.hand_over(total, marker)
+    torch.testing.assert_close(norm(other), torch.nn.functional.rms_norm(other, (8,), norm.weight,
+                                                                         1e-6))
+    assert norm._handed is None  # a hand-over not taken is dropped, not held
+
+
+def test_megatrons_add_where_the_fusion_does_not_apply(monkeypatch):
+    """Dropout while training (neither tower has any, but the function must not drop it), CPU
+    tensors, and a recomputed pre-MLP norm (megatron's checkpoint wraps the norm's call) go
+    megatron's way."""
+    init_parallel(1, 1)
+    norm = norms.CompiledRMSNorm(8, eps=1e-6)
+    bda = residual_norm.ResidualThenNorm(norm)
+    branch, residual = torch.randn(4, 1, 8), torch.randn(4, 1, 8)
+    torch.testing.assert_close(bda(True, False)((branch, None), residual, 0.0), residual + branch)
+    assert norm._handed is None  # CPU tensors: megatron's add
+    monkeypatch.setattr(residual_norm, "_on_gpu", lambda x: True)
+    torch.manual_seed(0)
+    dropped = bda(True, False)((branch, None), residual, 0.5)
+    assert norm._handed is None and (dropped == residual).any()  # some elements dropped
+    assert torch.equal(bda(False, False)((branch, None), residual, 0.5), residual + branch)
+    assert norm._handed is not None  # evaluation: dropout is off, so the fused kernel runs
+
+    cfg = get_config("tiny")
+    model = build_model(cfg, attention_backend="local", norm_fusion=True,
+                        recompute_granularity="selective", recompute_modules=["layernorm"])
+    layers = [*model.language_model.decoder.layers, *model.vision_model.decoder.layers]
+    assert not any(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
+                   for layer in layers)
