@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from megatron.core.fusions.fused_bias_dropout import (bias_dropout_add_fused_train,
-                                                      bias_dropout_add_unfused)
+                                                      bias_dropout_add_unfused,
+                                                      get_bias_dropout_add)
 
 from megatron_patch.model import build_model, get_config, norms, residual_norm
 from test_model_packed_rope import parameter_gradients, two_packed_samples
@@ -23,22 +24,30 @@ def _counting(calls):
     return compiled
 
 
-def test_each_layer_adds_the_residual_and_normalises_for_the_mlp_in_one_call(monkeypatch):
-    """On GPU tensors (said yes to here) every layer of both towers computes the attention's
-    residual sum and the pre-MLP norm in one compiled function, and the pre-MLP norm takes its
-    output instead of computing again: the same losses and gradients, to the bit (fp32), as
-    megatron's add and torch's norms. Without compiled norms (the CPU) megatron's add stays."""
+def _fused_adds(model):
+    """(layers whose attention's add is fused, whose MLP's add is), both towers."""
+    layers = [*model.language_model.decoder.layers, *model.vision_model.decoder.layers]
+    return ([isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm) for layer in layers],
+            [isinstance(layer.mlp_bda, residual_norm.ResidualThenNorm) for layer in layers])
+
+
+def test_each_residual_add_and_the_norm_after_it_run_in_one_call(monkeypatch):
+    """On GPU tensors (said yes to here) every residual add of both towers computes the sum and
+    the norm that reads it next in one compiled function: the pre-MLP norm, the next layer's
+    input norm, the language model's final norm (the vision tower has none after its last
+    layer). The norm takes that output instead of computing again: the same losses and
+    gradients, to the bit (fp32), as megatron's adds and torch's norms. Without compiled norms
+    (the CPU) megatron's adds stay."""
     init_parallel(1, 1)
     cfg = get_config("tiny")
     torch.manual_seed(0)
     fused = build_model(cfg, attention_backend="local", norm_fusion=True).train()
     torch.manual_seed(0)
     plain = build_model(cfg, attention_backend="local", norm_fusion=False).train()
-    layers = [*fused.language_model.decoder.layers, *fused.vision_model.decoder.layers]
-    assert all(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm) for layer in layers)
-    plain_layers = [*plain.language_model.decoder.layers, *plain.vision_model.decoder.layers]
-    assert not any(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
-                   for layer in plain_layers)
+    language, vision = cfg.language.num_layers, cfg.vision.num_layers
+    attention_adds, mlp_adds = _fused_adds(fused)
+    assert all(attention_adds) and mlp_adds == [True] * (language + vision - 1) + [False]
+    assert not any(sum(_fused_adds(plain), []))
 
     calls = []
     for module in (norms, residual_norm):
@@ -46,12 +55,13 @@ def test_each_layer_adds_the_residual_and_normalises_for_the_mlp_in_one_call(mon
         monkeypatch.setattr(module, "compiled", _counting(calls))
     inputs = two_packed_samples(cfg, seed=2)
     want, got = parameter_gradients(plain, inputs), parameter_gradients(fused, inputs)
-    language, vision = cfg.language.num_layers, cfg.vision.num_layers
-    assert calls.count("add_rms_norm") == language and calls.count("add_layer_norm") == vision
-    # the input norms, q/k norms and the final norm on their own; no pre-MLP norm
-    assert calls.count("rms_norm") == 3 * language + 1, calls
-    assert calls.count("layer_norm") == vision, calls
-    assert all(layer.pre_mlp_layernorm._handed is None for layer in layers)  # nothing held
+    assert calls.count("add_rms_norm") == 2 * language
+    assert calls.count("add_layer_norm") == 2 * vision - 1
+    # on their own: the first layer's input norm of each tower, the q/k norms
+    assert calls.count("rms_norm") == 2 * language + 1, calls
+    assert calls.count("layer_norm") == 1, calls
+    norms_handed_to = [m for m in fused.modules() if isinstance(m, norms._HandedOver)]
+    assert all(norm._handed is None for norm in norms_handed_to)  # nothing held
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
 
@@ -143,10 +153,8 @@ def test_the_norm_takes_a_handed_output_only_for_that_tensor_and_once():
     assert norm._handed is None  # a hand-over not taken is dropped, not held
 
 
-def test_megatrons_add_where_the_fusion_does_not_apply(monkeypatch):
-    """Dropout while training (neither tower has any, but the function must not drop it), CPU
-    tensors, and a recomputed pre-MLP norm (megatron's checkpoint wraps the norm's call) go
-    megatron's way."""
+def test_megatrons_add_for_dropout_while_training_and_cpu_tensors(monkeypatch):
+    """Neither tower has dropout, but the function must not drop it."""
     init_parallel(1, 1)
     norm = norms.CompiledRMSNorm(8, eps=1e-6)
     bda = residual_norm.ResidualThenNorm(norm)
@@ -160,9 +168,30 @@ def test_megatrons_add_where_the_fusion_does_not_apply(monkeypatch):
     assert torch.equal(bda(False, False)((branch, None), residual, 0.5), residual + branch)
     assert norm._handed is not None  # evaluation: dropout is off, so the fused kernel runs
 
+
+def test_which_adds_are_handed_over_under_recompute_and_cuda_graphs():
+    """A recomputed norm (megatron's checkpoint wraps its call) keeps megatron's add. Under full
+    recompute, and with CUDA graphs, the MLP's add is not handed to the next layer: a chunk's or
+    a graph's last layer would hand it out of the chunk or graph. The attention's add, within
+    the layer, still is."""
+    init_parallel(1, 1)
     cfg = get_config("tiny")
-    model = build_model(cfg, attention_backend="local", norm_fusion=True,
-                        recompute_granularity="selective", recompute_modules=["layernorm"])
-    layers = [*model.language_model.decoder.layers, *model.vision_model.decoder.layers]
-    assert not any(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
-                   for layer in layers)
+    selective = build_model(cfg, attention_backend="local", norm_fusion=True,
+                            recompute_granularity="selective", recompute_modules=["layernorm"])
+    attention_adds, mlp_adds = _fused_adds(selective)
+    language = cfg.language.num_layers  # only the final norm, which is not recomputed, takes one
+    assert not any(attention_adds) and mlp_adds == [i == language - 1 for i in range(len(mlp_adds))]
+    full = build_model(cfg, attention_backend="local", norm_fusion=True,
+                       recompute_granularity="full", recompute_method="uniform",
+                       recompute_num_layers=1)
+    attention_adds, mlp_adds = _fused_adds(full)
+    assert all(attention_adds) and not any(mlp_adds)
+
+    model = build_model(cfg, attention_backend="local", norm_fusion=True)
+    block = model.language_model.decoder
+    for layer in block.layers:
+        layer.self_attn_bda = layer.mlp_bda = get_bias_dropout_add
+    block.config.cuda_graph_impl = "local"
+    assert residual_norm.fuse_residual_adds(block) == len(block.layers)
+    assert all(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
+               and layer.mlp_bda is get_bias_dropout_add for layer in block.layers)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_patch.compat import (apply_bias_gelu_fusion, apply_cpu_redirects,
                                    apply_packed_rope_fast_path, apply_selective_recompute_fixes,
@@ -20,6 +21,7 @@ from megatron_patch.model.attention import check_packed_attention_kernel
 from megatron_patch.model.configs import LlavaOVConfig
 from megatron_patch.model.layer_specs import language_block_spec, resolve_backend, vision_layer_spec
 from megatron_patch.model.llava_ov import LlavaOVModel
+from megatron_patch.model.residual_norm import fuse_residual_adds
 from megatron_patch.model.transformer_configs import (language_transformer_config,
                                                       vision_transformer_config)
 
@@ -84,6 +86,8 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
                          graph_segments=cuda_graph_segments)
     if params_dtype != torch.float32:
         model.to(params_dtype)  # plain nn modules (patch embed, norms, class token) follow megatron's
+    for block in [m for m in model.modules() if isinstance(m, TransformerBlock)]:
+        fuse_residual_adds(block)  # where the norms are compiled: model/residual_norm.py
     return model
 
 

@@ -8,9 +8,7 @@
   and :class:`~megatron_patch.model.attention.SDPACoreAttention` as core attention (torch SDPA;
   for packed sequences in bf16 on CUDA, torch's varlen flash kernel); on a GPU the self-attention
   prepares queries, keys and values in one compiled kernel
-  (:class:`~megatron_patch.model.qkv_fusion.FusedQKVSelfAttention`) and the layer adds the
-  attention's output to the residual and normalises it for the MLP in another
-  (:class:`~megatron_patch.model.residual_norm.ResidualNormLayer`). Runs anywhere, including
+  (:class:`~megatron_patch.model.qkv_fusion.FusedQKVSelfAttention`). Runs anywhere, including
   CPU/gloo.
 
 ``resolve_backend("auto", params_dtype)`` picks ``te`` when both are available and the weights
@@ -39,7 +37,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_patch.model.attention import SDPACoreAttention
 from megatron_patch.model.norms import TorchNorm
 from megatron_patch.model.qkv_fusion import FusedQKVSelfAttention
-from megatron_patch.model.residual_norm import ResidualNormLayer
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +110,6 @@ def language_layer_spec(backend: str) -> ModuleSpec:
     attention.q_layernorm = attention.k_layernorm = TorchNorm
     attention.core_attention = SDPACoreAttention
     spec.submodules.self_attention.module = FusedQKVSelfAttention
-    spec.module = ResidualNormLayer
     return spec
 
 
@@ -146,5 +142,4 @@ def vision_layer_spec(backend: str) -> ModuleSpec:
         layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm  # compiled on a GPU
         layer.self_attention.submodules.core_attention = SDPACoreAttention
         layer.self_attention.module = FusedQKVSelfAttention
-        spec.module = ResidualNormLayer
     return _with_mask_type(spec, AttnMaskType.no_mask)

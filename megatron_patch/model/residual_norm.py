@@ -1,21 +1,21 @@
-"""The self-attention's residual add and the pre-MLP norm in one compiled kernel, on a GPU.
+"""Each residual add and the norm after it in one compiled kernel, on a GPU.
 
-megatron's layer adds the attention's output (and, in the vision tower, its bias) to the
-residual stream, then normalises the sum for the MLP: two kernels forward, an add and the norm.
-In the backward, two gradients reach the sum (the MLP's residual path and the norm's), and
-autograd adds them in one more kernel after the norm's. Each of these reads or writes the
-``[tokens, hidden]`` stream once more than the work needs. Here one compiled function returns
-the sum and its normalised value, and its backward adds the two gradients itself:
-- language layer: 1 launch fewer each way;
-- vision layer: 1 forward and 2 backward, since megatron's compiled bias-dropout-add and its
-  bias gradient join it.
-That is ~128 launches per micro-batch of the GPU benchmark (benchmarks/bench_launches.py), and
-one pass less over the stream each way.
+A pre-norm layer adds its attention's output (and, in the vision tower, that output's bias) to
+the residual stream and normalises the sum for the MLP; it adds the MLP's output and the next
+layer (or the final norm) normalises that sum. megatron runs each as two kernels forward, the
+add and the norm. In the backward two gradients reach each sum (the residual path's and the
+norm's), and autograd adds them in one more kernel after the norm's. Each of these reads or
+writes the ``[tokens, hidden]`` stream once more than the work needs. Here one compiled
+function returns the sum and its normalised value, and its backward adds the two gradients
+itself. Per add, 1 launch fewer each way in the language model; in the vision tower 1 forward
+and 2 backward, since megatron's compiled bias-dropout-add and its bias gradient join it. That is
+~250 launches per micro-batch of the GPU benchmark (benchmarks/bench_launches.py), and one pass
+less over the stream each way per add.
 
-Megatron's layer forward is left as it is. :class:`ResidualNormLayer` replaces the layer's
-self-attention bias-dropout-add with :class:`ResidualThenNorm`. That hands the normalised sum to
-the pre-MLP norm (a compiled norm, model/norms.py) together with the sum it belongs to. The
-norm returns it when megatron's layer calls the norm on that very tensor, which it does next,
+Megatron's layer and block forwards are left as they are. :func:`fuse_residual_adds` replaces a
+layer's bias-dropout-add with :class:`ResidualThenNorm`, which hands the normalised sum to the
+norm that reads the sum next, together with the sum it belongs to. The norm (a compiled norm,
+model/norms.py) returns it when megatron calls the norm on that very tensor, which it does next,
 and computes as usual otherwise.
 
 Arithmetic: the sum is rounded once to the stream's dtype, as megatron's add (eager, or its
@@ -26,8 +26,11 @@ to bf16 first.
 
 It applies where the norms are compiled (``config.compiled_norm``: with CUDA, unless
 ``--no-norm-fusion``) and the call's tensors are on a GPU, with no dropout (neither tower has
-any) and with the pre-MLP norm neither recomputed (selective ``layernorm``) nor offloaded:
-those wrap megatron's norm call, which this would bypass. The CPU keeps megatron's kernels.
+any), and where megatron calls the norm directly: not recomputed (selective ``layernorm``) and
+not offloaded, since those wrap the norm's call. The MLP's add is handed across layers, so not
+under full recompute (a recomputed chunk's last layer would hand a sum to a norm outside the
+chunk), with CUDA graphs (each layer's graph is its own) or megatron's CPU offloading between
+layers. The CPU keeps megatron's kernels.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Optional
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_patch.model.norms import CompiledLayerNorm, CompiledRMSNorm, layer_norm, rms_norm
 
@@ -77,10 +80,10 @@ def add_and_normalize(norm: torch.nn.Module, branch, bias, residual):
 
 
 class ResidualThenNorm:
-    """Takes the place of megatron's self-attention bias-dropout-add (``get_bias_dropout_add``,
-    called as ``bda(training, fused)(output_with_bias, residual, prob)``). It returns the same
-    sum, and hands the pre-MLP norm its output. Anything this does not cover goes to megatron's
-    function."""
+    """Takes the place of megatron's bias-dropout-add (``get_bias_dropout_add``, called as
+    ``bda(training, fused)(output_with_bias, residual, prob)``). It returns the same sum, and
+    hands the norm that reads it next its output. Anything this does not cover goes to
+    megatron's function."""
 
     def __init__(self, norm: torch.nn.Module):
         self.norm = norm
@@ -100,19 +103,32 @@ class ResidualThenNorm:
         return bias_dropout_add
 
 
-class ResidualNormLayer(TransformerLayer):
-    """megatron's ``TransformerLayer``, its self-attention's residual add fused into the
-    pre-MLP norm where that applies (module docstring)."""
+def fuse_residual_adds(block: TransformerBlock) -> int:
+    """Gives each residual add of ``block``'s layers to the norm that reads its sum next, where
+    that applies (module docstring); returns how many adds it gave."""
+    layers, config = list(block.layers), block.config
+    next_norms = [layer.input_layernorm for layer in layers[1:]]
+    next_norms.append(getattr(block, "final_layernorm", None))
+    across_layers = (config.recompute_granularity != "full" and not config.cpu_offloading
+                     and getattr(config, "cuda_graph_impl", "none") == "none"
+                     and not config.enable_cuda_graph)
+    given = 0
+    for index, (layer, next_norm) in enumerate(zip(layers, next_norms)):
+        if _called_directly(layer.pre_mlp_layernorm, layer, layer.recompute_pre_mlp_layernorm):
+            layer.self_attn_bda = ResidualThenNorm(layer.pre_mlp_layernorm)
+            given += 1
+        reader = layers[index + 1] if index + 1 < len(layers) else None
+        if across_layers and _called_directly(
+                next_norm, reader, reader is not None and reader.recompute_input_layernorm):
+            layer.mlp_bda = ResidualThenNorm(next_norm)
+            given += 1
+    return given
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if fuses_residual_into_norm(self):
-            self.self_attn_bda = ResidualThenNorm(self.pre_mlp_layernorm)
 
-
-def fuses_residual_into_norm(layer: TransformerLayer) -> bool:
-    """Whether the layer's pre-MLP norm is a compiled one that megatron calls directly."""
-    return (isinstance(layer.pre_mlp_layernorm, (CompiledRMSNorm, CompiledLayerNorm))
-            and not layer.recompute_pre_mlp_layernorm
-            and not getattr(layer, "offload_mlp_norm", False)
-            and not getattr(layer, "offload_attn_norm", False))
+def _called_directly(norm, layer, recomputed: bool) -> bool:
+    """Whether ``norm`` is a compiled one that megatron calls on the sum itself: not wrapped in
+    a recompute (selective ``layernorm``) or an activation offload."""
+    offloaded = layer is not None and (getattr(layer, "offload_attn_norm", False)
+                                       or getattr(layer, "offload_mlp_norm", False))
+    return isinstance(norm, (CompiledRMSNorm, CompiledLayerNorm)) and not recomputed \
+        and not offloaded

@@ -55,9 +55,10 @@ def add_kernel_arguments(group) -> None:
                             "torch.compile fails)")
     group.add_argument("--no-norm-fusion", dest="norm_fusion", action="store_false",
                        help="run the decoder layers' RMSNorm/LayerNorm with torch's kernels "
-                            "instead of compiled ones, the language model's q/k norms outside "
-                            "the fused query/key/value kernel (used with CUDA; e.g. where "
-                            "torch.compile fails)")
+                            "instead of compiled ones (which also take the residual add before "
+                            "them), the language model's q/k norms outside the fused "
+                            "query/key/value kernel (used with CUDA; e.g. where torch.compile "
+                            "fails)")
     group.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
                        help="megatron's fused vocab-parallel cross entropy; default: on with "
                             "--bf16 on CUDA (it rounds the logits' gradient to bf16, which the "
