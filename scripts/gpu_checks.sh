@@ -179,7 +179,7 @@ def compiled_norms():  # the GPU default (no --no-norm-fusion); its failure swit
         out.float().sum().backward()
         torch.testing.assert_close(out, function(*args), rtol=2e-2, atol=2e-2)
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad).all()
-    # and each layer's attention residual add with its pre-MLP norm (model/residual_norm.py)
+    # and each residual add with the norm after it (model/residual_norm.py)
     from megatron_patch.model import residual_norm
     for tokens in (300, 517):  # varying token counts, as the vision tower's
         branch, residual = (torch.randn(tokens, 1, 128, device="cuda", dtype=torch.bfloat16,

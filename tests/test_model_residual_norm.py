@@ -169,8 +169,8 @@ def test_megatrons_add_for_dropout_while_training_and_cpu_tensors(monkeypatch):
     assert norm._handed is not None  # evaluation: dropout is off, so the fused kernel runs
 
 
-def test_which_adds_are_handed_over_under_recompute_and_cuda_graphs():
-    """A recomputed norm (megatron's checkpoint wraps its call) keeps megatron's add. Under full
+def test_which_adds_are_handed_over_under_recompute_offloading_and_cuda_graphs():
+    """A recomputed or offloaded norm (megatron wraps its call) keeps megatron's add. Under full
     recompute, and with CUDA graphs, the MLP's add is not handed to the next layer: a chunk's or
     a graph's last layer would hand it out of the chunk or graph. The attention's add, within
     the layer, still is."""
@@ -180,18 +180,29 @@ def test_which_adds_are_handed_over_under_recompute_and_cuda_graphs():
                             recompute_granularity="selective", recompute_modules=["layernorm"])
     attention_adds, mlp_adds = _fused_adds(selective)
     language = cfg.language.num_layers  # only the final norm, which is not recomputed, takes one
-    assert not any(attention_adds) and mlp_adds == [i == language - 1 for i in range(len(mlp_adds))]
+    assert not any(attention_adds)
+    assert mlp_adds == [index == language - 1 for index in range(len(mlp_adds))]
     full = build_model(cfg, attention_backend="local", norm_fusion=True,
                        recompute_granularity="full", recompute_method="uniform",
                        recompute_num_layers=1)
     attention_adds, mlp_adds = _fused_adds(full)
     assert all(attention_adds) and not any(mlp_adds)
 
+    def handed_over(block):
+        """(attention's, MLP's) adds of each layer handed over, after megatron's are restored."""
+        for layer in block.layers:
+            layer.self_attn_bda = layer.mlp_bda = get_bias_dropout_add
+        residual_norm.fuse_residual_adds(block)
+        return [(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm),
+                 isinstance(layer.mlp_bda, residual_norm.ResidualThenNorm))
+                for layer in block.layers]
+
     model = build_model(cfg, attention_backend="local", norm_fusion=True)
     block = model.language_model.decoder
-    for layer in block.layers:
-        layer.self_attn_bda = layer.mlp_bda = get_bias_dropout_add
+    # megatron's activation offloading may stand another tensor in for the sum: a layer that
+    # offloads keeps megatron's adds, and so does the layer before it for the MLP's add
+    block.layers[1].offload_mlp_norm = True
+    assert handed_over(block) == [(True, False), (False, False), (True, True), (True, True)]
+    block.layers[1].offload_mlp_norm = False
     block.config.cuda_graph_impl = "local"
-    assert residual_norm.fuse_residual_adds(block) == len(block.layers)
-    assert all(isinstance(layer.self_attn_bda, residual_norm.ResidualThenNorm)
-               and layer.mlp_bda is get_bias_dropout_add for layer in block.layers)
+    assert handed_over(block) == [(True, False)] * len(block.layers)

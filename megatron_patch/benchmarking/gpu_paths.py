@@ -4,11 +4,12 @@ it keeps for the backward (benchmarks/bench_activation_memory.py).
 
 Each module that picks a GPU-only path asks a small predicate (``_on_gpu``, ``kernels``'
 ``torch.cuda.is_available``); :func:`gpu_code_paths` makes those say yes. The compiled
-query/key/value preparation, RoPE, norms (the pre-MLP one with the residual add before it),
-SwiGLU, bias-GELU, bias-dropout-add and chunked-loss kernels then run through torch.compile's
-CPU build, which keeps the same tensors for the backward and launches one graph as on a GPU,
-and AdamW through torch's fused kernel (CPU build). Packed attention, whose varlen kernel has no CPU build, is a stand-in that computes it
-segment by segment, keeps what the kernel keeps and counts one launch each way.
+query/key/value preparation, RoPE, norms (with the residual add before each), SwiGLU,
+bias-GELU, bias-dropout-add and chunked-loss kernels then run through torch.compile's CPU build,
+which keeps the same tensors for the backward and launches one graph as on a GPU, and AdamW
+through torch's fused kernel (CPU build). Packed attention, whose varlen kernel has no CPU
+build, is a stand-in that computes it segment by segment, keeps what the kernel keeps and counts
+one launch each way.
 """
 import contextlib
 from unittest import mock

@@ -114,21 +114,22 @@ def fuse_residual_adds(block: TransformerBlock) -> int:
                      and not config.enable_cuda_graph)
     given = 0
     for index, (layer, next_norm) in enumerate(zip(layers, next_norms)):
-        if _called_directly(layer.pre_mlp_layernorm, layer, layer.recompute_pre_mlp_layernorm):
+        reader = layers[index + 1] if index + 1 < len(layers) else None
+        if _takes_hand_over(layer.pre_mlp_layernorm, layer.recompute_pre_mlp_layernorm, layer):
             layer.self_attn_bda = ResidualThenNorm(layer.pre_mlp_layernorm)
             given += 1
-        reader = layers[index + 1] if index + 1 < len(layers) else None
-        if across_layers and _called_directly(
-                next_norm, reader, reader is not None and reader.recompute_input_layernorm):
+        recomputed = reader is not None and reader.recompute_input_layernorm
+        if across_layers and _takes_hand_over(next_norm, recomputed, layer, reader):
             layer.mlp_bda = ResidualThenNorm(next_norm)
             given += 1
     return given
 
 
-def _called_directly(norm, layer, recomputed: bool) -> bool:
-    """Whether ``norm`` is a compiled one that megatron calls on the sum itself: not wrapped in
-    a recompute (selective ``layernorm``) or an activation offload."""
-    offloaded = layer is not None and (getattr(layer, "offload_attn_norm", False)
-                                       or getattr(layer, "offload_mlp_norm", False))
+def _takes_hand_over(norm, recomputed: bool, *layers) -> bool:
+    """Whether megatron calls ``norm`` on the sum itself: a compiled norm, not wrapped in a
+    recompute (selective ``layernorm``), and no activation offload in ``layers`` (the one that
+    adds, the one that normalises), which could put another tensor in the sum's place."""
+    offloaded = any(getattr(layer, "offload_attn_norm", False)
+                    or getattr(layer, "offload_mlp_norm", False) for layer in layers)
     return isinstance(norm, (CompiledRMSNorm, CompiledLayerNorm)) and not recomputed \
         and not offloaded

@@ -18,8 +18,8 @@ Choices that hold for both and why:
   torch.compile'd kernel): the attention and MLP outputs' biases and the residual in one pass,
   2 launches fewer per layer forward; the backward keeps its count, a compiled kernel in
   place of each bias's reduction (benchmarks/bench_launches.py). The language model has no
-  biases, so its residual add is one kernel either way. Where the norms are compiled, the
-  attention's bias-dropout-add joins the pre-MLP norm's kernel in both towers
+  biases, so its residual add is one kernel either way. Where the norms are compiled, each
+  residual add (bias-dropout-add) joins the kernel of the norm after it, in both towers
   (model/residual_norm.py). megatron's fused cross entropy
   (``cross_entropy_loss_fusion``, the trainer's ``--cross-entropy-loss-fusion``) is on by
   default for bf16 on CUDA where the loss is not
