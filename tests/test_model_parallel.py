@@ -43,9 +43,11 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chu
     """One forward/backward over N_MICRO micro-batches on the current parallel state.
     Returns the mean loss, the global grad norm and the first stage's replicated gradients
     (see `_replicated_gradients`), identical on every rank. ``gpu_paths``: the GPU's compiled
-    norms, RoPE and fused query/key/value preparation, run eagerly."""
+    norms (with the residual adds before them), RoPE and fused query/key/value preparation, run
+    eagerly."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_patch.model.residual_norm import ResidualThenNorm
     from megatron_patch.model.sharding import load_full_state_dict
     from test_model_qkv_fusion import eager_gpu_paths
 
@@ -80,6 +82,9 @@ def run_step(full_sd, first_stage_layers=None, sequence_parallel=False, loss_chu
         language = cfg.language
         assert {heads for heads, _ in preparations} == {
             1, language.num_attention_heads // language.num_query_groups}, preparations
+        # and each residual add its norm's kernel (model/residual_norm.py)
+        assert all(isinstance(layer.self_attn_bda, ResidualThenNorm)
+                   for layer in model.language_model.decoder.layers)
 
     if ps.get_tensor_model_parallel_world_size() > 1:
         # as the trainer's finalize_model_grads does: q/k layernorm weights are shared by all

@@ -9,7 +9,7 @@ import torch
 
 from megatron_patch.compat import packed_rope
 from megatron_patch.compat.packed_rope import rotate
-from megatron_patch.model import build_model, get_config, norms, qkv_fusion
+from megatron_patch.model import build_model, get_config, norms, qkv_fusion, residual_norm
 from megatron_patch.model.qkv_fusion import FusedQKVSelfAttention, compiled_preparation, prepare_qkv
 from test_model_packed_rope import parameter_gradients, two_packed_samples
 from test_model_reference import init_parallel
@@ -18,7 +18,8 @@ from test_model_reference import init_parallel
 @contextlib.contextmanager
 def eager_gpu_paths(fused_preparation: bool, calls: list):
     """The GPU's choices on the CPU, every kernel eager (the same operators, so the same bits):
-    the compiled norms and rotation, and the fused preparation if ``fused_preparation``, whose
+    the compiled norms (with the residual adds before them) and rotation, and the fused
+    preparation if ``fused_preparation``, whose
     calls are recorded by shape (heads per group, head dim)."""
 
     def eager_preparation(heads_per_group, head_dim, eps, mscale):
@@ -29,9 +30,10 @@ def eager_gpu_paths(fused_preparation: bool, calls: list):
         return prepare
 
     with contextlib.ExitStack() as stack:
-        for module in (packed_rope, norms):
+        for module in (packed_rope, norms, residual_norm):
             stack.enter_context(mock.patch.object(module, "_on_gpu", lambda x: True))
-        stack.enter_context(mock.patch.object(norms, "compiled", lambda function: function))
+        for module in (norms, residual_norm):
+            stack.enter_context(mock.patch.object(module, "compiled", lambda function: function))
         stack.enter_context(mock.patch.object(packed_rope, "fused_rotation", lambda: rotate))
         stack.enter_context(mock.patch.object(qkv_fusion, "_on_gpu",
                                               lambda x: fused_preparation))
