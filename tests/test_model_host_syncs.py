@@ -22,12 +22,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_patch.benchmarking.gpu_paths import gpu_code_paths
 from megatron_patch.compat import bias_gelu, packed_rope
-from megatron_patch.model import attention, norms, output_loss, qkv_fusion
+from megatron_patch.model import attention, norms, output_loss, qkv_fusion, residual_norm
 
 from trainer_runs import load_benchmark
 
+# the compiled kernels' cached factories: emptied before and after, so that the eager functions
+# made here (torch.compile replaced) are not what later tests get from them
 COMPILED = (norms.compiled, packed_rope.fused_rotation, qkv_fusion.compiled_preparation,
-            output_loss._compiled, bias_gelu.compiled_bias_gelu)
+            output_loss._compiled, bias_gelu.compiled_bias_gelu, residual_norm.compiled)
 
 
 def shaped_attention(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,

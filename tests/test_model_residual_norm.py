@@ -1,4 +1,4 @@
-"""The self-attention's residual add and the pre-MLP norm as one compiled kernel on a GPU
+"""Each residual add and the norm after it as one compiled kernel on a GPU
 (model/residual_norm.py). The CPU keeps megatron's path. Here the compiled functions run
 through the CPU's inductor build, and for the routing a stand-in counts the calls a GPU would
 compile."""
@@ -67,6 +67,8 @@ def test_each_residual_add_and_the_norm_after_it_run_in_one_call(monkeypatch):
 
 
 def _stream(bias: bool, dtype, device="cpu", tokens=300, width=64):
+    """The fused function's arguments, the same values for every dtype: the attention's output,
+    its bias, the residual, the norm's weight and bias (the biases for the vision tower)."""
     generator = torch.Generator().manual_seed(1)
     values = [torch.randn(tokens, 1, width, generator=generator),  # the attention's output
               torch.randn(width, generator=generator) if bias else None,
