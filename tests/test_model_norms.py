@@ -24,17 +24,36 @@ def _decoder_norms(model):
     return rms, layer_norms
 
 
+def compiled_and_plain_models(cfg):
+    """The tiny model twice with the same weights: with the GPU's compiled norms
+    (``norm_fusion``) and without."""
+    init_parallel(1, 1)
+    models = []
+    for norm_fusion in (True, False):
+        torch.manual_seed(0)
+        models.append(build_model(cfg, attention_backend="local",
+                                  norm_fusion=norm_fusion).train())
+    return models
+
+
+def counting_compiler(calls: list):
+    """A stand-in for a module's ``compiled`` factory: the function itself, each call's name
+    recorded in ``calls``."""
+    def compiled(function):
+        def call(*args):
+            calls.append(function.__name__)
+            return function(*args)
+        return call
+    return compiled
+
+
 def test_every_decoder_norm_is_compiled_on_a_gpu(monkeypatch):
     """``norm_fusion`` (the GPU default): every RMSNorm of the language model and LayerNorm of the
     vision tower's layers takes the compiled function on GPU tensors (a counting stand-in here),
     with the same losses and gradients as torch's modules; without it they are torch's own
     classes. Names, and so checkpoints, are the same either way."""
-    init_parallel(1, 1)
     cfg = get_config("tiny")
-    torch.manual_seed(0)
-    fused = build_model(cfg, attention_backend="local", norm_fusion=True).train()
-    torch.manual_seed(0)
-    plain = build_model(cfg, attention_backend="local", norm_fusion=False).train()
+    fused, plain = compiled_and_plain_models(cfg)
     rms, layer_norms = _decoder_norms(fused)
     assert all(type(norm) is norms.CompiledRMSNorm for norm in rms)
     assert all(type(norm) is norms.CompiledLayerNorm for norm in layer_norms)
@@ -44,15 +63,8 @@ def test_every_decoder_norm_is_compiled_on_a_gpu(monkeypatch):
     assert fused.state_dict().keys() == plain.state_dict().keys()
 
     calls = []
-
-    def counting(function):
-        def call(*args):
-            calls.append(function.__name__)
-            return function(*args)
-        return call
-
     monkeypatch.setattr(norms, "_on_gpu", lambda x: True)
-    monkeypatch.setattr(norms, "compiled", counting)
+    monkeypatch.setattr(norms, "compiled", counting_compiler(calls))
     inputs = two_packed_samples(cfg, seed=2)
     want, got = parameter_gradients(plain, inputs), parameter_gradients(fused, inputs)
     assert calls.count("rms_norm") == len(rms) == 4 * cfg.language.num_layers + 1

@@ -11,17 +11,9 @@ from megatron.core.fusions.fused_bias_dropout import (bias_dropout_add_fused_tra
                                                       get_bias_dropout_add)
 
 from megatron_patch.model import build_model, get_config, norms, residual_norm
+from test_model_norms import compiled_and_plain_models, counting_compiler
 from test_model_packed_rope import parameter_gradients, two_packed_samples
 from test_model_reference import init_parallel
-
-
-def _counting(calls):
-    def compiled(function):
-        def call(*args):
-            calls.append(function.__name__)
-            return function(*args)
-        return call
-    return compiled
 
 
 def _fused_adds(model):
@@ -38,12 +30,8 @@ def test_each_residual_add_and_the_norm_after_it_run_in_one_call(monkeypatch):
     layer). The norm takes that output instead of computing again: the same losses and
     gradients, to the bit (fp32), as megatron's adds and torch's norms. Without compiled norms
     (the CPU) megatron's adds stay."""
-    init_parallel(1, 1)
     cfg = get_config("tiny")
-    torch.manual_seed(0)
-    fused = build_model(cfg, attention_backend="local", norm_fusion=True).train()
-    torch.manual_seed(0)
-    plain = build_model(cfg, attention_backend="local", norm_fusion=False).train()
+    fused, plain = compiled_and_plain_models(cfg)
     language, vision = cfg.language.num_layers, cfg.vision.num_layers
     attention_adds, mlp_adds = _fused_adds(fused)
     assert all(attention_adds) and mlp_adds == [True] * (language + vision - 1) + [False]
@@ -52,7 +40,7 @@ def test_each_residual_add_and_the_norm_after_it_run_in_one_call(monkeypatch):
     calls = []
     for module in (norms, residual_norm):
         monkeypatch.setattr(module, "_on_gpu", lambda x: True)
-        monkeypatch.setattr(module, "compiled", _counting(calls))
+        monkeypatch.setattr(module, "compiled", counting_compiler(calls))
     inputs = two_packed_samples(cfg, seed=2)
     want, got = parameter_gradients(plain, inputs), parameter_gradients(fused, inputs)
     assert calls.count("add_rms_norm") == 2 * language
