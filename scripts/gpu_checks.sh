@@ -6,7 +6,8 @@
 # and the plain-PyTorch baseline in one run), one profiled megatron step ("profile"), packs of
 # 16384 tokens ("long"), the language layers as CUDA graphs ("graphs"), the megatron step
 # without each of its fusions and the chunked loss ("levers"), the activations one layer and
-# the loss keep ("memory"), full recompute ("recompute"), the checkpoint-save stall ("ckpt").
+# the loss keep ("memory"), full recompute ("recompute"), the checkpoint-save stall ("ckpt"),
+# and the trainer's step on this node's CPU alone, at negligible widths ("host").
 # Each step has its own time limit, cut to what is left of $BUDGET seconds (default 540), and
 # a failing step does not stop the next (a trainer step that runs out of memory is run again
 # with the norms and MLPs recomputed, and so are the trainer steps after it). Everything lands
@@ -379,6 +380,12 @@ for name in $STEPS; do
       step bench_recompute 240 "$PYTHON" tools/benchmark_throughput.py "${COMMON_BASE[@]}" \
         --trainer megatron --recompute-granularity full --json "$OUT/seq8k_megatron_recompute.json"
       tail -8 "$OUT/bench_recompute.txt" ;;
+    host)  # no GPU: the trainer's step with the GPU's code paths on this node's CPU at
+      # negligible widths (benchmarks/bench_host_time.py), to set beside the same figure on the
+      # CPU of docs/BENCHMARKS.md: how fast this host runs the step's Python
+      step bench_host 200 "$PYTHON" benchmarks/bench_host_time.py --steps 3 "${FALLBACKS[@]}" \
+        --json "$OUT/host_time.json"
+      tail -4 "$OUT/bench_host.txt" ;;
     ckpt)  # how long a save stops training: sync vs --async-save vs a reused save plan
       step bench_checkpoint 240 "$PYTHON" benchmarks/bench_checkpoint_save.py \
         --save-dir /tmp/gpu_checks_ckpt --model llava-ov-1.5-4b --num-layers 8 --hidden-size 2048 \

@@ -22,7 +22,7 @@ from megatron_patch.training import arguments
 
 from trainer_runs import REPO, load_benchmark
 
-ALL_STEPS = "tests attention bench profile long graphs levers memory recompute ckpt"
+ALL_STEPS = "tests attention bench profile long graphs levers memory recompute ckpt host"
 
 STAND_IN = f"""#!{sys.executable}
 import json, os, re, sys
@@ -85,7 +85,7 @@ def test_every_step_starts_commands_that_their_scripts_accept(tmp_path, monkeypa
     for expected in ("pytest_gpu", "bench_attention", "bench_both", "bench_profile",
                      "bench_long", "bench_eager", "bench_graphs", "bench_graphs_profile",
                      "bench_no_wgrad_fusion", "bench_cudnn_attention", "bench_recompute_mlp",
-                     "activation_memory", "bench_recompute", "bench_checkpoint"):
+                     "activation_memory", "bench_recompute", "bench_checkpoint", "bench_host"):
         assert expected in ran, summary
 
     steps = step_commands(commands)
@@ -115,11 +115,12 @@ def test_every_step_starts_commands_that_their_scripts_accept(tmp_path, monkeypa
                                               ["--no-gradient-accumulation-fusion"])])
 def test_a_failed_preflight_switches_its_default_off_in_every_step(tmp_path, monkeypatch,
                                                                    failing, switch):
-    commands, summary, _ = run_script(tmp_path, steps="bench graphs levers memory", fail=failing)
+    commands, summary, _ = run_script(tmp_path, steps="bench graphs levers memory host",
+                                      fail=failing)
     assert f"switched off after failed preflights: {' '.join(switch)}" in summary
     steps = step_commands(commands)
     model_steps = [c for c in steps if c[0] != "benchmarks/bench_packed_attention.py"]
-    assert len(model_steps) == 1 + 3 + 6 + 1
+    assert len(model_steps) == 1 + 3 + 6 + 1 + 1
     for command in model_steps:
         joined = shlex.join(command)
         assert shlex.join(switch) in joined, joined
