@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    help="per optimizer step (the GPU benchmark's 8)")
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps per length (median)")
+    p.add_argument("--extra-layers", type=int, default=0, metavar="N",
+                   help="also time the model with N more language layers and with N more vision "
+                        "layers (interleaved with it): the host time of one layer of each tower")
     p.add_argument("--threads", type=int, default=1,
                    help="torch's intra-op threads (the host's work is one Python thread)")
     p.add_argument("--seed", type=int, default=1234)
@@ -178,38 +181,43 @@ def timed_updates(optimizer, seconds: list):
         yield
 
 
-def measure(args, cfg) -> list:
-    """The fastest step and optimizer update at each length, the lengths' steps interleaved
-    on one trainer (so a slow spell of the machine touches both alike), and the launches of
-    one step of the shorter, counted."""
+def measure(args, cfgs: dict) -> dict:
+    """{label: rows}: for each model of ``cfgs`` ({label: config}) and each length, the fastest
+    step and optimizer update. Every model's steps at every length are interleaved, one
+    trainer per model in this process, so a slow spell of the machine touches them alike. The
+    first model's launches per step are counted too (at the shorter length)."""
     initialize(1, 1, args.seed)
     try:
-        runner = MegatronRunner(trainer_args(args, max(args.seq_lengths)), cfg,
-                                torch.device("cpu"))
-        rows = [dict(seq_length=seq, batches=micro_batches(args, cfg, seq), steps=[],
-                     updates=[]) for seq in args.seq_lengths]
+        runners = {label: MegatronRunner(trainer_args(args, max(args.seq_lengths)), cfg,
+                                         torch.device("cpu")) for label, cfg in cfgs.items()}
+        rows = {label: [dict(seq_length=seq, batches=micro_batches(args, cfg, seq), steps=[],
+                             updates=[]) for seq in args.seq_lengths]
+                for label, cfg in cfgs.items()}
         for index in range(args.warmup_steps + args.steps):
-            for row in rows:
-                updates = []
-                with timed_updates(runner.optimizer, updates):
-                    start = time.perf_counter()
-                    runner.step(row["batches"])
-                    seconds = time.perf_counter() - start
-                if index >= args.warmup_steps:
-                    row["steps"].append(seconds)
-                    row["updates"] += updates
-        counted, _ = launch_count.count_launches(lambda: runner.step(rows[0]["batches"]))
+            for label, runner in runners.items():
+                for row in rows[label]:
+                    updates = []
+                    with timed_updates(runner.optimizer, updates):
+                        start = time.perf_counter()
+                        runner.step(row["batches"])
+                        seconds = time.perf_counter() - start
+                    if index >= args.warmup_steps:
+                        row["steps"].append(seconds)
+                        row["updates"] += updates
+        first, runner = next(iter(runners.items()))
+        counted, _ = launch_count.count_launches(lambda: runner.step(rows[first][0]["batches"]))
         kernels_used = dict(kernels.model_options(runner.args), gradient_accumulation_fusion=
                             kernels.gradient_accumulation_fusion(runner.args))
-        runner.close()
+        for runner in runners.values():
+            runner.close()
     finally:
         shutdown()
-    for row in rows:
+    for row in (row for label_rows in rows.values() for row in label_rows):
         batches = row.pop("batches")
         row.update(step_seconds=min(row["steps"]), update_seconds=min(row["updates"]),
                    images=sum(batch.num_images for batch in batches),
                    samples=sum(batch.num_samples for batch in batches))
-    rows[0].update(launches=sum(counted.values()), kernels=kernels_used)
+    rows[first][0].update(launches=sum(counted.values()), kernels=kernels_used)
     return rows
 
 
@@ -219,26 +227,63 @@ def extrapolate(short: dict, long: dict, key: str) -> float:
     return short[key] - (long[key] - short[key]) * s1 / (s2 - s1)
 
 
-def report(args, lengths: list, host: dict) -> str:
-    short, long = lengths
-    per_micro = host["micro_batch_seconds"]
-    options = ", ".join(f"{key} {value}" for key, value in short["kernels"].items()
+def host_time(args, lengths: list) -> dict:
+    """Seconds at zero tokens: the step, its optimizer update, a micro-batch (the rest / M)."""
+    step = extrapolate(*lengths, "step_seconds")
+    update = extrapolate(*lengths, "update_seconds")
+    return dict(step_seconds=step, update_seconds=update,
+                micro_batch_seconds=(step - update) / args.micro_batches)
+
+
+def model_configs(args) -> dict:
+    """The benchmark's model and, with ``--extra-layers N``, the same with N more language
+    layers and with N more vision layers: the per-layer host time is the difference."""
+    base = model_config(args)
+    cfgs = {"base": base}
+    if args.extra_layers:
+        overrides = {**arguments.model_overrides(args), **NEGLIGIBLE_WIDTHS}
+        cfgs["language"] = get_config(args.model, {
+            **overrides, "num_layers": base.language.num_layers + args.extra_layers})
+        cfgs["vision"] = get_config(args.model, {
+            **overrides, "vision_num_layers": base.vision.num_layers + args.extra_layers})
+    return cfgs
+
+
+def per_layer(args, cfgs: dict, hosts: dict) -> dict:
+    """Seconds per micro-batch of one language layer, one vision layer (forward + backward) and
+    the rest, from the deeper models' differences."""
+    base = hosts["base"]["micro_batch_seconds"]
+    language = (hosts["language"]["micro_batch_seconds"] - base) / args.extra_layers
+    vision = (hosts["vision"]["micro_batch_seconds"] - base) / args.extra_layers
+    depth = cfgs["base"]
+    rest = base - language * depth.language.num_layers - vision * depth.vision.num_layers
+    return dict(language_layer=language, vision_layer=vision, rest=rest)
+
+
+def report(args, cfgs: dict, rows: dict, hosts: dict) -> str:
+    base, lengths, host = cfgs["base"], rows["base"], hosts["base"]
+    options = ", ".join(f"{key} {value}" for key, value in lengths[0]["kernels"].items()
                         if not key.startswith("recompute"))
-    lines = [f"model {args.model} at negligible widths, {host['depth']}; "
-             f"{'fp32' if args.fp32 else 'bf16'}; {args.micro_batches} micro-batches per step; "
-             f"{args.threads} thread(s); {machine_info(torch.device('cpu'))['cpu_model']}",
+    lines = [f"model {args.model} at negligible widths, {base.language.num_layers} language + "
+             f"{base.vision.num_layers} vision layers; {'fp32' if args.fp32 else 'bf16'}; "
+             f"{args.micro_batches} micro-batches per step; {args.threads} thread(s); "
+             f"{machine_info(torch.device('cpu'))['cpu_model']}",
              f"kernels as on a GPU: {options}"]
     for row in lengths:
         lines.append(f"seq {row['seq_length']:>6}: step {row['step_seconds'] * 1e3:8.1f} ms "
                      f"(optimizer update {row['update_seconds'] * 1e3:.1f} ms; "
                      f"{row['samples']} samples, {row['images']} images)")
     lines.append(f"host time at zero tokens: step {host['step_seconds'] * 1e3:.1f} ms, "
-                 f"per micro-batch {per_micro * 1e3:.1f} ms, optimizer update "
+                 f"per micro-batch {host['micro_batch_seconds'] * 1e3:.1f} ms, optimizer update "
                  f"{host['update_seconds'] * 1e3:.1f} ms")
-    if "launches" in short:
-        lines.append(f"launches per step (counted at seq {short['seq_length']}): "
-                     f"{short['launches']}; host time per launch "
-                     f"{host['step_seconds'] / short['launches'] * 1e6:.1f} us")
+    lines.append(f"launches per step (counted at seq {lengths[0]['seq_length']}): "
+                 f"{lengths[0]['launches']}; host time per launch "
+                 f"{host['step_seconds'] / lengths[0]['launches'] * 1e6:.1f} us")
+    if args.extra_layers:
+        parts = per_layer(args, cfgs, hosts)
+        lines.append(f"per micro-batch (from {args.extra_layers} more layers of each tower): "
+                     f"a language layer {parts['language_layer'] * 1e3:.2f} ms, a vision layer "
+                     f"{parts['vision_layer'] * 1e3:.2f} ms, the rest {parts['rest'] * 1e3:.1f} ms")
     return "\n".join(lines)
 
 
@@ -246,18 +291,17 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = model_config(args)
+    cfgs = model_configs(args)
     with gpu_step_paths():
-        lengths = measure(args, cfg)
-    step = extrapolate(*lengths, "step_seconds")
-    update = extrapolate(*lengths, "update_seconds")
-    host = dict(step_seconds=step, update_seconds=update,
-                micro_batch_seconds=(step - update) / args.micro_batches,
-                depth=f"{cfg.language.num_layers} language + {cfg.vision.num_layers} vision layers")
-    print(report(args, lengths, host))
+        rows = measure(args, cfgs)
+    hosts = {label: host_time(args, lengths) for label, lengths in rows.items()}
+    print(report(args, cfgs, rows, hosts))
     if args.json:
+        result = dict(args=vars(args), lengths=rows["base"], host=hosts["base"])
+        if args.extra_layers:
+            result.update(models=rows, hosts=hosts, per_layer=per_layer(args, cfgs, hosts))
         with open(args.json, "w") as handle:
-            json.dump(dict(args=vars(args), lengths=lengths, host=host), handle, indent=1)
+            json.dump(result, handle, indent=1)
 
 
 if __name__ == "__main__":
