@@ -42,14 +42,16 @@ import bench_launches  # noqa: E402
 from megatron_patch.benchmarking import launch_count, throughput  # noqa: E402
 from megatron_patch.benchmarking.gpu_paths import gpu_code_paths, gpu_kernel_options  # noqa: E402
 from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace  # noqa: E402
-from megatron_patch.benchmarking.synthetic import SyntheticPackedBatches, SyntheticSpec  # noqa: E402
+from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # noqa: E402
+                                                  SyntheticSpec)
 from megatron_patch.benchmarking.system import machine_info  # noqa: E402
 from megatron_patch.model import attention, get_config  # noqa: E402
 from megatron_patch.training import arguments, kernels  # noqa: E402
 from megatron_patch.training.parallel_setup import initialize, shutdown  # noqa: E402
 
-# widths at which the CPU's arithmetic is a few percent of the host's work (what is launched
-# does not depend on them: bench_launches.py counts the same operators at any width)
+# widths at which the CPU's arithmetic is a fraction of the host's work at these lengths (a
+# quarter at 256 tokens, extrapolated away); what is launched does not depend on them:
+# bench_launches.py counts the same operators at any width
 NEGLIGIBLE_WIDTHS = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                          num_query_groups=2, kv_channels=16, vision_hidden_size=32,
                          vision_ffn_hidden_size=64, vision_num_attention_heads=2,
@@ -68,10 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batches", type=int, default=8,
                    help="per optimizer step (the GPU benchmark's 8)")
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per length (median)")
-    p.add_argument("--extra-layers", type=int, default=0, metavar="N",
-                   help="also time the model with N more language layers and with N more vision "
-                        "layers (interleaved with it): the host time of one layer of each tower")
+    p.add_argument("--steps", type=int, default=5,
+                   help="timed steps per length (the fastest counts)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch's intra-op threads (the host's work is one Python thread)")
     p.add_argument("--seed", type=int, default=1234)
@@ -113,8 +113,9 @@ def one_allocation_attention(query, key, value, *args, **kwargs):
 @contextlib.contextmanager
 def gpu_step_paths():
     """The trainer's step as a GPU runs it, on the CPU: the GPU's code paths, the kernels the
-    trainer chooses where CUDA is present (wrap_model asks training/kernels.py), megatron's
-    multi-tensor clipping, and the one-allocation attention."""
+    trainer chooses where CUDA is present (wrap_model asks training/kernels.py) and the
+    one-allocation attention. (Clipping as on a GPU is :func:`gpu_clipping`'s: building a
+    trainer installs the CPU's own.)"""
     choose_options, choose_wgrad = kernels.model_options, kernels.gradient_accumulation_fusion
 
     def options_with_cuda(args):
@@ -162,10 +163,17 @@ def micro_batches(args, cfg, seq_length: int) -> list:
     return SyntheticPackedBatches(spec).take(args.micro_batches)
 
 
+def gpu_clipping():
+    """megatron's gradient clipping as on a GPU (one multi-tensor scale), in place of the CPU's
+    redirect that building a trainer installs (compat/cpu.py): entered after the build."""
+    return mock.patch.object(megatron_optimizer, "clip_grad_by_total_norm_fp32",
+                             bench_launches.clip_as_on_a_gpu)
+
+
 @contextlib.contextmanager
 def timed_updates(optimizer, seconds: list):
     """Appends the seconds of each optimizer update (megatron's ``step_with_ready_grads``:
-    AdamW and the copy into the bf16 weights) to ``seconds``; clipping as on a GPU."""
+    AdamW and the copy into the bf16 weights) to ``seconds``."""
     update = optimizer.step_with_ready_grads
 
     def timed():
@@ -175,49 +183,48 @@ def timed_updates(optimizer, seconds: list):
         finally:
             seconds.append(time.perf_counter() - start)
 
-    with mock.patch.object(optimizer, "step_with_ready_grads", timed), \
-            mock.patch.object(megatron_optimizer, "clip_grad_by_total_norm_fp32",
-                              bench_launches.clip_as_on_a_gpu):
+    with mock.patch.object(optimizer, "step_with_ready_grads", timed):
         yield
 
 
-def measure(args, cfgs: dict) -> dict:
-    """{label: rows}: for each model of ``cfgs`` ({label: config}) and each length, the fastest
-    step and optimizer update. Every model's steps at every length are interleaved, one
-    trainer per model in this process, so a slow spell of the machine touches them alike. The
-    first model's launches per step are counted too (at the shorter length)."""
+def time_rounds(args, runner, rows: list) -> None:
+    """Warm-up, then timed rounds; each round steps once at every length, so a slow spell of
+    the machine touches them alike. Appends to each row's steps and updates."""
+    for index in range(args.warmup_steps + args.steps):
+        for row in rows:
+            updates = []
+            with timed_updates(runner.optimizer, updates):
+                start = time.perf_counter()
+                runner.step(row["batches"])
+                seconds = time.perf_counter() - start
+            if index >= args.warmup_steps:
+                row["steps"].append(seconds)
+                row["updates"] += updates
+
+
+def measure(args, cfg) -> list:
+    """For each length, the fastest step and optimizer update (:func:`time_rounds`, on one
+    trainer), and one step's launches at the shorter length, counted."""
     initialize(1, 1, args.seed)
     try:
-        runners = {label: MegatronRunner(trainer_args(args, max(args.seq_lengths)), cfg,
-                                         torch.device("cpu")) for label, cfg in cfgs.items()}
-        rows = {label: [dict(seq_length=seq, batches=micro_batches(args, cfg, seq), steps=[],
-                             updates=[]) for seq in args.seq_lengths]
-                for label, cfg in cfgs.items()}
-        for index in range(args.warmup_steps + args.steps):
-            for label, runner in runners.items():
-                for row in rows[label]:
-                    updates = []
-                    with timed_updates(runner.optimizer, updates):
-                        start = time.perf_counter()
-                        runner.step(row["batches"])
-                        seconds = time.perf_counter() - start
-                    if index >= args.warmup_steps:
-                        row["steps"].append(seconds)
-                        row["updates"] += updates
-        first, runner = next(iter(runners.items()))
-        counted, _ = launch_count.count_launches(lambda: runner.step(rows[first][0]["batches"]))
+        runner = MegatronRunner(trainer_args(args, max(args.seq_lengths)), cfg,
+                                torch.device("cpu"))
+        rows = [dict(seq_length=seq, batches=micro_batches(args, cfg, seq), steps=[],
+                     updates=[]) for seq in args.seq_lengths]
+        with gpu_clipping():  # after the build, which installs the CPU's clipping
+            time_rounds(args, runner, rows)
+            counted, _ = launch_count.count_launches(lambda: runner.step(rows[0]["batches"]))
         kernels_used = dict(kernels.model_options(runner.args), gradient_accumulation_fusion=
                             kernels.gradient_accumulation_fusion(runner.args))
-        for runner in runners.values():
-            runner.close()
+        runner.close()
     finally:
         shutdown()
-    for row in (row for label_rows in rows.values() for row in label_rows):
+    for row in rows:
         batches = row.pop("batches")
         row.update(step_seconds=min(row["steps"]), update_seconds=min(row["updates"]),
                    images=sum(batch.num_images for batch in batches),
                    samples=sum(batch.num_samples for batch in batches))
-    rows[first][0].update(launches=sum(counted.values()), kernels=kernels_used)
+    rows[0].update(launches=sum(counted.values()), kernels=kernels_used)
     return rows
 
 
@@ -235,37 +242,11 @@ def host_time(args, lengths: list) -> dict:
                 micro_batch_seconds=(step - update) / args.micro_batches)
 
 
-def model_configs(args) -> dict:
-    """The benchmark's model and, with ``--extra-layers N``, the same with N more language
-    layers and with N more vision layers: the per-layer host time is the difference."""
-    base = model_config(args)
-    cfgs = {"base": base}
-    if args.extra_layers:
-        overrides = {**arguments.model_overrides(args), **NEGLIGIBLE_WIDTHS}
-        cfgs["language"] = get_config(args.model, {
-            **overrides, "num_layers": base.language.num_layers + args.extra_layers})
-        cfgs["vision"] = get_config(args.model, {
-            **overrides, "vision_num_layers": base.vision.num_layers + args.extra_layers})
-    return cfgs
-
-
-def per_layer(args, cfgs: dict, hosts: dict) -> dict:
-    """Seconds per micro-batch of one language layer, one vision layer (forward + backward) and
-    the rest, from the deeper models' differences."""
-    base = hosts["base"]["micro_batch_seconds"]
-    language = (hosts["language"]["micro_batch_seconds"] - base) / args.extra_layers
-    vision = (hosts["vision"]["micro_batch_seconds"] - base) / args.extra_layers
-    depth = cfgs["base"]
-    rest = base - language * depth.language.num_layers - vision * depth.vision.num_layers
-    return dict(language_layer=language, vision_layer=vision, rest=rest)
-
-
-def report(args, cfgs: dict, rows: dict, hosts: dict) -> str:
-    base, lengths, host = cfgs["base"], rows["base"], hosts["base"]
+def report(args, cfg, lengths: list, host: dict) -> str:
     options = ", ".join(f"{key} {value}" for key, value in lengths[0]["kernels"].items()
                         if not key.startswith("recompute"))
-    lines = [f"model {args.model} at negligible widths, {base.language.num_layers} language + "
-             f"{base.vision.num_layers} vision layers; {'fp32' if args.fp32 else 'bf16'}; "
+    lines = [f"model {args.model} at negligible widths, {cfg.language.num_layers} language + "
+             f"{cfg.vision.num_layers} vision layers; {'fp32' if args.fp32 else 'bf16'}; "
              f"{args.micro_batches} micro-batches per step; {args.threads} thread(s); "
              f"{machine_info(torch.device('cpu'))['cpu_model']}",
              f"kernels as on a GPU: {options}"]
@@ -279,11 +260,6 @@ def report(args, cfgs: dict, rows: dict, hosts: dict) -> str:
     lines.append(f"launches per step (counted at seq {lengths[0]['seq_length']}): "
                  f"{lengths[0]['launches']}; host time per launch "
                  f"{host['step_seconds'] / lengths[0]['launches'] * 1e6:.1f} us")
-    if args.extra_layers:
-        parts = per_layer(args, cfgs, hosts)
-        lines.append(f"per micro-batch (from {args.extra_layers} more layers of each tower): "
-                     f"a language layer {parts['language_layer'] * 1e3:.2f} ms, a vision layer "
-                     f"{parts['vision_layer'] * 1e3:.2f} ms, the rest {parts['rest'] * 1e3:.1f} ms")
     return "\n".join(lines)
 
 
@@ -291,17 +267,14 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfgs = model_configs(args)
+    cfg = model_config(args)
     with gpu_step_paths():
-        rows = measure(args, cfgs)
-    hosts = {label: host_time(args, lengths) for label, lengths in rows.items()}
-    print(report(args, cfgs, rows, hosts))
+        lengths = measure(args, cfg)
+    host = host_time(args, lengths)
+    print(report(args, cfg, lengths, host))
     if args.json:
-        result = dict(args=vars(args), lengths=rows["base"], host=hosts["base"])
-        if args.extra_layers:
-            result.update(models=rows, hosts=hosts, per_layer=per_layer(args, cfgs, hosts))
         with open(args.json, "w") as handle:
-            json.dump(result, handle, indent=1)
+            json.dump(dict(args=vars(args), lengths=lengths, host=host), handle, indent=1)
 
 
 if __name__ == "__main__":

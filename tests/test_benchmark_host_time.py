@@ -48,53 +48,34 @@ def test_the_time_at_zero_tokens_is_the_intercept_of_the_two_lengths(bench):
     assert bench.extrapolate(short, long, "step_seconds") == pytest.approx(1.0)
 
 
-def test_a_layers_host_time_is_the_deeper_models_difference(bench):
-    args = bench.parse_args(["--model", "tiny", "--extra-layers", "2"])
-    cfgs = bench.model_configs(args)
-    depth = {label: (cfg.language.num_layers, cfg.vision.num_layers) for label, cfg in cfgs.items()}
-    language, vision = depth["base"]
-    assert depth == {"base": (language, vision), "language": (language + 2, vision),
-                     "vision": (language, vision + 2)}
-    # 3 ms per language layer, 5 per vision layer, 7 for the rest
-    hosts = {label: dict(micro_batch_seconds=1e-3 * (3 * lang + 5 * vis + 7))
-             for label, (lang, vis) in depth.items()}
-    parts = bench.per_layer(args, cfgs, hosts)
-    assert parts == pytest.approx(dict(language_layer=3e-3, vision_layer=5e-3, rest=7e-3))
-
-
-def test_every_model_and_length_is_timed_interleaved_with_every_step_and_update(bench):
+def test_both_lengths_are_timed_interleaved_with_every_step_and_update(bench):
     # the compiled kernels off: their CPU compilation is tested elsewhere and slow here
     args = bench.parse_args(["--model", "tiny", "--seq-lengths", "64", "128", "--steps", "2",
-                             "--warmup-steps", "1", "--micro-batches", "2", "--extra-layers", "1",
-                             "--no-rope-fusion", "--no-norm-fusion", "--no-bias-swiglu-fusion",
+                             "--warmup-steps", "1", "--micro-batches", "2", "--no-rope-fusion",
+                             "--no-norm-fusion", "--no-bias-swiglu-fusion",
                              "--loss-chunk-tokens", "0"])
-    cfgs = bench.model_configs(args)
-    order = []
+    cfg = bench.model_config(args)
+    lengths_stepped = []
     calls = mock.Mock(wraps=bench.one_allocation_attention)
     step = bench.MegatronRunner.step
 
     def recorded_step(runner, batches):
-        order.append((runner.model.module.config.num_layers, batches[0].tokens.shape[-1]))
+        lengths_stepped.append(batches[0].tokens.shape[-1])
         return step(runner, batches)
 
     with mock.patch.object(bench, "one_allocation_attention", calls), \
             mock.patch.object(bench.MegatronRunner, "step", recorded_step), bench.gpu_step_paths():
-        rows = bench.measure(args, cfgs)
-    assert list(rows) == ["base", "language", "vision"]
-    for label, lengths in rows.items():
-        assert [row["seq_length"] for row in lengths] == [64, 128]
-        for row in lengths:
-            assert len(row["steps"]) == 2 and len(row["updates"]) == 2
-            assert row["step_seconds"] == min(row["steps"]) > row["update_seconds"] > 0
-            assert row["samples"] >= 2 and row["images"] >= 2
-    # each round runs every model at both lengths before the next round starts
-    language = cfgs["base"].language.num_layers
-    one_round = [(layers, seq) for layers in (language, language + 1, language)
-                 for seq in (64, 128)]
-    assert order[:len(one_round)] == one_round and len(order) == 3 * len(one_round) + 1
-    layers = sum(cfg.language.num_layers + cfg.vision.num_layers for cfg in cfgs.values())
-    base = cfgs["base"].language.num_layers + cfgs["base"].vision.num_layers
-    # every layer of every micro-batch: the timed and warm-up steps, then the counted step
-    assert calls.call_count == args.micro_batches * (2 * (1 + 2) * layers + base)
-    assert rows["base"][0]["kernels"]["gradient_accumulation_fusion"] is True
-    assert rows["base"][0]["launches"] > 0
+        rows = bench.measure(args, cfg)
+    # warm-up and timed rounds alternate the lengths; then the counted step (the shorter)
+    assert lengths_stepped == [64, 128] * 3 + [64]
+    assert [row["seq_length"] for row in rows] == [64, 128]
+    for row in rows:
+        assert len(row["steps"]) == 2 and len(row["updates"]) == 2
+        assert row["step_seconds"] == min(row["steps"]) > row["update_seconds"] > 0
+        assert row["samples"] >= 2 and row["images"] >= 2
+    layers = cfg.language.num_layers + cfg.vision.num_layers
+    assert calls.call_count == layers * args.micro_batches * len(lengths_stepped)
+    assert rows[0]["kernels"]["gradient_accumulation_fusion"] is True
+    assert rows[0]["launches"] > 0
+    assert bench.megatron_optimizer.clip_grad_by_total_norm_fp32 \
+        is not bench.bench_launches.clip_as_on_a_gpu  # only while measuring
