@@ -107,14 +107,14 @@ def fuse_residual_adds(block: TransformerBlock) -> int:
     """Gives each residual add of ``block``'s layers to the norm that reads its sum next, where
     that applies (module docstring); returns how many adds it gave."""
     layers, config = list(block.layers), block.config
-    next_norms = [layer.input_layernorm for layer in layers[1:]]
-    next_norms.append(getattr(block, "final_layernorm", None))
     across_layers = (config.recompute_granularity != "full" and not config.cpu_offloading
                      and getattr(config, "cuda_graph_impl", "none") == "none"
                      and not config.enable_cuda_graph)
     given = 0
-    for index, (layer, next_norm) in enumerate(zip(layers, next_norms)):
-        reader = layers[index + 1] if index + 1 < len(layers) else None
+    for layer, reader in zip(layers, layers[1:] + [None]):
+        # the norm that reads the MLP's sum: the next layer's input norm, or the final norm
+        next_norm = (getattr(block, "final_layernorm", None) if reader is None
+                     else reader.input_layernorm)
         if _takes_hand_over(layer.pre_mlp_layernorm, layer.recompute_pre_mlp_layernorm, layer):
             layer.self_attn_bda = ResidualThenNorm(layer.pre_mlp_layernorm)
             given += 1
