@@ -42,8 +42,7 @@ import bench_launches  # noqa: E402
 from megatron_patch.benchmarking import launch_count, throughput  # noqa: E402
 from megatron_patch.benchmarking.gpu_paths import gpu_code_paths, gpu_kernel_options  # noqa: E402
 from megatron_patch.benchmarking.runners import MegatronRunner, trainer_namespace  # noqa: E402
-from megatron_patch.benchmarking.synthetic import (SyntheticPackedBatches,  # noqa: E402
-                                                  SyntheticSpec)
+from megatron_patch.benchmarking.synthetic import SyntheticSpec  # noqa: E402
 from megatron_patch.benchmarking.system import machine_info  # noqa: E402
 from megatron_patch.model import attention, get_config  # noqa: E402
 from megatron_patch.training import arguments, kernels  # noqa: E402
@@ -153,14 +152,11 @@ def micro_batches(args, cfg, seq_length: int) -> list:
     """The benchmark's synthetic mix shrunk to this length: text lengths scaled by
     ``seq_length / 8192`` and small images, so a pack holds about as many samples and images
     (segments for the attention, images for the vision tower) at either length."""
-    vcfg = cfg.vision
-    spec = SyntheticSpec(
-        vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
-        seq_length=seq_length, patch_dim=vcfg.patch_dim, merge_size=vcfg.spatial_merge_size,
-        patch_size=vcfg.patch_size, image_side_min=args.image_size,
-        image_side_max=args.image_size, seed=args.seed,
-        text_length_median=SyntheticSpec.text_length_median * seq_length / 8192)
-    return SyntheticPackedBatches(spec).take(args.micro_batches)
+    sizes = argparse.Namespace(seq_length=seq_length, image_size_min=args.image_size,
+                               image_size_max=args.image_size, seed=args.seed)
+    packs = bench_launches.synthetic_packs(
+        sizes, cfg, text_length_median=SyntheticSpec.text_length_median * seq_length / 8192)
+    return packs.take(args.micro_batches)
 
 
 def gpu_clipping():

@@ -218,14 +218,16 @@ def parts(args, batch, device) -> dict:
                 depth=depth, optimizer=optimizer)
 
 
-def synthetic_packs(args, cfg) -> SyntheticPackedBatches:
-    """The benchmark's synthetic packs for this model and the command line's sizes."""
+def synthetic_packs(args, cfg, **spec) -> SyntheticPackedBatches:
+    """The benchmark's synthetic packs for this model and the command line's sizes; ``spec``:
+    more of SyntheticSpec's fields (the text lengths, ...)."""
     vcfg = cfg.vision
     return SyntheticPackedBatches(SyntheticSpec(
         vocab_size=cfg.language.vocab_size, image_token_id=cfg.image_token_id,
         seq_length=args.seq_length, patch_dim=vcfg.patch_dim,
         merge_size=vcfg.spatial_merge_size, patch_size=vcfg.patch_size,
-        image_side_min=args.image_size_min, image_side_max=args.image_size_max, seed=args.seed))
+        image_side_min=args.image_size_min, image_side_max=args.image_size_max, seed=args.seed,
+        **spec))
 
 
 def synthetic_pack(args, cfg):
