@@ -35,6 +35,10 @@ on a GPU (see compat/bias_gelu.py).
 ``compat.embedding_wgrad.rows_into_main_grad`` adds the token embedding's gradient into its
 fp32 buffer row by row under gradient-accumulation fusion, instead of a table-sized gradient
 and DDP's add (the model's ``embed`` uses it).
+
+:func:`apply_single_rank_tp_shortcuts` lets megatron's tensor-parallel linears skip their
+communication regions' autograd Functions (identities) and a per-call deprecation warning when
+the tensor-parallel group has one rank (see compat/tp_regions.py).
 """
 from megatron_patch.compat.bias_gelu import apply as apply_bias_gelu_fusion
 from megatron_patch.compat.cpu import apply as apply_cpu_redirects, is_applied
@@ -44,9 +48,11 @@ from megatron_patch.compat.multi_tensor import apply as apply_foreach_multi_tens
 from megatron_patch.compat.packed_rope import apply as apply_packed_rope_fast_path
 from megatron_patch.compat.selective_recompute import apply as apply_selective_recompute_fixes
 from megatron_patch.compat.torch_adam import apply as apply_torch_adam_fixes
+from megatron_patch.compat.tp_regions import apply as apply_single_rank_tp_shortcuts
 from megatron_patch.compat.wgrad_accumulation import install as apply_wgrad_accumulation
 
 __all__ = ["apply_batched_grad_adds", "apply_bias_gelu_fusion", "apply_cpu_redirects",
            "apply_foreach_multi_tensor", "apply_packed_rope_fast_path",
-           "apply_selective_recompute_fixes", "apply_torch_adam_fixes",
+           "apply_selective_recompute_fixes", "apply_single_rank_tp_shortcuts",
+           "apply_torch_adam_fixes",
            "apply_wgrad_accumulation", "is_applied", "use_fused_adam"]

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 
 from megatron_patch.compat import (apply_bias_gelu_fusion, apply_cpu_redirects,
                                    apply_packed_rope_fast_path, apply_selective_recompute_fixes,
+                                   apply_single_rank_tp_shortcuts,
                                    apply_wgrad_accumulation)
 from megatron_patch.model.attention import check_packed_attention_kernel
 from megatron_patch.model.configs import LlavaOVConfig
@@ -56,6 +57,7 @@ def build_model(cfg: LlavaOVConfig, *, pre_process: Optional[bool] = None,
     apply_wgrad_accumulation()  # gradient_accumulation_fusion=True without APEX
     apply_selective_recompute_fixes()  # recompute_modules "layernorm" / "mlp" without TE
     apply_bias_gelu_fusion()  # the vision MLP's, on a GPU
+    apply_single_rank_tp_shortcuts()  # the linears' TP regions skipped at TP 1
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None,
                                                              vp_stage=vp_stage)

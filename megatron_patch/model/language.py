@@ -39,6 +39,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.compat import tp_regions
 from megatron_patch.model.configs import LanguageConfig
 from megatron_patch.model.host_tensors import nonzero_on
 from megatron_patch.model.output_loss import linear_cross_entropy
@@ -95,7 +96,7 @@ class LanguageModel(GPTModel):
             hidden = tensor_parallel.gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=True, group=layer.tp_group)
         else:
-            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(
+            hidden = tp_regions.copy_to_tensor_model_parallel_region(
                 hidden_states, group=layer.tp_group)
         s, b, h = hidden.shape
         hidden, labels = hidden.reshape(s * b, h), labels.transpose(0, 1).reshape(s * b)

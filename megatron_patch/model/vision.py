@@ -32,12 +32,12 @@ from typing import List, Tuple
 
 import torch
 from torch import nn
-from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.compat import tp_regions
 from megatron_patch.model.attention import covering_packed_seq_params
 from megatron_patch.model.configs import VisionConfig
 from megatron_patch.model.host_tensors import nonzero_on, to_device
@@ -110,7 +110,7 @@ class RiceVisionModel(MegatronModule):
         cls = self.class_embedding.to(x.dtype).unsqueeze(0)
         # each TP rank rotates only its own heads by these angles, so their gradient must be
         # summed over the TP ranks (identity forward, all-reduce backward), as a TP=1 run has it
-        cls_ang = tensor_parallel.copy_to_tensor_model_parallel_region(self.class_pos_emb).float()
+        cls_ang = tp_regions.copy_to_tensor_model_parallel_region(self.class_pos_emb).float()
         xs, angs = [], []
         for xi, ai in zip(x.split(lengths), angles.split(lengths)):
             xs += [cls, xi]
