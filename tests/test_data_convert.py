@@ -170,6 +170,28 @@ def test_every_bad_record_class_is_skipped_with_line_and_reason(tmp_path):
     assert report["skipped"] == len(kinds) and sum(report["skipped_by_kind"].values()) == len(kinds)
 
 
+def test_a_jsonl_line_that_is_not_utf8_is_skipped_and_named_not_altered(tmp_path):
+    """A Latin-1 byte on one line (a BOM before the first, Windows line ends): that line is a
+    bad record naming the byte and its column; the others convert with their text intact."""
+    lines = [json.dumps({"id": f"r{i}", "conversations": [turn("human", "q"), turn("gpt", answer)]},
+                        ensure_ascii=False).encode() for i, answer in enumerate(["café", "b", "c"])]
+    lines[1] = lines[1].replace(b'"b"', b'"caf\xe9"')
+    lines.append(b"{broken")
+    path = write(str(tmp_path / "mixed.jsonl"), b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == EXIT_SKIPPED
+    not_utf8, broken = skipped(out)
+    assert not_utf8["kind"] == "invalid_json" and not_utf8["source"] == f"{path}:2"
+    column = lines[1].index(b"\xe9") + 1
+    assert f"line is not UTF-8 text (byte b'\\xe9' at column {column}" in not_utf8["reason"]
+    assert broken["source"] == f"{path}:4"
+    assert "line is not valid JSON: Expecting property name" in broken["reason"]
+    assert "at column 2" in broken["reason"]
+    converted = samples_by_id(out)
+    assert set(converted) == {"r0", "r2"}
+    assert "café" in json.dumps(converted["r0"][0], ensure_ascii=False)
+
+
 def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_path):
     """One syntax error in a pretty-printed array: one skip naming its line, not one per line
     (the file used to be re-read as JSON Lines), and the records before it converted."""

@@ -5,6 +5,7 @@ A reader never raises for a bad record: a line that is not JSON comes out as a R
 `.json` (a list, or one object), `.jsonl`, `.parquet`, and a folder of per-sample `.json` files.
 Text is UTF-8, with or without the byte-order mark some Windows tools write.
 """
+import codecs
 import json
 import os
 from dataclasses import dataclass
@@ -109,17 +110,28 @@ def _read_so_far(count: int) -> str:
 
 
 def _read_jsonl(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
+    """One record per non-empty line. A line that is not UTF-8 or not JSON is a bad record
+    (named by its line number), never a silently altered one."""
     dirs = _search_dirs(path, options)
-    with open(path, encoding="utf-8-sig", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
                 continue
             source = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                yield RawRecord(source, search_dirs=dirs, error=BadRecord(
+                    f"line is not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} "
+                    f"at column {error.start + 1}: {error.reason}); save the file as UTF-8",
+                    "invalid_json"))
+                continue
             except json.JSONDecodeError as error:
-                yield RawRecord(source, search_dirs=dirs,
-                                error=BadRecord(f"line is not valid JSON: {error}", "invalid_json"))
+                yield RawRecord(source, search_dirs=dirs, error=BadRecord(
+                    f"line is not valid JSON: {error.msg} at column {error.pos + 1}",
+                    "invalid_json"))
                 continue
             yield RawRecord(source, record, dirs, fallback_id=f"{os.path.basename(path)}:{number}")
 
