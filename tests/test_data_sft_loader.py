@@ -10,8 +10,9 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMism
                                             build_train_loader, build_val_loader, check_manifest,
                                             close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_sample import encode_sample
-from megatron_patch.data.sft_task_encoder import (EncoderSettings, SFTMicroBatch,
-                                                  SFTTaskEncoder)
+from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverlong,
+                                                  EncoderSettings, SFTMicroBatch, SFTTaskEncoder,
+                                                  find_data_stop)
 from megatron_patch.data.tokenizer import SFTTokenizer
 
 PIXELS = 56 * 56  # every demo image (56x56) -> 4x4 patches -> 4 image tokens
@@ -208,9 +209,26 @@ def test_truncate_keeps_overlong_samples(converted_demo, tokenizer, train_length
 
 
 def test_all_samples_too_long_stops_with_a_clear_error(converted_demo, tokenizer):
+    """The loader's error carries ours; the trainer finds it (find_data_stop) to report it alone,
+    not energon's wrapping with a sample's whole repr."""
     loader = train_loader(converted_demo, tokenizer, seq_length=20, max_consecutive_drops=30)
-    with pytest.raises(Exception, match="30 samples in a row are longer than --seq-length 20"):
+    with pytest.raises(Exception, match="30 samples in a row are longer than --seq-length 20") \
+            as caught:
         take(loader, 1)
+    stop = find_data_stop(caught.value)
+    assert isinstance(stop, AllSamplesOverlong)
+    assert str(stop).startswith("30 samples in a row are longer than --seq-length 20")
+
+
+def test_a_stop_from_a_loader_worker_is_found_in_its_traceback_text():
+    """torch re-raises a worker's error with the worker's traceback as text only."""
+    text = ("Caught FatalSampleError in DataLoader worker process 0.\nOriginal Traceback (most "
+            "recent call last):\n  File ...\nmegatron_patch.data.sft_task_encoder.AllSamplesBad: "
+            "50 samples in a row did not decode (last: k: broken)\n\nThe above exception ...")
+    stop = find_data_stop(RuntimeError(text))
+    assert isinstance(stop, AllSamplesBad)
+    assert str(stop) == "50 samples in a row did not decode (last: k: broken)"
+    assert find_data_stop(RuntimeError("a shard is truncated")) is None
 
 
 def test_val_loader_is_one_pass_and_absent_without_val(converted_demo, converted_copy, tokenizer):

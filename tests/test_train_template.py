@@ -61,6 +61,48 @@ def test_cpu_processes_hide_the_gpus(converted_demo, tokenizer_dir, tmp_path):
     assert "trainer sees CUDA_VISIBLE_DEVICES=[]" in result.stdout
 
 
+# a stand-in for torchrun: signals its whole process group (as SLURM's --signal or `kill --
+# -PGID` do), then, like the trainers, finishes its step, logs, publishes a checkpoint, exits 15
+SIGNALLED_JOB = """#!/bin/bash
+trap 'stop=1' TERM
+echo "trainer: step 3"
+sleep 0.5  # the pipeline is up (a job is signalled while it runs, not while it starts)
+kill -TERM 0
+while [ -z "$stop" ]; do sleep 0.05; done
+sleep 0.3
+echo "trainer: saved iteration 3 after the signal"
+echo 3 > "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
+exit 15
+"""
+
+
+def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_demo,
+                                                                      tokenizer_dir, tmp_path):
+    """SIGTERM to every process of the job: the log's tee and the template outlive it, so the
+    trainers' lines after the signal reach the log and the template reports the checkpoint
+    with status 15 (torchrun itself would report a failure)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "torchrun").write_text(SIGNALLED_JOB)
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    save = tmp_path / "run"
+    result = subprocess.run(["bash", TEMPLATE], capture_output=True, text=True, timeout=120,
+                            start_new_session=True, env={
+                                **os.environ, "PYTHON": str(bin_dir / "python"), "DRY_RUN": "0",
+                                "GPUS_PER_NODE": "0", "MODEL": "tiny",
+                                "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
+                                "SAVE_CKPT_PATH": str(save)})
+    assert result.returncode == 15, (result.returncode, result.stdout[-2000:], result.stderr)
+    log = plan_lines(result.stdout)["LOG"]
+    with open(log) as handle:
+        assert "trainer: saved iteration 3 after the signal" in handle.read()
+    assert (f"stopped by SIGTERM after saving iteration 3: rerun the same command (same "
+            f"SAVE_CKPT_PATH) to resume") in result.stdout
+    assert f"final checkpoint: {save}/iter_0000003" in result.stdout
+
+
 def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_demo, tokenizer_dir,
                                                                     tmp_path):
     """CHECKPOINT_PATH (a base model or an earlier stage's run) is loaded with --finetune, so

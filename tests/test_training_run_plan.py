@@ -105,3 +105,26 @@ def test_plan_estimates_samples_per_sequence_with_packing(converted_demo, demo_t
     assert main(common + ["--trainer-args=--packing", "--samples-per-sequence", "4"]) == 0
     fixed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert fixed["NSTEP"] == "14"  # ceil(108 / 8)
+
+
+@pytest.mark.parametrize("trainer_args, message", [
+    ("--pack", "unknown trainer flag(s) --pack (did you mean --packing?)"),
+    ("--seq-length 1024 --bf16 --recompute-granularty full",
+     "--recompute-granularty (did you mean --recompute-granularity?)"),
+    ("--overlong cut", "argument --overlong: invalid choice: 'cut'"),
+    ("--lr-vision fast", "argument --lr-vision: invalid float value: 'fast'"),
+])
+def test_the_plan_refuses_trainer_flags_the_trainer_would(trainer_args, message, converted_demo,
+                                                           capsys):
+    """EXTRA_ARGS go through the trainer's own parser before anything is launched."""
+    assert main(["--data-path", str(converted_demo), "--world-size", "1",
+                 f"--trainer-args={trainer_args}"]) == 1
+    output = capsys.readouterr().out
+    assert "PLAN_ERROR=EXTRA_ARGS: " in output and message in output
+
+
+def test_the_plan_refuses_a_tokenizer_the_trainer_cannot_load(converted_demo, tmp_path, capsys):
+    assert main(["--data-path", str(converted_demo), "--world-size", "1",
+                 "--tokenizer-path", str(tmp_path)]) == 1
+    assert f"tokenizer not found at {tmp_path}: give a directory with tokenizer.json" in \
+        capsys.readouterr().out

@@ -152,12 +152,27 @@ export PATH="$(dirname "$PYTHON"):$PATH"
 # all-reduce before the weight-gradient GEMM and rely on this to overlap them (Megatron-LM's
 # scripts set it too)
 [ "$DEVICE" = "cuda" ] && export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
+# A stop signal usually reaches every process of the job at once (Ctrl-C, `kill -- -PGID`, SLURM's
+# --signal): this script and the log's tee stay up while the trainers finish the step and save,
+# or the save would fail writing to a closed pipe and this summary would never print.
+SIGNALLED=""
+for SIG in TERM INT USR1; do trap "SIGNALLED=SIG$SIG" "$SIG"; done
+LATEST_FILE="$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
+BEFORE=$(cat "$LATEST_FILE" 2>/dev/null || true)
 set +e
-"${CMD[@]}" 2>&1 | tee -ia "$LOG"   # -i: Ctrl-C must not stop the log while the run saves
+"${CMD[@]}" 2>&1 | (trap '' TERM INT USR1 HUP; exec tee -a "$LOG")
 STATUS=${PIPESTATUS[0]}
 set -e
-if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
-  printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt")"
-fi
+AFTER=$(cat "$LATEST_FILE" 2>/dev/null || true)
+[ -n "$AFTER" ] && printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$AFTER"
 echo "log: $LOG"
+if [ -n "$SIGNALLED" ]; then
+  # torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
+  # trainers saved and exited 15 as asked: what counts is whether a new checkpoint was published
+  if [ -n "$AFTER" ] && [ "$AFTER" != "$BEFORE" ]; then
+    echo "stopped by $SIGNALLED after saving iteration $AFTER: rerun the same command (same SAVE_CKPT_PATH) to resume"
+    exit 15
+  fi
+  echo "stopped by $SIGNALLED without a new checkpoint (see the log above)"
+fi
 exit "$STATUS"

@@ -23,6 +23,7 @@ Encoded samples are energon `Sample`s (`SFTEncodedSample`): energon keys its pac
 batches on each sample's `__restore_key__`, which a plain dataclass would silently lack.
 """
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -51,6 +52,29 @@ class AllSamplesOverlong(FatalSampleError):
 
 class AllSamplesBad(FatalSampleError):
     """Too many samples in a row fail to decode: the data is broken, not a sample here and there."""
+
+
+DATA_STOPS = (AllSamplesOverlong, AllSamplesBad)
+
+
+def find_data_stop(error: BaseException) -> Optional[FatalSampleError]:
+    """The :data:`DATA_STOPS` error behind what the loader raised, if any. energon raises its own
+    ``FatalSampleError`` while handling ours (the sample's whole repr as its message); from a
+    loader worker, torch re-raises the worker's error with only its traceback's text."""
+    chain, seen = [error], set()
+    while chain:
+        current = chain.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DATA_STOPS):
+            return current
+        for kind in DATA_STOPS:
+            match = re.search(rf"\b{kind.__name__}: (.+)", str(current))
+            if match:
+                return kind(match.group(1))
+        chain += [current.__cause__, current.__context__]
+    return None
 
 
 @stateless

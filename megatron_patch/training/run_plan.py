@@ -9,6 +9,7 @@ trainer arguments) a sequence holds several, so the plan estimates SAMPLES_PER_S
 first train samples (packing_estimate.py) and NSTEP = ceil(SAMPLES x EPOCHS / (GBS x that)).
 """
 import argparse
+import difflib
 import json
 import math
 import os
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import yaml
+
+from megatron_patch.data.tokenizer import SFTTokenizer
 
 
 @dataclass
@@ -106,6 +109,9 @@ def main(argv=None) -> int:
     p.add_argument("--trainer-args", default="", help="the trainer's extra arguments, one string")
     args = p.parse_args(argv)
     try:
+        check_trainer_args(shlex.split(args.trainer_args))
+        if args.tokenizer_path:
+            SFTTokenizer(args.tokenizer_path)  # found, readable, with the chat's special tokens
         samples = count_train_samples(args.data_path)
         per_sequence, estimate_note = samples_per_sequence(args)
         plan = plan_run(samples, args.world_size, args.tp, args.pp, args.mbs, args.gbs or None,
@@ -113,13 +119,13 @@ def main(argv=None) -> int:
                         save_interval=args.save_interval or None,
                         samples_per_sequence=per_sequence)
     except (ValueError, FileNotFoundError, KeyError) as error:
-        print(f"PLAN_ERROR={json.dumps(str(error))}")
+        print(f"PLAN_ERROR={one_line(error)}")
         return 1
     if estimate_note:
         plan.notes.append(estimate_note)
     values = asdict(plan)
     for note in values.pop("notes"):
-        print(f"PLAN_NOTE={json.dumps(note)}")
+        print(f"PLAN_NOTE={one_line(note)}")
     names = {"world_size": "WORLD_SIZE_PLAN", "data_parallel_size": "DP", "global_batch_size": "GBS",
              "gradient_accumulation_steps": "GRAD_ACC", "samples": "SAMPLES",
              "train_iters": "NSTEP", "warmup_iters": "WARMUP", "save_interval": "SAVE_INTERVAL",
@@ -127,6 +133,34 @@ def main(argv=None) -> int:
     for key, value in values.items():
         print(f"{names[key]}={value}")
     return 0
+
+
+def one_line(message) -> str:
+    """A message as the launcher prints it after its KEY=: one line, as written."""
+    return " ".join(str(message).split())
+
+
+def check_trainer_args(trainer_args) -> None:
+    """The launcher's extra trainer arguments, parsed by the trainer's own parser now rather
+    than after torchrun has started: a ValueError naming an unknown flag (with the closest known
+    one) or a bad value."""
+    from megatron_patch.training.arguments import build_parser
+    parser = build_parser()
+    parser.exit_on_error = False
+    required = ["--train-iters", "1", "--data-path", "-", "--tokenizer-path", "-"]
+    try:
+        _, unknown = parser.parse_known_args(required + list(trainer_args))
+    except argparse.ArgumentError as error:
+        raise ValueError(f"EXTRA_ARGS: {error}") from None
+    flags = [item for item in unknown if item.startswith("-")]
+    if flags:
+        known = [option for action in parser._actions for option in action.option_strings]
+        hints = []
+        for flag in flags:
+            close = difflib.get_close_matches(flag.split("=")[0], known, n=1)
+            hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+        raise ValueError(f"EXTRA_ARGS: unknown trainer flag(s) {', '.join(hints)}; "
+                         "python train/pretrain_llava_ov.py --help lists them")
 
 
 def samples_per_sequence(args) -> tuple:

@@ -16,8 +16,7 @@ from megatron_patch.compat import checkpoint_writer
 from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loader,
                                             build_val_loader, check_manifest, close_loader,
                                             restore_loader_state, save_loader_state)
-from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverlong,
-                                                  SFTTaskEncoder)
+from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
@@ -27,6 +26,8 @@ from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunSta
                                                    save_checkpoint)
 from megatron_patch.training.components import (encoder_settings, model_config,
                                                 parameters_gathered, wrap_model)
+from megatron_patch.training.console import keep_running_without_a_console
+from megatron_patch.training.data_report import done_line, overlong_warning
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.flops import peak_flops_per_device
 from megatron_patch.training.garbage_collection import GarbageCollection
@@ -105,6 +106,7 @@ class Trainer:
         self.recomputed_layers = kernels.recomputed_layers(args, self.cfg)
         self.peak_flops = peak_flops_per_device(
             torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+        self.warned_overlong = False  # once per process: the total is in the log lines' metrics
         self.stop_request = StopRequest([signal_from_name(name) for name in args.exit_signals])
         self.background_saves = BackgroundSaves() if args.async_save else None
         self.save_strategy = SaveStrategy(args.ckpt_fully_parallel_save,
@@ -196,7 +198,7 @@ class Trainer:
                 return EXIT_SIGNALLED if self.stop_request.requested else 0
         if args.eval_interval and state.iteration % args.eval_interval:
             self.evaluate()
-        logger.info("done: %d iterations, %d skipped steps", state.iteration, state.skipped_steps)
+        logger.info("%s", done_line(state))
         return 0
 
     def train_step(self, stats: IntervalStats, timer: StepTimer):
@@ -229,9 +231,10 @@ class Trainer:
         reaches here is the loader's own (an unreadable shard), so name what changed if we can."""
         try:
             return next(self.train_batches)
-        except (AllSamplesBad, AllSamplesOverlong):
-            raise
         except Exception as error:
+            stop = find_data_stop(error)  # the data cannot give a batch: the message says why
+            if stop is not None:
+                raise stop from None
             try:
                 check_manifest(self.args.data_path)
                 changed = ""
@@ -251,6 +254,10 @@ class Trainer:
                                        + totals["bad_samples"])
         self.state.floating_point_operations += totals["model_flops"]
         self.check_bad_samples()
+        if self.state.dropped_overlong and not self.warned_overlong:
+            self.warned_overlong = True
+            if self.ranks.rank == 0:
+                logger.warning("%s", overlong_warning(self.state, self.args.seq_length))
         if self.ranks.rank != 0:
             return
         phases = {name: spent / stats.iterations for name, spent in timer.reset().items()}
@@ -379,6 +386,7 @@ class Trainer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    keep_running_without_a_console()  # a closed pipe or terminal must not end the run
     args = arguments.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments.validate_args(args, world_size)  # fails before any heavy work
