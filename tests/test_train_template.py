@@ -98,8 +98,8 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
     log = plan_lines(result.stdout)["LOG"]
     with open(log) as handle:
         assert "trainer: saved iteration 3 after the signal" in handle.read()
-    assert (f"stopped by SIGTERM after saving iteration 3: rerun the same command (same "
-            f"SAVE_CKPT_PATH) to resume") in result.stdout
+    assert (f"stopped by SIGTERM after saving iteration 3; to resume, rerun the same command "
+            f"with SAVE_CKPT_PATH={save}") in result.stdout
     assert f"final checkpoint: {save}/iter_0000003" in result.stdout
 
 
@@ -123,6 +123,21 @@ def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_
     assert resumed.returncode == 0, resumed.stderr
     assert f"--load {save}" in resumed.stdout and "--finetune" not in resumed.stdout
     assert f"START: resuming from {save} (iteration 3)" in resumed.stdout
+
+    (save / "latest_checkpointed_iteration.txt").write_text("999")  # past NSTEP: nothing to do
+    finished = run_template(env)
+    assert finished.returncode == 0, finished.stderr
+    assert f"{save} already finished: iteration 999 of NSTEP=" in finished.stdout
+    assert "COMMAND:" not in finished.stdout
+
+
+def test_a_copy_outside_the_repository_says_where_to_keep_it(tmp_path):
+    copy = tmp_path / "train_my_dataset.sh"
+    copy.write_text(open(TEMPLATE).read())
+    result = subprocess.run(["bash", str(copy)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DRY_RUN": "1"})
+    assert result.returncode == 1
+    assert "keep this script in the repository's train/ folder" in result.stderr
 
 
 def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tmp_path):

@@ -38,6 +38,7 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 EXIT_SIGNALS="${EXIT_SIGNALS:-SIGTERM SIGINT SIGUSR1}"  # each: finish the step, save, exit 15 (SLURM: --signal=USR1@300)
 SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-900}"     # seconds torchrun waits for that save before SIGKILL
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+[ -f "$REPO_DIR/train/pretrain_llava_ov.py" ] || { echo "PREFLIGHT FAILED: keep this script in the repository's train/ folder (cp train/sft_bench_TEMPLATE.sh train/my_run.sh): it finds the trainer from there" >&2; exit 1; }
 PYTHON="${PYTHON:-$( [ -x "$REPO_DIR/.venv/bin/python" ] && echo "$REPO_DIR/.venv/bin/python" || echo python3)}"
 
 fail() { echo "PREFLIGHT FAILED: $*" >&2; exit 1; }
@@ -89,7 +90,13 @@ SAMPLES_PER_SEQUENCE=$(plan_value SAMPLES_PER_SEQUENCE)
 LOAD_ARGS=()
 if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
-  START="resuming from $SAVE_CKPT_PATH (iteration $(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"))"
+  DONE_ITERS=$(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt")
+  if [ "$DONE_ITERS" -ge "$NSTEP" ]; then
+    echo "$SAVE_CKPT_PATH already finished: iteration $DONE_ITERS of NSTEP=$NSTEP. Nothing to do;" \
+         "choose a new SAVE_CKPT_PATH for a new run, or raise EPOCHS to train this one further."
+    exit 0
+  fi
+  START="resuming from $SAVE_CKPT_PATH (iteration $DONE_ITERS)"
   LOAD_ARGS=(--load "$SAVE_CKPT_PATH")
 elif [ -n "$CHECKPOINT_PATH" ]; then
   # --finetune: a previous stage's run lends its weights only (not its iteration, optimizer or
@@ -170,9 +177,11 @@ if [ -n "$SIGNALLED" ]; then
   # torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
   # trainers saved and exited 15 as asked: what counts is whether a new checkpoint was published
   if [ -n "$AFTER" ] && [ "$AFTER" != "$BEFORE" ]; then
-    echo "stopped by $SIGNALLED after saving iteration $AFTER: rerun the same command (same SAVE_CKPT_PATH) to resume"
+    echo "stopped by $SIGNALLED after saving iteration $AFTER; to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
     exit 15
   fi
   echo "stopped by $SIGNALLED without a new checkpoint (see the log above)"
 fi
+# the default SAVE_CKPT_PATH holds today's date: a rerun tomorrow would start afresh elsewhere
+[ "$STATUS" -eq 0 ] || echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
 exit "$STATUS"
