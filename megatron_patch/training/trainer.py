@@ -227,8 +227,10 @@ class Trainer:
         return outcome
 
     def next_batch(self):
-        """The next micro-batch. Single bad samples are skipped inside the loader; an error that
-        reaches here is the loader's own (an unreadable shard), so name what changed if we can."""
+        """The next micro-batch. Single bad samples are skipped inside the loader. An error that
+        reaches here is either our encoder's stop (too many over-long or undecodable samples in a
+        row), raised as itself rather than in energon's wrapping, or the loader's own (an
+        unreadable shard), where we name what changed if we can."""
         try:
             return next(self.train_batches)
         except Exception as error:
