@@ -117,17 +117,19 @@ def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_
     assert f"--load {stage1} --finetune" in fresh.stdout
     assert f"START: fresh run from the weights in {stage1}" in fresh.stdout
 
-    save.mkdir()
-    (save / "latest_checkpointed_iteration.txt").write_text("3")
+    (save / "iter_0000003").mkdir(parents=True)  # complete, but the tracker not yet updated
+    (save / "iter_0000003" / "COMPLETE").write_text("")
     resumed = run_template(env)
     assert resumed.returncode == 0, resumed.stderr
     assert f"--load {save}" in resumed.stdout and "--finetune" not in resumed.stdout
     assert f"START: resuming from {save} (iteration 3)" in resumed.stdout
 
-    (save / "latest_checkpointed_iteration.txt").write_text("999")  # past NSTEP: nothing to do
+    (save / "iter_0000999").mkdir()  # past NSTEP: nothing to do
+    (save / "iter_0000999" / "COMPLETE").write_text("")
     finished = run_template(env)
     assert finished.returncode == 0, finished.stderr
     assert f"{save} already finished: iteration 999 of NSTEP=" in finished.stdout
+    assert f"CHECKPOINT_PATH={save} SAVE_CKPT_PATH=<a new folder>" in finished.stdout
     assert "COMMAND:" not in finished.stdout
 
 

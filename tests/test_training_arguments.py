@@ -219,3 +219,14 @@ def test_cuda_graphs_need_packing_and_no_full_recompute(paths, monkeypatch):
     eager = validate(paths + ["--packing", "--max-samples-per-pack", "8"])
     assert kernels.cuda_graph_segments(eager) is None and not kernels.summary(eager)["cuda_graphs"]
     assert eager.max_samples_per_pack == 8
+
+
+def test_save_into_a_checkpoint_is_refused(paths, tmp_path):
+    """A run saved into an iter_* folder (or below one) would nest its checkpoints in it."""
+    checkpoint = tmp_path / "run" / "iter_0000015"
+    for save in (checkpoint, checkpoint / "more"):
+        with pytest.raises(arguments.ArgumentError, match="the checkpoint .*iter_0000015: give a "
+                           "run folder"):
+            validate(paths + ["--save", str(save)])
+    assert not (checkpoint / "more").exists()
+    validate(paths + ["--save", str(tmp_path / "run")])  # the run folder itself is fine

@@ -2,14 +2,18 @@
 Transformer Engine's do) loads a checkpoint written without them (the local spec's, e.g. the HF
 converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
 states cross between CPU and GPU runs. The checkpoint writer's warm-up (compat/checkpoint_writer)
-leaves megatron's result queue clean and never keeps a process from exiting."""
+leaves megatron's result queue clean and never keeps a process from exiting. A checkpoint that
+cannot serve the run (none where --finetune asks for weights, another model) is refused first."""
+import argparse
+import json
 import os
 
 import pytest
 import torch
 
 from megatron_patch.model import build_model, get_config
-from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.checkpointing import (ModelMismatchError, NothingToLoadError,
+                                                   check_same_model, load_checkpoint)
 from megatron_patch.training.parallel_setup import current_ranks
 from test_model_reference import init_parallel
 
@@ -269,3 +273,36 @@ def test_saves_with_a_constant_structure_reuse_checks_and_plan(tmp_path, monkeyp
         loaded = dist_checkpointing.load(sharded(torch.zeros(4, 3), torch.zeros(5)),
                                          str(tmp_path / str(save)))
         assert torch.equal(loaded["w"], weight) and torch.equal(loaded["b"], bias), save
+
+
+def test_finetune_from_where_there_is_no_checkpoint_is_refused(tmp_path):
+    """--load X --finetune asks for weights: none under X is an error naming what was skipped,
+    not a run from random weights; without --finetune (auto-resume) it starts from scratch."""
+    (tmp_path / "iter_0000002.partial-1").mkdir()
+    with pytest.raises(NothingToLoadError, match="--finetune: no complete checkpoint there; "
+                       "skipping iter_0000002.partial-1: a save that did not finish. Give a "
+                       "converted base model"):
+        load_checkpoint(str(tmp_path), None, None, None, None, weights_only=True)
+    fresh = load_checkpoint(str(tmp_path), None, None, None, None)
+    assert fresh.path is None and fresh.state.iteration == 0
+
+
+def test_a_checkpoint_of_another_model_is_refused_before_building(tmp_path):
+    """run_state.json records the run's arguments: another preset or size is named at once."""
+    checkpoint = tmp_path / "iter_0000003"
+    checkpoint.mkdir()
+    (checkpoint / "COMPLETE").write_text("")
+    sizes = dict.fromkeys(("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                           "num_query_groups", "vision_num_layers", "vision_hidden_size"))
+    (checkpoint / "run_state.json").write_text(json.dumps({"args": {"model": "tiny", **sizes}}))
+    same = argparse.Namespace(model="tiny", **sizes)
+    check_same_model(str(tmp_path), same)
+    with pytest.raises(ModelMismatchError, match=f"{checkpoint} was trained with --model tiny; "
+                       "this run asks for --model llava-ov-1.5-4b. Build the same model"):
+        check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "model":
+                                                                "llava-ov-1.5-4b"}))
+    with pytest.raises(ModelMismatchError, match="trained with the preset's sizes; this run asks "
+                       "for --num-layers 2"):
+        check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "num_layers": 2}))
+    (checkpoint / "run_state.json").unlink()  # a converted base model: nothing recorded to check
+    check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "model": "other"}))

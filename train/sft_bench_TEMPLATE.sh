@@ -88,12 +88,19 @@ SAMPLES_PER_SEQUENCE=$(plan_value SAMPLES_PER_SEQUENCE)
 
 # ---- resume or fresh start
 LOAD_ARGS=()
-if [ -f "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt" ]; then
+# the newest complete checkpoint, as the trainer will choose it (a run killed between publishing
+# a checkpoint and updating the tracker file still resumes from it)
+DONE_ITERS=$("$PYTHON" -W ignore -c 'import sys
+from megatron_patch.training.checkpoint_paths import complete_iterations
+done = complete_iterations(sys.argv[1])
+print(done[-1] if done else "")' "$SAVE_CKPT_PATH")
+if [ -n "$DONE_ITERS" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
-  DONE_ITERS=$(cat "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt")
   if [ "$DONE_ITERS" -ge "$NSTEP" ]; then
-    echo "$SAVE_CKPT_PATH already finished: iteration $DONE_ITERS of NSTEP=$NSTEP. Nothing to do;" \
-         "choose a new SAVE_CKPT_PATH for a new run, or raise EPOCHS to train this one further."
+    echo "$SAVE_CKPT_PATH already finished: iteration $DONE_ITERS of NSTEP=$NSTEP. Nothing to do." \
+         "To train this model further, start a new stage from it (a resumed run keeps the" \
+         "learning-rate schedule it was saved with, decayed by now):" \
+         "CHECKPOINT_PATH=$SAVE_CKPT_PATH SAVE_CKPT_PATH=<a new folder>"
     exit 0
   fi
   START="resuming from $SAVE_CKPT_PATH (iteration $DONE_ITERS)"

@@ -9,6 +9,7 @@ import os
 import tempfile
 from typing import Optional, Sequence
 
+from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.signals import signal_from_name
 
 
@@ -418,7 +419,14 @@ def _check_paths(args) -> None:
 
 
 def _check_writable(save: str) -> None:
-    """--save must be a directory we can create files in: found now, not at the first save."""
+    """--save must be a directory we can create files in: found now, not at the first save.
+    Not a checkpoint, though: a run saved into an iter_* folder would nest its own in it."""
+    inside = checkpoint_paths.checkpoint_dir_around(save)
+    if inside is not None:
+        raise ArgumentError(f"--save {save} is {'inside ' if inside != os.path.abspath(save) else ''}"
+                            f"the checkpoint {inside}: give a run folder (the one holding the "
+                            f"iter_* folders, {os.path.dirname(inside)}, resumes that run) or a "
+                            "new folder")
     existing = save
     while not os.path.exists(existing):
         existing = os.path.dirname(existing) or "."

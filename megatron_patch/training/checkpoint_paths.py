@@ -19,6 +19,18 @@ COMPLETE_MARKER = "COMPLETE"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
+def checkpoint_dir_around(path: str) -> Optional[str]:
+    """The iter_* checkpoint folder that `path` is or lies in, if any."""
+    path = os.path.abspath(path)
+    while True:
+        if _ITER_DIR.match(os.path.basename(path)):
+            return path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent
+
+
 def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

@@ -53,7 +53,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.compat import checkpoint_writer, use_fused_adam
-from megatron_patch.training import checkpoint_paths
+from megatron_patch.training import arguments, checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.parallel_setup import Ranks, all_reduce_host
@@ -70,8 +70,25 @@ class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the previous one is intact."""
 
 
+# the way out when a run cannot be resumed as it is, in the trainer's and the template's terms
+NEW_RUN_FROM_ITS_WEIGHTS = ("pass --finetune to start a new run from its weights (with the "
+                            "template: CHECKPOINT_PATH=<that run> and a new SAVE_CKPT_PATH)")
+
+
 class CheckpointLayoutError(RuntimeError):
-    """The checkpoint's optimizer state cannot be read by this run; the message says why."""
+    """The checkpoint cannot serve this run as it is (its optimizer state's layout, its
+    data-parallel size; the subclasses below); the message says why. Rerunning the same command
+    would not help, so no resume hint follows it."""
+
+
+class ModelMismatchError(CheckpointLayoutError):
+    """The checkpoint was trained as another model: its shapes would fail to load only after
+    this one was built, with megatron's shape error and a resume hint that cannot help."""
+
+
+class NothingToLoadError(CheckpointLayoutError):
+    """--finetune asked for weights where there are none: training from random weights
+    instead would look like success."""
 
 
 def optimizer_format(use_distributed_optimizer: bool, fully_reshardable: bool = False) -> str:
@@ -386,6 +403,26 @@ def read_run_state(checkpoint_dir: str) -> Optional[dict]:
         return json.load(handle)
 
 
+def check_same_model(load: str, args) -> None:
+    """Before the model is built: the checkpoint `--load` chooses was trained (by this trainer:
+    its run_state.json records the arguments) as the model `args` ask for, or a
+    ModelMismatchError naming both."""
+    choice = checkpoint_paths.choose_checkpoint(load)
+    saved = ((read_run_state(choice.path) or {}).get("args") or {}) if choice.path else {}
+    if "model" not in saved:
+        return
+    keys = ("model", *(name.replace("-", "_") for name in arguments.MODEL_SIZE_OPTIONS))
+    differ = [key for key in keys if saved.get(key) != getattr(args, key, None)]
+    if differ:
+        def flags(values):
+            return " ".join(f"--{key.replace('_', '-')} {values(key)}" for key in differ
+                            if values(key) is not None) or "the preset's sizes"
+        raise ModelMismatchError(
+            f"--load {load}: {choice.path} was trained with {flags(saved.get)}; this run asks for "
+            f"{flags(lambda key: getattr(args, key, None))}. Build the same model (the template's "
+            "MODEL and EXTRA_ARGS), or load a checkpoint of this one")
+
+
 def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str) -> str:
     """The saved optimizer layout if this run (`layout`, `ranks`) can read it; else raises
     CheckpointLayoutError saying what to change. Records from before the layout was recorded
@@ -396,14 +433,14 @@ def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str
         raise CheckpointLayoutError(
             f"{path} holds the optimizer state of a run {wanted} --use-distributed-optimizer "
             f"({saved}); this run uses {layout}. Run {wanted} --use-distributed-optimizer to "
-            f"resume, or pass --finetune to start a new run from its weights")
+            f"resume, or {NEW_RUN_FROM_ITS_WEIGHTS}")
     saved_layout = (record.get("tensor_parallel_size"), record.get("pipeline_parallel_size"))
     if saved == DP_RESHARDABLE and saved_layout != (ranks.tp_size, ranks.pp_size):
         raise CheckpointLayoutError(
             f"{path} holds the distributed optimizer's per-rank buffers for TP={saved_layout[0]} "
             f"PP={saved_layout[1]}; this run has TP={ranks.tp_size} PP={ranks.pp_size}. "
-            "Resume with the TP/PP it was saved with, or pass --finetune to start a new run from "
-            "its weights; runs saving with --dist-ckpt-optim-fully-reshardable can change TP/PP")
+            f"Resume with the TP/PP it was saved with, or {NEW_RUN_FROM_ITS_WEIGHTS}; runs saving "
+            "with --dist-ckpt-optim-fully-reshardable can change TP/PP")
     return saved
 
 
@@ -441,6 +478,13 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     at iteration 0. Weights load at any TP/PP; full resume needs the saved data-parallel size.
     """
     choice = checkpoint_paths.choose_checkpoint(load)
+    if choice.path is None and weights_only:
+        skipped = "".join(f"; {note}" for note in choice.notes)
+        raise NothingToLoadError(
+            f"--load {load} --finetune: no complete checkpoint there{skipped}. Give a converted "
+            "base model (tools/convert_hf_to_mcore.py --out) or a run folder or one of its iter_* "
+            "folders (the template's CHECKPOINT_PATH); leave it empty to start from random "
+            "weights")
     if choice.path is None:
         return LoadResult(None, False, RunState(), notes=choice.notes + [
             f"no complete checkpoint under {load}: starting from scratch"])
@@ -469,10 +513,10 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
         return LoadResult(choice.path, False, RunState(), notes=notes)
 
     if record.get("data_parallel_size") != ranks.dp_size:
-        raise RuntimeError(
+        raise CheckpointLayoutError(
             f"{choice.path} was saved with data-parallel size {record.get('data_parallel_size')}, "
             f"this run has {ranks.dp_size}: the data position cannot be resumed exactly. Use the "
-            "same GPUs/TP/PP, or pass --finetune to start a new run from its weights")
+            f"same GPUs/TP/PP, or {NEW_RUN_FROM_ITS_WEIGHTS}")
     optimizer.load_state_dict(loaded["optimizer"])
     # torch's load replaced the groups' kernel flags with the saved ones, and the step
     # counters may be host tensors: this machine's choice again (a no-op on the CPU)

@@ -22,8 +22,8 @@ from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState, SaveStrategy,
-                                                   load_checkpoint, optimizer_format,
-                                                   save_checkpoint)
+                                                   check_same_model, load_checkpoint,
+                                                   optimizer_format, save_checkpoint)
 from megatron_patch.training.components import (encoder_settings, model_config,
                                                 parameters_gathered, wrap_model)
 from megatron_patch.training.console import keep_running_without_a_console
@@ -69,6 +69,8 @@ class Trainer:
         self.cfg = model_config(args, self.tokenizer)
         arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
         self.echo_config()
+        if args.load:
+            check_same_model(args.load, args)  # before building what could not load it
 
         self.model, trainable = wrap_model(args, self.cfg, self.device)
         logger.info("trainable parameters on rank 0 by module: %s", trainable)
