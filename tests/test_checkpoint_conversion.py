@@ -410,6 +410,14 @@ def test_export_with_the_wrong_model_names_the_shapes(converted, tmp_path):
            "llava-ov-1.5-4b expects (151936, 2560)" in str(err.value)
 
 
+def test_export_from_where_there_is_no_checkpoint_says_why(tmp_path):
+    with pytest.raises(ConversionError, match="does not exist"):
+        convert_mcore_to_hf(str(tmp_path / "nope"), str(tmp_path / "hf"), progress=False)
+    with pytest.raises(ConversionError, match="holds no iter_\\* checkpoint folder: give a run "
+                       "folder"):
+        convert_mcore_to_hf(str(tmp_path), str(tmp_path / "hf"), progress=False)
+
+
 def test_cli_reports_errors_without_a_traceback(hf_dir, tmp_path, capsys):
     from megatron_patch.checkpoint_conversion.cli import hf_to_mcore_main
     code = hf_to_mcore_main(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "o"), "--tp", "3",

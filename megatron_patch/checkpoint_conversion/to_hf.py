@@ -118,7 +118,11 @@ def convert_mcore_to_hf(load: str, out: str, model: Union[str, LlavaOVConfig, No
     except FileNotFoundError as exc:  # an iter_* dir without its COMPLETE marker
         raise ConversionError(str(exc)) from None
     if choice.path is None:
-        raise ConversionError(f"no complete checkpoint under {load}: " + "; ".join(choice.notes or ["empty"]))
+        if not os.path.exists(load):
+            raise ConversionError(f"--load {load} does not exist")
+        why = "; ".join(choice.notes) or ("it holds no iter_* checkpoint folder: give a run folder "
+                                          "or one of its iter_* folders")
+        raise ConversionError(f"no complete checkpoint under {load}: {why}")
     checkpoint = choice.path
     record, record_dir = find_record(checkpoint)
     record = record or {}
