@@ -71,6 +71,7 @@ kill -TERM 0
 while [ -z "$stop" ]; do sleep 0.05; done
 sleep 0.3
 echo "trainer: saved iteration 3 after the signal"
+mkdir "$SAVE_CKPT_PATH/iter_0000003" && touch "$SAVE_CKPT_PATH/iter_0000003/COMPLETE"
 echo 3 > "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
 exit 15
 """

@@ -88,12 +88,16 @@ SAMPLES_PER_SEQUENCE=$(plan_value SAMPLES_PER_SEQUENCE)
 
 # ---- resume or fresh start
 LOAD_ARGS=()
-# the newest complete checkpoint, as the trainer will choose it (a run killed between publishing
-# a checkpoint and updating the tracker file still resumes from it)
-DONE_ITERS=$("$PYTHON" -W ignore -c 'import sys
+# the iteration of the newest complete checkpoint in SAVE_CKPT_PATH (empty if none), as the trainer
+# chooses it: a run killed between publishing a checkpoint and updating the tracker file still
+# resumes from that checkpoint
+newest_checkpoint() {
+  "$PYTHON" -W ignore -c 'import sys
 from megatron_patch.training.checkpoint_paths import complete_iterations
 done = complete_iterations(sys.argv[1])
-print(done[-1] if done else "")' "$SAVE_CKPT_PATH")
+print(done[-1] if done else "")' "$SAVE_CKPT_PATH"
+}
+DONE_ITERS=$(newest_checkpoint)
 if [ -n "$DONE_ITERS" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
   if [ "$DONE_ITERS" -ge "$NSTEP" ]; then
@@ -171,19 +175,17 @@ export PATH="$(dirname "$PYTHON"):$PATH"
 # or the save would fail writing to a closed pipe and this summary would never print.
 SIGNALLED=""
 for SIG in TERM INT USR1; do trap "SIGNALLED=SIG$SIG" "$SIG"; done
-LATEST_FILE="$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
-BEFORE=$(cat "$LATEST_FILE" 2>/dev/null || true)
 set +e
 "${CMD[@]}" 2>&1 | (trap '' TERM INT USR1 HUP; exec tee -a "$LOG")
 STATUS=${PIPESTATUS[0]}
 set -e
-AFTER=$(cat "$LATEST_FILE" 2>/dev/null || true)
+AFTER=$(newest_checkpoint)
 [ -n "$AFTER" ] && printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$AFTER"
 echo "log: $LOG"
 if [ -n "$SIGNALLED" ]; then
   # torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
   # trainers saved and exited 15 as asked: what counts is whether a new checkpoint was published
-  if [ -n "$AFTER" ] && [ "$AFTER" != "$BEFORE" ]; then
+  if [ -n "$AFTER" ] && [ "$AFTER" != "$DONE_ITERS" ]; then
     echo "stopped by $SIGNALLED after saving iteration $AFTER; to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
     exit 15
   fi
