@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megatron_patch.checkpoint_conversion import ConversionError, convert_hf_to_mcore, convert_mcore_to_hf
+from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.model import get_config
 from megatron_patch.model import hf_mapping
 from test_model_reference import RefRiceVisual, free_port, hf_qwen3, image_batch, init_parallel
@@ -131,6 +132,7 @@ def test_converted_directory_is_a_base_checkpoint_with_tokenizer(converted):
     record = json.loads((base / "hf_conversion.json").read_text())
     assert record["hf_key_layout"] == "flat" and record["dtype"] == "float32"
     assert (converted / "tokenizer.json").is_file()  # --tokenizer-path OUT works
+    assert record["tokenizer"] == SFTTokenizer(str(converted)).fingerprint()  # checked at --load
 
 
 def test_round_trip_is_bit_identical(hf_dir, converted, tmp_path):
@@ -408,6 +410,23 @@ def test_export_with_the_wrong_model_names_the_shapes(converted, tmp_path):
         convert_mcore_to_hf(str(converted), str(tmp_path / "hf"), model="llava-ov-1.5-4b", progress=False)
     assert "language_model.embedding.word_embeddings.weight: checkpoint (512, 64), model " \
            "llava-ov-1.5-4b expects (151936, 2560)" in str(err.value)
+    assert str(err.value).endswith("the checkpoint records --model tiny: pass that, or leave "
+                                   "--model out")
+
+
+def test_a_conversion_into_another_outputs_folder_is_refused(converted, hf_dir, converted_demo,
+                                                             tmp_path):
+    """An export into a run or dataset folder (or an import into a dataset) would mix its files
+    into theirs; nothing is written."""
+    for folder, what in ((converted, "megatron checkpoints"), (converted_demo, "a converted dataset")):
+        before = sorted(os.listdir(folder))
+        with pytest.raises(ConversionError, match=f"--out {folder} holds {what}"):
+            convert_mcore_to_hf(str(converted), str(folder), progress=False)
+        assert sorted(os.listdir(folder)) == before
+    before = sorted(os.listdir(converted_demo))
+    with pytest.raises(ConversionError, match=f"--out {converted_demo} holds a converted dataset"):
+        convert_hf_to_mcore(str(hf_dir), str(converted_demo), model="tiny", progress=False)
+    assert sorted(os.listdir(converted_demo)) == before
 
 
 def test_export_from_where_there_is_no_checkpoint_says_why(tmp_path):

@@ -1,9 +1,16 @@
 """The VQA evaluator's scoring: one question per answered user turn, its type from the record,
-exact match after normalisation, accuracy per type."""
+exact match after normalisation, accuracy per type. Its command line scores a checkpoint and
+names, in one line, a split, checkpoint or tokenizer it cannot use."""
+import json
+import subprocess
+import sys
+
 import pytest
 
 from megatron_patch.data.energon_reader import iter_split_samples
-from megatron_patch.evaluation import vqa
+from megatron_patch.data.tokenizer import build_tiny_tokenizer
+from megatron_patch.evaluation import vqa, vqa_cli
+from trainer_runs import REPO, subprocess_env
 
 
 def test_normalise_ignores_case_and_surrounding_punctuation():
@@ -54,3 +61,42 @@ def test_scores_count_every_val_question(converted_demo, monkeypatch):
     assert "overall" in scores.table() and "colour" in scores.table()
     limited = vqa.evaluate(_Oracle("x"), str(converted_demo), limit=3)
     assert sum(limited.total.values()) == 3
+
+
+# ------------------------------------------------------------------ the command line
+def _evaluate(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "evaluate_vqa.py"), *map(str, args)],
+                          cwd=REPO, env=dict(subprocess_env(), PYTHONWARNINGS="ignore"),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_command_scores_a_checkpoint(reference_run, converted_demo, demo_tokenizer, tmp_path):
+    done = _evaluate("--load", reference_run, "--data-path", converted_demo, "--tokenizer-path",
+                     demo_tokenizer, "--limit", 2, "--json", tmp_path / "scores.json")
+    assert done.returncode == 0, done.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["checkpoint"] == str(reference_run / "iter_0000008")
+    assert sum(scores["total"].values()) == 2 and 0 <= scores["accuracy"]["overall"] <= 1
+    assert f"checkpoint {reference_run / 'iter_0000008'}, split val" in done.stdout
+
+
+def test_inputs_it_cannot_use_are_named_in_one_line(reference_run, converted_demo,
+                                                    demo_tokenizer, tmp_path, capsys):
+    """Checked before the model is built; energon's assertion and 'No shards found', or the
+    trainer's --finetune wording, would not tell an evaluator what to do."""
+    other = build_tiny_tokenizer(str(tmp_path / "other"), ["quite other text"] * 20)
+    cases = [
+        (("--split", "nosuch"), f"--data-path {converted_demo} has no split 'nosuch' (it has "
+                                "test, train, val); pass --split"),
+        (("--split", "test"), f"split 'test' of {converted_demo} has no shards (the converter's "
+                              "--split gave it none); evaluate another split (train, val)"),
+        (("--load", tmp_path / "nope"), f"--load {tmp_path / 'nope'} does not exist"),
+        (("--load", tmp_path), f"--load {tmp_path}: no complete checkpoint there"),
+        (("--tokenizer-path", other), f"--tokenizer-path {other} is not the tokenizer"),
+    ]
+    for extra, message in cases:
+        defaults = {"--load": reference_run, "--data-path": converted_demo,
+                    "--tokenizer-path": demo_tokenizer, "--split": "val"}
+        defaults[extra[0]] = extra[1]
+        assert vqa_cli.main([str(part) for pair in defaults.items() for part in pair]) == 1
+        assert capsys.readouterr().err.startswith(f"error: {message}"), extra

@@ -3,17 +3,14 @@ Transformer Engine's do) loads a checkpoint written without them (the local spec
 converter's); TE is not installed here, so torch's RMSNorm is given an extra state instead. RNG
 states cross between CPU and GPU runs. The checkpoint writer's warm-up (compat/checkpoint_writer)
 leaves megatron's result queue clean and never keeps a process from exiting. A checkpoint that
-cannot serve the run (none where --finetune asks for weights, another model) is refused first."""
-import argparse
-import json
+cannot serve the run (none where --finetune asks for weights) is refused first."""
 import os
 
 import pytest
 import torch
 
 from megatron_patch.model import build_model, get_config
-from megatron_patch.training.checkpointing import (ModelMismatchError, NothingToLoadError,
-                                                   check_same_model, load_checkpoint)
+from megatron_patch.training.checkpointing import NothingToLoadError, load_checkpoint
 from megatron_patch.training.parallel_setup import current_ranks
 from test_model_reference import init_parallel
 
@@ -285,24 +282,3 @@ def test_finetune_from_where_there_is_no_checkpoint_is_refused(tmp_path):
         load_checkpoint(str(tmp_path), None, None, None, None, weights_only=True)
     fresh = load_checkpoint(str(tmp_path), None, None, None, None)
     assert fresh.path is None and fresh.state.iteration == 0
-
-
-def test_a_checkpoint_of_another_model_is_refused_before_building(tmp_path):
-    """run_state.json records the run's arguments: another preset or size is named at once."""
-    checkpoint = tmp_path / "iter_0000003"
-    checkpoint.mkdir()
-    (checkpoint / "COMPLETE").write_text("")
-    sizes = dict.fromkeys(("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                           "num_query_groups", "vision_num_layers", "vision_hidden_size"))
-    (checkpoint / "run_state.json").write_text(json.dumps({"args": {"model": "tiny", **sizes}}))
-    same = argparse.Namespace(model="tiny", **sizes)
-    check_same_model(str(tmp_path), same)
-    with pytest.raises(ModelMismatchError, match=f"{checkpoint} was trained with --model tiny; "
-                       "this run asks for --model llava-ov-1.5-4b. Build the same model"):
-        check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "model":
-                                                                "llava-ov-1.5-4b"}))
-    with pytest.raises(ModelMismatchError, match="trained with the preset's sizes; this run asks "
-                       "for --num-layers 2"):
-        check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "num_layers": 2}))
-    (checkpoint / "run_state.json").unlink()  # a converted base model: nothing recorded to check
-    check_same_model(str(tmp_path), argparse.Namespace(**{**vars(same), "model": "other"}))

@@ -1,15 +1,17 @@
 """The trainer end to end on the demo data (tiny model, CPU, gloo): loss goes down, per-module
 learning rates reach TensorBoard, frozen weights stay put, a NaN step is skipped, resume is
-exact to the last bit, and TP=2 / PP=2 runs continue a TP=1 checkpoint with the same losses.
+exact to the last bit (a changed schedule is named), and TP=2 / PP=2 runs continue a TP=1 checkpoint with the same losses.
 
 Each run is a subprocess (`python train/pretrain_llava_ov.py` or torchrun), as users launch it.
 """
+import argparse
 import json
 import math
 
 import pytest
 import torch
 
+from megatron_patch.training.optimizer import build_scheduler, schedule_kept_from_checkpoint
 from trainer_runs import RESUME_ARGS, metrics, model_tensors, run_trainer, tensorboard_scalars
 
 # ------------------------------------------------------------------ training behaviour
@@ -115,8 +117,9 @@ def test_resume_is_exact(reference_run, converted_demo, demo_tokenizer, tmp_path
     assert (save / "dataloader" / "train_dataloader_dprank000.pt").is_file()
     assert 5 not in metrics(save)
 
-    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--load", save,
-                "--keep-last", 1)
+    result = run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--load", save,
+                         "--keep-last", 1)
+    assert "resuming keeps the learning-rate schedule" not in result.stdout + result.stderr
     resumed, reference = metrics(save), metrics(reference_run)
     for iteration in range(1, 9):
         for key in ("train/loss", "train/grad_norm", "lr/language_model",
@@ -126,6 +129,27 @@ def test_resume_is_exact(reference_run, converted_demo, demo_tokenizer, tmp_path
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[key], expected[key]) for key in final)
     assert not (save / "iter_0000004").exists()  # --keep-last 1 removed it after iter 8 was safe
+
+
+def test_a_resume_names_the_saved_schedule_it_keeps_over_the_one_asked_for():
+    """megatron's scheduler takes the checkpoint's values; a larger --train-iters would decay
+    nothing further and train the extra iterations at --min-lr."""
+    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, lr_warmup_iters=2, lr_decay_iters=8,
+                              lr_decay_style="cosine", weight_decay=0.0, train_iters=8,
+                              global_batch_size=4)
+
+    def scheduler(namespace):
+        return build_scheduler(namespace, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
+
+    saved = scheduler(args).state_dict()
+    same = scheduler(args)
+    same.load_state_dict(saved)
+    assert schedule_kept_from_checkpoint(same, args) == []
+    longer = argparse.Namespace(**{**vars(args), "train_iters": 12, "lr_decay_iters": 12})
+    resumed = scheduler(longer)
+    resumed.load_state_dict(saved)
+    assert schedule_kept_from_checkpoint(resumed, longer) == [
+        "--lr-decay-iters 8 (this run asks for 12)"]
 
 
 @pytest.mark.slow

@@ -217,6 +217,21 @@ class ShardedWriter:
         return weight_map
 
 
+def pipeline_outputs_in(folder: str) -> List[str]:
+    """What of this pipeline's other outputs `folder` holds (training checkpoints, a converted
+    dataset): a conversion writing there would mix its files into them."""
+    if not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    found = []
+    if any(name.startswith("iter_") for name in names) or \
+            "latest_checkpointed_iteration.txt" in names:
+        found.append("megatron checkpoints (iter_* folders)")
+    if ".nv-meta" in names or any(name.endswith(".tar") for name in names):
+        found.append("a converted dataset (.nv-meta, .tar shards)")
+    return found
+
+
 def human_bytes(count: int) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if count >= scale:

@@ -31,7 +31,8 @@ from megatron_patch.checkpoint_conversion import runtime
 from megatron_patch.checkpoint_conversion.errors import ConversionError
 from megatron_patch.checkpoint_conversion.hf_config import config_from_dict, hf_config_for
 from megatron_patch.checkpoint_conversion.hf_files import (ShardedWriter, copy_side_files, dtype_name,
-                                                           human_bytes, parse_dtype)
+                                                           human_bytes, parse_dtype,
+                                                           pipeline_outputs_in)
 from megatron_patch.checkpoint_conversion.mcore_reader import CheckpointReader, checkpoint_layout
 from megatron_patch.checkpoint_conversion.record import find_record, run_args, run_model_config
 from megatron_patch.model import hf_mapping
@@ -72,6 +73,15 @@ def resolve_config(model: Union[str, LlavaOVConfig, None], checkpoint: str,
         return get_config(args["model"], {key: args.get(key) for key in _RUN_OVERRIDES})
     raise ConversionError(f"cannot tell which model {checkpoint} holds (no conversion record, no run "
                           "config): pass --model")
+
+
+def _recorded_model_hint(model, cfg: LlavaOVConfig, checkpoint: str, record: Dict[str, Any]) -> str:
+    """When --model overrides what the checkpoint records, the recorded one (shapes that do not
+    match then most likely come from the override)."""
+    recorded = record.get("model") or run_args(checkpoint).get("model")
+    if not model or not recorded or recorded == cfg.name:
+        return ""
+    return f"\nthe checkpoint records --model {recorded}: pass that, or leave --model out"
 
 
 def _tokenizer_dir(explicit: Optional[str], record_dir: Optional[str],
@@ -135,7 +145,11 @@ def convert_mcore_to_hf(load: str, out: str, model: Union[str, LlavaOVConfig, No
 
     reader = CheckpointReader(checkpoint)
     layout = checkpoint_layout(runtime.build_unsharded_model(cfg, torch.float32, meta=True))
-    reader.validate(layout, f"model {cfg.name}")
+    try:
+        reader.validate(layout, f"model {cfg.name}")
+    except ConversionError as error:
+        raise ConversionError(f"{error}{_recorded_model_hint(model, cfg, checkpoint, record)}") \
+            from None
     out_dtype = parse_dtype(dtype) or parse_dtype(record.get("dtype")) or \
         reader.dtype(layout["language_model.embedding.word_embeddings.weight"].key)
     key_layout = key_layout if key_layout != "auto" else record.get("hf_key_layout", "flat")
@@ -187,6 +201,10 @@ def _write_weights(reader: CheckpointReader, layout, cfg: LlavaOVConfig, out: st
 
 
 def _prepare_output(out: str, overwrite: bool) -> None:
+    foreign = pipeline_outputs_in(out)
+    if foreign:
+        raise ConversionError(f"--out {out} holds {' and '.join(foreign)}; write the HF model to "
+                              "a folder of its own")
     if os.path.isdir(out):
         existing = [n for n in os.listdir(out) if n.endswith(".safetensors") or n == "config.json"]
         if existing and not overwrite:

@@ -40,9 +40,11 @@ logger = logging.getLogger("megatron_patch.convert")
 BASE_ITERATION = 0
 
 
-def _tokenizer_special_ids(hf_dir: str, hf_config: Dict[str, Any],
-                           vocab_size: int) -> Optional[Dict[str, int]]:
-    """The tokenizer's special ids, checked against config.json (None without a tokenizer.json)."""
+def _tokenizer_fingerprint(hf_dir: str, hf_config: Dict[str, Any],
+                           vocab_size: int) -> Optional[Dict[str, Any]]:
+    """The tokenizer's fingerprint (SFTTokenizer.fingerprint), after checking its special ids
+    against config.json (None without a tokenizer.json). Recorded, so that training or evaluating
+    this base model with another tokenizer is refused."""
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         logger.warning("no tokenizer.json in %s: pass --tokenizer-path to the trainer yourself", hf_dir)
         return None
@@ -62,10 +64,13 @@ def _tokenizer_special_ids(hf_dir: str, hf_config: Dict[str, Any],
     if problems:
         raise ConversionError(f"tokenizer and weights in {hf_dir} do not belong together: "
                               + "; ".join(problems))
-    return tokenizer.special_ids
+    return tokenizer.fingerprint()
 
 
 def _check_output(out: str, overwrite: bool) -> None:
+    if os.path.isdir(os.path.join(out, ".nv-meta")):
+        raise ConversionError(f"--out {out} holds a converted dataset (.nv-meta); write the "
+                              "converted model to a folder of its own")
     iterations = checkpoint_paths.complete_iterations(out)
     others = [i for i in iterations if i != BASE_ITERATION]
     if others:
@@ -88,7 +93,7 @@ def convert_hf_to_mcore(hf_dir: str, out: str, model: Union[str, LlavaOVConfig, 
     cfg, notes = check_config(hf_config, model)
     for note in notes:
         logger.info("config: %s", note)
-    special_ids = _tokenizer_special_ids(hf_dir, hf_config, cfg.language.vocab_size)
+    tokenizer = _tokenizer_fingerprint(hf_dir, hf_config, cfg.language.vocab_size)
     _check_output(out, overwrite)
     checkpoint_writer.start()  # its 2-3 s of setup overlap the reading below
 
@@ -119,7 +124,7 @@ def convert_hf_to_mcore(hf_dir: str, out: str, model: Union[str, LlavaOVConfig, 
         "model_config": cfg.to_dict(), "hf_config": hf_config, "hf_key_layout": hf_plan.layout,
         "dtype": dtype_name(params_dtype), "tied_embeddings": hf_plan.tied,
         "ignored_hf_tensors": hf_plan.ignored, "intended_tp": tp, "intended_pp": pp,
-        "special_token_ids": special_ids})
+        "tokenizer": tokenizer})
     copied = copy_side_files(hf_dir, out)
     logger.info("wrote %s in %.1f s; copied %s into %s", final, time.time() - started,
                 ", ".join(copied) or "no tokenizer files", out)

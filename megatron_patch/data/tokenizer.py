@@ -15,6 +15,12 @@ IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = (END_OF_TEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
+# what a tokenizer makes of this text identifies it well enough to tell two tokenizers of the
+# same size apart (words, digits, code, CJK, the chat markup): see SFTTokenizer.fingerprint
+FINGERPRINT_TEXT = ("<|im_start|>user\nWhat colour is the large circle in the picture? Answer "
+                    "with one word.<|im_end|>\n<|im_start|>assistant\nRed, 42.5% (x_1 != y-2)."
+                    "<|im_end|>\n 图中有几个红色的圆? Ça coûte 3€.")
+
 
 class SFTTokenizer:
     """Wraps a HF fast tokenizer (tokenizers.Tokenizer) or a SentencePiece processor.
@@ -51,6 +57,13 @@ class SFTTokenizer:
         self.image_pad_id = self.special_ids[IMAGE_PAD]
         self.pad_id = self.eod_id = self.special_ids[END_OF_TEXT]
 
+    def fingerprint(self) -> dict:
+        """Vocabulary size, special ids and the ids of FINGERPRINT_TEXT: recorded with each
+        checkpoint, so loading it with another tokenizer (which would silently feed the model
+        ids it never learned) is refused; see `fingerprint_differences`."""
+        return {"vocab_size": self.vocab_size, "special_token_ids": dict(self.special_ids),
+                "text_ids": self.encode(FINGERPRINT_TEXT)}
+
     def _sp_piece_id(self, piece: str):
         index = self._sp.piece_to_id(piece)
         return None if index == self._sp.unk_id() and piece != self._sp.id_to_piece(index) else index
@@ -71,6 +84,22 @@ class SFTTokenizer:
 
     def __setstate__(self, state):
         self.__init__(state["path"])
+
+
+def fingerprint_differences(recorded: dict, current: dict) -> List[str]:
+    """How tokenizer fingerprint `current` differs from `recorded` (empty: the same tokenizer as
+    far as the record tells). A record may hold only some of the keys."""
+    differences = []
+    if "vocab_size" in recorded and recorded["vocab_size"] != current["vocab_size"]:
+        differences.append(f"{current['vocab_size']} tokens, not {recorded['vocab_size']}")
+    special = recorded.get("special_token_ids") or {}
+    moved = [f"{token} is {current['special_token_ids'].get(token)}, not {index}"
+             for token, index in sorted(special.items())
+             if current["special_token_ids"].get(token) != index]
+    differences.extend(moved)
+    if "text_ids" in recorded and not differences and recorded["text_ids"] != current["text_ids"]:
+        differences.append("it splits the same text into other ids")
+    return differences
 
 
 def build_tiny_tokenizer(out_dir: str, texts: Iterable[str], vocab_size: int = 512) -> str:

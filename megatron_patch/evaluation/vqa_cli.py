@@ -3,17 +3,21 @@ question type (and write it as JSON with --json)."""
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 import torch
 
 from megatron_patch.data.image_processing import ImageGeometry
+from megatron_patch.data.shard_scan import read_split_layout
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.evaluation.vqa import GreedyAnswerer, evaluate
 from megatron_patch.model import build_model
 from megatron_patch.training.arguments import add_model_override_arguments
-from megatron_patch.training.checkpointing import load_checkpoint
+from megatron_patch.training.checkpoint_match import check_checkpoint_fits
+from megatron_patch.training.checkpoint_paths import choose_checkpoint
+from megatron_patch.training.checkpointing import CheckpointLayoutError, load_checkpoint
 from megatron_patch.training.components import model_config
 from megatron_patch.training.parallel_setup import initialize, shutdown
 
@@ -35,20 +39,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class EvaluationInputError(ValueError):
+    """The split or checkpoint asked for is not there: said in one line, not a traceback."""
+
+
+def check_split(data_path: str, split: str) -> None:
+    """A converted dataset folder has `split` and it holds shards (energon would fail with an
+    assertion or 'No shards found'); a metadataset (a .yaml) is left to energon."""
+    if not os.path.isdir(data_path):
+        if not os.path.exists(data_path):
+            raise EvaluationInputError(f"--data-path {data_path} does not exist")
+        return
+    layout = read_split_layout(data_path)
+    if split not in layout:
+        raise EvaluationInputError(f"--data-path {data_path} has no split {split!r} (it has "
+                                   f"{', '.join(sorted(layout))}); pass --split")
+    if not layout[split]:
+        filled = [name for name, shards in sorted(layout.items()) if shards]
+        raise EvaluationInputError(
+            f"split {split!r} of {data_path} has no shards (the converter's --split gave it "
+            f"none); evaluate another split ({', '.join(filled)}) or reconvert with a share for it")
+
+
+def chosen_checkpoint(load: str) -> str:
+    """The checkpoint `--load` names (see checkpoint_paths.choose_checkpoint), or why none."""
+    if not os.path.exists(load):
+        raise EvaluationInputError(f"--load {load} does not exist")
+    choice = choose_checkpoint(load)
+    if choice.path is None:
+        raise EvaluationInputError(f"--load {load}: no complete checkpoint there"
+                                   + "".join(f"; {note}" for note in choice.notes))
+    return choice.path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        return evaluate_checkpoint(args)
+    except (EvaluationInputError, CheckpointLayoutError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def evaluate_checkpoint(args) -> int:
+    check_split(args.data_path, args.split)
+    checkpoint = chosen_checkpoint(args.load)
+    tokenizer = SFTTokenizer(args.tokenizer_path)
+    cfg = model_config(args, tokenizer)
+    check_checkpoint_fits(checkpoint, args, cfg, tokenizer)  # before building
     ranks = initialize(1, 1, seed=0)
     try:
-        tokenizer = SFTTokenizer(args.tokenizer_path)
-        cfg = model_config(args, tokenizer)
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         model = build_model(cfg, attention_backend=args.attention_backend,
                             use_cpu_initialization=True, perform_initialization=False)
-        loaded = load_checkpoint(args.load, [model], None, None, ranks, weights_only=True)
-        if loaded.path is None:
-            print(f"error: no complete checkpoint under {args.load}", file=sys.stderr)
-            return 1
+        load_checkpoint(checkpoint, [model], None, None, ranks, weights_only=True)
         model.to(device).eval()
         answerer = GreedyAnswerer(model, tokenizer, ImageGeometry(min_pixels=args.min_pixels,
                                                                   max_pixels=args.max_pixels),
@@ -56,12 +101,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         scores = evaluate(answerer, args.data_path, args.split, args.limit)
     finally:
         shutdown()
-    print(f"checkpoint {loaded.path}, split {args.split}")
+    print(f"checkpoint {checkpoint}, split {args.split}")
     print(scores.table())
     for key, kind, reference, got in scores.examples[:5]:
         print(f"  wrong: {key} [{kind}] expected {reference!r}, got {got!r}")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"checkpoint": loaded.path, "accuracy": scores.accuracy(),
+            json.dump({"checkpoint": checkpoint, "accuracy": scores.accuracy(),
                        "total": dict(scores.total)}, handle, indent=1)
     return 0

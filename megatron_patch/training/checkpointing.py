@@ -8,9 +8,9 @@ One checkpoint, ``$SAVE/iter_XXXXXXX/``, holds:
 * ``dataloader/dp_rank_XXXX.pt``: each data-parallel replica's energon loader state (written by
   its TP0/PP0 rank; every rank of the replica reads it back), mirrored to ``--dataloader-save``
   as ``train_dataloader_dprankXXX.pt`` where Megatron-LM users look for it;
-* ``run_state.json``: iteration, consumed samples, counters, the optimizer state's layout and the
-  arguments, readable by humans and marking the directory as a *run* checkpoint (a converted
-  base model has none).
+* ``run_state.json``: iteration, consumed samples, counters, the optimizer state's layout, the
+  arguments and the tokenizer's fingerprint, readable by humans and marking the directory as a
+  *run* checkpoint (a converted base model has none).
 
 The optimizer state is laid out one of three ways (``optimizer_format``): megatron's plain
 optimizer stores it per parameter (``replicated``: resumable at any TP/PP); the distributed
@@ -53,7 +53,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.compat import checkpoint_writer, use_fused_adam
-from megatron_patch.training import arguments, checkpoint_paths
+from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
 from megatron_patch.training.parallel_setup import Ranks, all_reduce_host
@@ -84,6 +84,11 @@ class CheckpointLayoutError(RuntimeError):
 class ModelMismatchError(CheckpointLayoutError):
     """The checkpoint was trained as another model: its shapes would fail to load only after
     this one was built, with megatron's shape error and a resume hint that cannot help."""
+
+
+class TokenizerMismatchError(CheckpointLayoutError):
+    """The checkpoint was made with another tokenizer: of the same size, nothing would fail, and
+    the model would read ids it never learned."""
 
 
 class NothingToLoadError(CheckpointLayoutError):
@@ -253,7 +258,8 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
                     loader_state: Any, ranks: Ranks, args_dict: dict,
                     dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None,
                     layout: str = REPLICATED, strategy: Optional[SaveStrategy] = None,
-                    background: Optional[BackgroundSaves] = None) -> str:
+                    background: Optional[BackgroundSaves] = None,
+                    tokenizer_fingerprint: Optional[dict] = None) -> str:
     """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
 
     With `background`, returns once the shards are copied to host memory and their writer is
@@ -304,7 +310,8 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
             return
         record = {"kind": "run", "world_size": ranks.world_size, "data_parallel_size": ranks.dp_size,
                   "tensor_parallel_size": ranks.tp_size, "pipeline_parallel_size": ranks.pp_size,
-                  "optimizer_format": layout, **asdict(state), "args": args_dict}
+                  "optimizer_format": layout, **asdict(state), "args": args_dict,
+                  "tokenizer": tokenizer_fingerprint}
         with open(os.path.join(partial, RUN_STATE_NAME), "w") as handle:
             json.dump(record, handle, indent=1, sort_keys=True, default=str)
         fault_point("save:before_publish", iteration, rank)
@@ -401,26 +408,6 @@ def read_run_state(checkpoint_dir: str) -> Optional[dict]:
         return None
     with open(path) as handle:
         return json.load(handle)
-
-
-def check_same_model(load: str, args) -> None:
-    """Before the model is built: the checkpoint `--load` chooses was trained (by this trainer:
-    its run_state.json records the arguments) as the model `args` ask for, or a
-    ModelMismatchError naming both."""
-    choice = checkpoint_paths.choose_checkpoint(load)
-    saved = ((read_run_state(choice.path) or {}).get("args") or {}) if choice.path else {}
-    if "model" not in saved:
-        return
-    keys = ("model", *(name.replace("-", "_") for name in arguments.MODEL_SIZE_OPTIONS))
-    differ = [key for key in keys if saved.get(key) != getattr(args, key, None)]
-    if differ:
-        def flags(values):
-            return " ".join(f"--{key.replace('_', '-')} {values(key)}" for key in differ
-                            if values(key) is not None) or "the preset's sizes"
-        raise ModelMismatchError(
-            f"--load {load}: {choice.path} was trained with {flags(saved.get)}; this run asks for "
-            f"{flags(lambda key: getattr(args, key, None))}. Build the same model (the template's "
-            "MODEL and EXTRA_ARGS), or load a checkpoint of this one")
 
 
 def readable_optimizer_layout(record: dict, layout: str, ranks: Ranks, path: str) -> str:

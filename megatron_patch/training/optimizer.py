@@ -110,6 +110,21 @@ def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant")
 
 
+def schedule_kept_from_checkpoint(scheduler: OptimizerParamScheduler, args) -> List[str]:
+    """After a resume, how the schedule the scheduler now follows (the checkpoint's: megatron's
+    rule, as in Megatron-LM without --override-opt_param-scheduler) differs from the one `args`
+    ask for, in iterations at this run's global batch. A run resumed with a larger --train-iters
+    would otherwise spend its extra iterations at --min-lr without a word."""
+    gbs = args.global_batch_size
+    asked = {"--lr": (scheduler.max_lr, args.lr), "--min-lr": (scheduler.min_lr, args.min_lr),
+             "--lr-warmup-iters": (scheduler.lr_warmup_steps / gbs, args.lr_warmup_iters),
+             "--lr-decay-iters": (scheduler.lr_decay_steps / gbs, args.lr_decay_iters),
+             "--lr-decay-style": (scheduler.lr_decay_style, args.lr_decay_style)}
+    return [f"{flag} {kept:g} (this run asks for {wanted:g})" if not isinstance(kept, str)
+            else f"{flag} {kept} (this run asks for {wanted})"
+            for flag, (kept, wanted) in asked.items() if kept != wanted]
+
+
 def learning_rates_by_module(optimizer, args) -> Dict[str, float]:
     """Current learning rate of each trainable module (found by its group's lr_mult; megatron
     aligns param groups across ranks, so every rank can report every module)."""

@@ -21,8 +21,9 @@ from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
-from megatron_patch.training.checkpointing import (CheckpointLayoutError, RunState, SaveStrategy,
-                                                   check_same_model, load_checkpoint,
+from megatron_patch.training.checkpoint_match import check_checkpoint_fits
+from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, CheckpointLayoutError,
+                                                   RunState, SaveStrategy, load_checkpoint,
                                                    optimizer_format, save_checkpoint)
 from megatron_patch.training.components import (encoder_settings, model_config,
                                                 parameters_gathered, wrap_model)
@@ -37,7 +38,8 @@ from megatron_patch.training.memory_history import MemoryHistory
 from megatron_patch.training.metrics import (METRICS_FILE, MetricsLogger, StepTimer,
                                              setup_logging, truncate_metrics_file)
 from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
-                                               learning_rates_by_module)
+                                               learning_rates_by_module,
+                                               schedule_kept_from_checkpoint)
 from megatron_patch.training.parallel_setup import Ranks, all_reduce_host, initialize, shutdown
 from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
@@ -70,7 +72,7 @@ class Trainer:
         arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
         self.echo_config()
         if args.load:
-            check_same_model(args.load, args)  # before building what could not load it
+            check_checkpoint_fits(args.load, args, self.cfg, self.tokenizer)  # before building
 
         self.model, trainable = wrap_model(args, self.cfg, self.device)
         logger.info("trainable parameters on rank 0 by module: %s", trainable)
@@ -86,6 +88,12 @@ class Trainer:
                                      ranks, weights_only=args.finetune, layout=self.optimizer_layout)
             for note in loaded.notes:
                 logger.info("checkpoint: %s", note)
+            kept = schedule_kept_from_checkpoint(self.scheduler, args) if loaded.resumed else []
+            if kept:
+                logger.warning(
+                    "resuming keeps the learning-rate schedule saved with the checkpoint: %s. To "
+                    "train on with the schedule asked for, %s", "; ".join(kept),
+                    NEW_RUN_FROM_ITS_WEIGHTS)
             self.state, loader_state = loaded.state, loaded.loader_state
         if args.save and ranks.rank == 0:
             for path in checkpoint_paths.remove_unfinished_saves(args.save):
@@ -378,7 +386,7 @@ class Trainer:
                 save_loader_state(self.train_loader), self.ranks, vars(self.args),
                 dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last,
                 layout=self.optimizer_layout, strategy=self.save_strategy,
-                background=background)
+                background=background, tokenizer_fingerprint=self.tokenizer.fingerprint())
         blocked = time.time() - started
         if background:
             logger.info("%s: state copied in %.1f s, being written in the background", path,

@@ -1,0 +1,98 @@
+"""Refusing, before the model is built, a checkpoint that this run's model or tokenizer does not fit.
+
+Two records say what a checkpoint was made with: a run checkpoint's ``run_state.json`` (the
+trainer's arguments and its tokenizer's fingerprint) and a converted base model's
+``hf_conversion.json`` (the preset and model config it was converted as, and the fingerprint of
+the tokenizer beside it). Without this check another model fails only after it is built, with
+megatron's shape error and a resume hint that cannot help; another tokenizer of the same size
+does not fail at all: the model reads ids it never learned and training or evaluation goes on,
+producing garbage. Checkpoints with no record (older runs) are let through.
+"""
+import os
+from typing import Any, Dict, List, Optional
+
+from megatron_patch.checkpoint_conversion.record import find_record, read_json
+from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
+from megatron_patch.training import arguments, checkpoint_paths
+from megatron_patch.training.checkpointing import (RUN_STATE_NAME, ModelMismatchError,
+                                                   TokenizerMismatchError)
+
+# the config fields that decide the weights' shapes (LlavaOVConfig.to_dict's sections)
+SHAPE_FIELDS = {
+    "language": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "head_dim", "vocab_size"),
+    "vision": ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "patch_size"),
+}
+SIZE_KEYS = tuple(name.replace("-", "_") for name in arguments.MODEL_SIZE_OPTIONS)
+
+
+def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer) -> None:
+    """Raises ModelMismatchError or TokenizerMismatchError when the checkpoint `--load` chooses
+    was made with another model than `cfg` (built from `args`) or another tokenizer."""
+    path = checkpoint_paths.choose_checkpoint(load).path
+    if path is None:
+        return
+    run_state = read_json(os.path.join(path, RUN_STATE_NAME))
+    conversion, _ = find_record(path)
+    if run_state is not None:
+        _check_run_model(load, path, run_state.get("args") or {}, args)
+    elif conversion is not None:
+        _check_converted_model(load, path, conversion, args, cfg)
+    recorded = _recorded_tokenizer(run_state, conversion)
+    if recorded is not None:
+        differences = fingerprint_differences(recorded, tokenizer.fingerprint())
+        if differences:
+            made_with = (run_state or {}).get("args", {}).get("tokenizer_path") \
+                or (conversion or {}).get("source")
+            raise TokenizerMismatchError(
+                f"--tokenizer-path {tokenizer.path} is not the tokenizer {path} was made with"
+                f"{f' ({made_with})' if made_with else ''}: {'; '.join(differences)}. The model "
+                "would read ids it never learned. Give the tokenizer it was trained with (the "
+                "template's TOKENIZER_PATH; for a converted model, its --out folder)")
+
+
+def _recorded_tokenizer(run_state: Optional[dict], conversion: Optional[dict]) -> Optional[dict]:
+    """The fingerprint the checkpoint was made with: its run's, else the converted base model's
+    (older conversion records hold the special ids only)."""
+    if run_state and run_state.get("tokenizer"):
+        return run_state["tokenizer"]
+    if not conversion:
+        return None
+    if conversion.get("tokenizer"):
+        return conversion["tokenizer"]
+    special = conversion.get("special_token_ids")
+    return {"special_token_ids": special} if special else None
+
+
+def _check_run_model(load: str, path: str, saved: Dict[str, Any], args) -> None:
+    """A run checkpoint: the preset and size flags its run_state.json records."""
+    if "model" not in saved:
+        return
+    differ = [key for key in ("model", *SIZE_KEYS) if saved.get(key) != getattr(args, key, None)]
+    if not differ:
+        return
+
+    def flags(values) -> str:
+        return " ".join(f"--{key.replace('_', '-')} {values(key)}" for key in differ
+                        if values(key) is not None) or "the preset's sizes"
+    raise ModelMismatchError(
+        f"--load {load}: {path} was trained with {flags(saved.get)}; this run asks for "
+        f"{flags(lambda key: getattr(args, key, None))}. Build the same model (the template's "
+        "MODEL and EXTRA_ARGS), or load a checkpoint of this one")
+
+
+def _check_converted_model(load: str, path: str, record: dict, args, cfg) -> None:
+    """A converted base model: the shapes of the model config it was converted as."""
+    saved = record.get("model_config") or {}
+    wanted = cfg.to_dict()
+    differ: List[str] = [
+        f"{section} {field} {saved[section][field]} (this run's: {wanted[section][field]})"
+        for section, fields in SHAPE_FIELDS.items() for field in fields
+        if field in saved.get(section, {}) and saved[section][field] != wanted[section][field]]
+    if differ:
+        raise ModelMismatchError(
+            f"--load {load}: {path} was converted as --model {record.get('model')}, this run "
+            f"builds --model {args.model}; they differ in {', '.join(differ)}. Train with "
+            f"--model {record.get('model')} (the template's MODEL), or convert the model you "
+            "mean to train")

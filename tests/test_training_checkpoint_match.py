@@ -1,0 +1,112 @@
+"""A checkpoint made with another model or another tokenizer is refused before the model is
+built: run checkpoints by their run_state.json (arguments, tokenizer fingerprint), converted base
+models by their hf_conversion.json (model config, tokenizer); unrecorded ones are let through."""
+import argparse
+import json
+
+import pytest
+
+from megatron_patch.data.tokenizer import (SFTTokenizer, build_tiny_tokenizer,
+                                           fingerprint_differences)
+from megatron_patch.model import get_config
+from megatron_patch.training.checkpoint_match import check_checkpoint_fits
+from megatron_patch.training.checkpointing import ModelMismatchError, TokenizerMismatchError
+
+SIZES = dict.fromkeys(("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                       "num_query_groups", "vision_num_layers", "vision_hidden_size"))
+
+
+def _checkpoint(run, **files):
+    """run/iter_0000003, complete, with `files` ({name: JSON object}) in it."""
+    checkpoint = run / "iter_0000003"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("")
+    for name, content in files.items():
+        (checkpoint / name).write_text(json.dumps(content))
+    return checkpoint
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_tokenizer):
+    return SFTTokenizer(demo_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tokenizer, tmp_path_factory):
+    """Same special tokens and size, trained on other text."""
+    texts = [f"Trains cross {i} rivers and climb mountains at dawn." for i in range(300)]
+    return SFTTokenizer(build_tiny_tokenizer(str(tmp_path_factory.mktemp("other")), texts,
+                                             vocab_size=tokenizer.vocab_size))
+
+
+def test_a_run_of_another_model_is_named(tmp_path, tokenizer):
+    checkpoint = _checkpoint(tmp_path, **{"run_state.json": {"args": {"model": "tiny", **SIZES}}})
+    same, cfg = argparse.Namespace(model="tiny", **SIZES), get_config("tiny")
+    check_checkpoint_fits(str(tmp_path), same, cfg, tokenizer)
+    with pytest.raises(ModelMismatchError, match=f"{checkpoint} was trained with --model tiny; "
+                       "this run asks for --model llava-ov-1.5-4b. Build the same model"):
+        check_checkpoint_fits(str(tmp_path), argparse.Namespace(**{**vars(same), "model":
+                                                                    "llava-ov-1.5-4b"}),
+                              cfg, tokenizer)
+    with pytest.raises(ModelMismatchError, match="trained with the preset's sizes; this run asks "
+                       "for --num-layers 2"):
+        check_checkpoint_fits(str(tmp_path), argparse.Namespace(**{**vars(same), "num_layers": 2}),
+                              cfg, tokenizer)
+
+
+def test_a_converted_model_of_other_shapes_is_named(tmp_path, tokenizer):
+    record = {"model": "tiny", "model_config": get_config("tiny").to_dict()}
+    checkpoint = _checkpoint(tmp_path, **{"hf_conversion.json": record})
+    args = argparse.Namespace(model="tiny", **SIZES)
+    check_checkpoint_fits(str(tmp_path), args, get_config("tiny"), tokenizer)
+    smaller = get_config("tiny", {"num_layers": 2, "vision_hidden_size": 32})
+    with pytest.raises(ModelMismatchError) as error:
+        check_checkpoint_fits(str(tmp_path), args, smaller, tokenizer)
+    assert str(error.value) == (
+        f"--load {tmp_path}: {checkpoint} was converted as --model tiny, this run builds --model "
+        "tiny; they differ in language num_layers 4 (this run's: 2), vision hidden_size 64 (this "
+        "run's: 32). Train with --model tiny (the template's MODEL), or convert the model you "
+        "mean to train")
+
+
+def test_another_tokenizer_is_refused(tmp_path, tokenizer, other_tokenizer):
+    """The case nothing else catches: the same vocabulary size, other ids."""
+    assert other_tokenizer.vocab_size == tokenizer.vocab_size
+    run_state = {"args": {"model": "tiny", **SIZES, "tokenizer_path": tokenizer.path},
+                 "tokenizer": tokenizer.fingerprint()}
+    checkpoint = _checkpoint(tmp_path, **{"run_state.json": run_state})
+    args, cfg = argparse.Namespace(model="tiny", **SIZES), get_config("tiny")
+    check_checkpoint_fits(str(tmp_path), args, cfg, SFTTokenizer(tokenizer.path))
+    with pytest.raises(TokenizerMismatchError,
+                       match=f"--tokenizer-path {other_tokenizer.path} is not the tokenizer "
+                             f"{checkpoint} was made with \\({tokenizer.path}\\): it splits the "
+                             "same text into other ids. The model would read ids it never learned"):
+        check_checkpoint_fits(str(tmp_path), args, cfg, other_tokenizer)
+
+
+def test_a_converted_models_tokenizer_is_checked_also_from_old_records(tmp_path, tokenizer):
+    """Records written before fingerprints hold the special ids only; a run checkpoint without
+    a fingerprint is checked against the base model its run loaded."""
+    moved = {**tokenizer.special_ids, "<|im_end|>": 7}
+    base = tmp_path / "base"
+    _checkpoint(base, **{"hf_conversion.json": {"special_token_ids": moved}})
+    run = tmp_path / "run"
+    _checkpoint(run, **{"run_state.json": {"args": {"load": str(base)}}})
+    args, cfg = argparse.Namespace(model="tiny", **SIZES), get_config("tiny")
+    for load in (base, run):
+        with pytest.raises(TokenizerMismatchError, match="<\\|im_end\\|> is 2, not 7"):
+            check_checkpoint_fits(str(load), args, cfg, tokenizer)
+
+
+def test_fingerprint_differences_say_what_differs(tokenizer):
+    recorded = tokenizer.fingerprint()
+    assert fingerprint_differences(recorded, tokenizer.fingerprint()) == []
+    assert fingerprint_differences({"vocab_size": 600}, recorded) == [
+        f"{tokenizer.vocab_size} tokens, not 600"]
+    shifted = {**recorded, "text_ids": [index + 1 for index in recorded["text_ids"]]}
+    assert fingerprint_differences(shifted, recorded) == ["it splits the same text into other ids"]
+
+
+def test_the_trainer_records_its_tokenizer(reference_run, tokenizer):
+    record = json.loads((reference_run / "iter_0000008" / "run_state.json").read_text())
+    assert record["tokenizer"] == tokenizer.fingerprint()
