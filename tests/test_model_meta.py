@@ -79,12 +79,15 @@ def test_overrides():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_backend_falls_back_to_local_once_and_te_can_be_forced(caplog):
+    """On a CPU the reason is the machine, whatever the dtype, and only an info line."""
     layer_specs._LOGGED.clear()
-    with caplog.at_level(logging.WARNING, logger=layer_specs.__name__):
+    with caplog.at_level(logging.INFO, logger=layer_specs.__name__):
         assert layer_specs.resolve_backend("auto", torch.bfloat16) == "local"
         assert layer_specs.resolve_backend("auto", torch.bfloat16) == "local"
+        assert layer_specs.resolve_backend("auto", torch.float32) == "local"
     lines = [r for r in caplog.records if "using local megatron-core modules" in r.getMessage()]
     assert len(lines) == 1 and "CUDA is not available" in lines[0].getMessage()
+    assert lines[0].levelno == logging.INFO
     assert layer_specs.resolve_backend("local") == "local"
     with pytest.raises(RuntimeError, match="te requested but CUDA is not available"):
         layer_specs.resolve_backend("te", torch.bfloat16)
@@ -92,15 +95,20 @@ def test_backend_falls_back_to_local_once_and_te_can_be_forced(caplog):
         layer_specs.resolve_backend("flash")
 
 
-def test_fp32_weights_never_get_the_te_spec(caplog):
-    """TE's fp32 attention refuses packed input (the vision tower's), on any machine."""
+def test_fp32_weights_never_get_the_te_spec(caplog, monkeypatch):
+    """TE's fp32 attention refuses packed input (the vision tower's), even where TE runs (a GPU
+    with TE installed, stood in for here); on a machine without it, that is the reason given."""
     layer_specs._LOGGED.clear()
+    monkeypatch.setattr(layer_specs, "te_available", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with caplog.at_level(logging.WARNING, logger=layer_specs.__name__):
         assert layer_specs.resolve_backend("auto", torch.float32) == "local"
     assert "no torch.float32 attention for packed (thd)" in caplog.text
     with pytest.raises(RuntimeError, match="train with --bf16"):
         layer_specs.resolve_backend("te", torch.float32)
     assert layer_specs.te_dtype_problem(torch.bfloat16) is None
+    assert layer_specs.resolve_backend("auto", torch.bfloat16) == "te"
+
 
 
 def test_model_provider_builds_the_requested_stage():

@@ -44,10 +44,10 @@ BACKENDS = ("auto", "te", "local")
 _LOGGED = set()
 
 
-def _log_once(msg: str) -> None:
+def _log_once(msg: str, level: int = logging.WARNING) -> None:
     if msg not in _LOGGED:
         _LOGGED.add(msg)
-        logger.warning(msg)
+        logger.log(level, msg)
 
 
 def te_available() -> Optional[str]:
@@ -78,14 +78,17 @@ def resolve_backend(requested: str = "auto", params_dtype: torch.dtype = torch.f
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "local":
         return "local"
-    reason = te_dtype_problem(params_dtype) or te_available()
+    missing = te_available()
+    reason = missing or te_dtype_problem(params_dtype)
     if requested == "te":
         if reason:
             raise RuntimeError(f"--attention-backend te requested but {reason}")
         return "te"
     if reason:
+        # a CPU run has no use for TE: said quietly; on a GPU the fallback costs speed
+        level = logging.INFO if not torch.cuda.is_available() else logging.WARNING
         _log_once(f"Transformer Engine spec unavailable ({reason}); "
-                  "using local megatron-core modules with torch SDPA attention")
+                  "using local megatron-core modules with torch SDPA attention", level)
         return "local"
     _log_once("Using Transformer Engine layer spec (flash/fused attention)")
     return "te"
