@@ -4,7 +4,8 @@ Output (``OUT``)::
 
     OUT/iter_0000000/                       dist-checkpoint of {"model": sharded_state_dict}
     OUT/iter_0000000/COMPLETE               marker (checkpoint_paths.publish)
-    OUT/iter_0000000/hf_conversion.json     source config.json, key layout, dtype (for export)
+    OUT/iter_0000000/hf_conversion.json     source config.json, key layout, dtype (for export),
+                                            model config and tokenizer fingerprint (checked at --load)
     OUT/latest_checkpointed_iteration.txt   tracker = 0
     OUT/tokenizer.json, ...                 tokenizer/processor files, so --tokenizer-path OUT works
 
