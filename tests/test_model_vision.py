@@ -83,12 +83,24 @@ def test_mixed_batch_multi_image_and_text_only_forward_backward():
 
 
 def test_text_only_batch_and_token_count_check():
+    """A text-only batch gives every trainable vision and adapter parameter a zero gradient
+    (megatron's overlapped grad reduce waits for all of a bucket's), and changes nothing else:
+    with the tower frozen (nothing run for it) the loss and language gradients are the same."""
     cfg, _, _, model = _models()
     ids = torch.randint(16, cfg.language.vocab_size, (2, 16))
     pos = torch.arange(16).expand(2, -1)
     loss = model(ids, pos, labels=ids)
     loss.mean().backward()
-    assert model.vision_model.class_embedding.grad is None  # vision unused for text-only
+    vision = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision_model.", "adapter."))]
+    assert vision and all(p.grad is not None and not p.grad.any() for _, p in vision)
+    language = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("language_model.")}
+    model.zero_grad(set_to_none=True)
+    for _, parameter in vision:
+        parameter.requires_grad_(False)
+    frozen = model(ids, pos, labels=ids)
+    frozen.mean().backward()
+    assert torch.equal(frozen, loss) and all(p.grad is None for _, p in vision)
+    assert all(torch.equal(p.grad, language[n]) for n, p in model.named_parameters() if n in language)
     bad, pix, grid = image_batch(cfg, [(1, 4, 4)], 16, [0])
     bad[0, 2] = 100  # one image slot fewer than features
     try:

@@ -107,7 +107,7 @@ class LlavaOVModel(MegatronModule):
         slots = int(image_grid_thw.prod(dim=-1).sum()) // merged if has_pixels else 0
         self._check_image_tokens(is_image, slots)
         if not has_pixels:
-            return emb
+            return self._with_idle_vision_gradients(emb)
         feats = self.image_features(pixel_values, image_grid_thw)
         if feats.shape[0] != slots:
             raise ValueError(f"image features ({feats.shape[0]}) != the images' {slots} tokens")
@@ -117,6 +117,25 @@ class LlavaOVModel(MegatronModule):
         flat = emb.transpose(0, 1).reshape(-1, hidden).clone()
         flat[positions] = feats.to(flat.dtype)
         return flat.view(emb.shape[1], emb.shape[0], hidden).transpose(0, 1).contiguous()
+
+    def _with_idle_vision_gradients(self, emb: torch.Tensor) -> torch.Tensor:
+        """A micro-batch without images still gives every trainable vision and adapter
+        parameter a gradient (zeros): megatron's DDP with --overlap-grad-reduce launches each
+        bucket's reduction when all its parameters' gradients are in, and fails the step when
+        some never arrive (text-only samples are common in SFT mixes). The smallest image
+        (one merged token) goes through the tower; its features are tied to the embeddings with
+        a zero gradient and never touch their values. Without gradients (evaluation) or with a
+        frozen tower, nothing is run."""
+        vision_parameters = [*self.vision_model.parameters(), *self.adapter.parameters()]
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in vision_parameters):
+            return emb
+        vision = self.cfg.vision
+        side = vision.spatial_merge_size
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.zeros(side * side, patch, dtype=vision_parameters[0].dtype,
+                             device=emb.device)
+        grid = torch.tensor([[1, side, side]], dtype=torch.long)
+        return _ZeroGradientTie.apply(emb, self.image_features(pixels, grid))
 
     @staticmethod
     def _check_image_tokens(is_image: torch.Tensor, slots: int) -> None:
@@ -156,3 +175,18 @@ class LlavaOVModel(MegatronModule):
             packed_seq_params=packed_seq_params,
             runtime_gather_output=True if labels is None else None,
         )
+
+
+class _ZeroGradientTie(torch.autograd.Function):
+    """``values`` unchanged; ``tied`` gets a zero gradient, so everything that computed it takes
+    part in the backward pass without changing any value or other gradient (unlike adding
+    ``0 * tied.sum()``, which a non-finite feature would turn into NaN)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, tied: torch.Tensor) -> torch.Tensor:
+        ctx.tied_shape, ctx.tied_dtype = tied.shape, tied.dtype
+        return values.view_as(values)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_zeros(ctx.tied_shape, dtype=ctx.tied_dtype)
