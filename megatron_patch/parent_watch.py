@@ -1,4 +1,12 @@
-"""Ends a helper process when the process that started it is gone.
+"""Ties a helper process's life to the process it serves, and to nothing else.
+
+A helper (a data-loader worker, the checkpoint writer's result server) ends when its rank is
+gone, and not before: the stop signal that asks the rank to finish its step and save reaches the
+helpers too (Ctrl-C and ``kill -- -PGID`` signal the process group, SLURM every process of the
+job step, torchrun its workers' groups), and a helper that died of it would fail that very save
+or step. `ignore_job_stop_signals` makes a server deaf to those signals (the rank ends it with
+SIGKILL); `deaf_while_the_rank_runs` does so for forked workers until the rank exits, since
+torch and multiprocessing end a worker that outlives its loader with SIGTERM.
 
 A trainer rank killed with SIGKILL (the OOM killer, a node's watchdog) runs no exit handlers, so
 a helper it started would live on as an idle orphan with torch in memory: megatron's
@@ -9,10 +17,58 @@ the child, and the queue is started from a short-lived thread.
 Only the standard library here: a freshly spawned helper imports this module first.
 """
 import os
+import signal
 import threading
 import time
 
 POLL_SECONDS = 1.0
+JOB_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_job_stop_signals(*_) -> None:
+    """In a helper: the job's stop signals are for its rank. Takes any arguments, so it can serve
+    as a worker_init_fn."""
+    for signum in JOB_STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+_rank_exiting = None  # shared with the workers forked after its creation
+
+
+def rank_exit_flag():
+    """The flag a forked worker reads (see `deaf_while_the_rank_runs`); made on first use, set
+    when this process exits (atexit runs this module's handler before multiprocessing's, which
+    terminates the workers still alive)."""
+    global _rank_exiting
+    if _rank_exiting is None:
+        import atexit
+        import multiprocessing
+        _rank_exiting = multiprocessing.get_context("fork").RawValue("b", 0)
+        atexit.register(_mark_rank_exiting)
+    return _rank_exiting
+
+
+def _mark_rank_exiting() -> None:
+    _rank_exiting.value = 1
+
+
+def deaf_while_the_rank_runs(exit_flag) -> None:
+    """In a forked worker: the job's stop signals are ignored while the rank runs, and end the
+    worker as usual once `exit_flag` (from `rank_exit_flag`) is set."""
+    def on_stop_signal(signum, frame):
+        if exit_flag.value:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for signum in JOB_STOP_SIGNALS:
+        signal.signal(signum, on_stop_signal)
+
+
+def serve_until_parent_ends(parent_pid: int) -> None:
+    """A multiprocessing initializer for a helper server: deaf to the job's stop signals, ended
+    when its parent is gone."""
+    ignore_job_stop_signals()
+    end_with_parent(parent_pid)
 
 
 def end_with_parent(parent_pid: int) -> None:

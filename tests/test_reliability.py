@@ -150,6 +150,21 @@ def test_sigterm_finishes_the_step_saves_and_exits_15(reference_run, converted_d
     assert_reproduces_reference(save, reference_run)
 
 
+def test_a_stop_signal_to_the_whole_job_still_finishes_the_step_and_saves(converted_demo,
+                                                                         demo_tokenizer,
+                                                                         tmp_path):
+    """Ctrl-C, `kill -- -PGID` and SLURM signal every process of the job: the loader workers and
+    the checkpoint writer's server too. Killed by it, they failed the step or the save (a
+    broken pipe blamed on the disk, a 'damaged shard'); they now outlive it, and still end with
+    the rank (no hang at exit)."""
+    save = tmp_path / "run"
+    stopped = run_with_fault(converted_demo, demo_tokenizer, save, "step@3:SIGTERM:group",
+                             "--num-workers", 1, "--async-save", timeout=180)  # hung before
+    assert stopped.returncode == EXIT_SIGNALLED, output(stopped)[-3000:]
+    assert "stopping at iteration 3: received SIGTERM" in stopped.stdout
+    assert checkpoint_paths.complete_iterations(save) == [3]
+
+
 STOP_REQUEST_SCRIPT = """
 import sys, time
 from megatron_patch.training.signals import StopRequest

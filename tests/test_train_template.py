@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,27 +62,36 @@ def test_cpu_processes_hide_the_gpus(converted_demo, tokenizer_dir, tmp_path):
     assert "trainer sees CUDA_VISIBLE_DEVICES=[]" in result.stdout
 
 
-# a stand-in for torchrun: signals its whole process group (as SLURM's --signal or `kill --
-# -PGID` do), then, like the trainers, finishes its step, logs, publishes a checkpoint, exits 15
+# a stand-in for torchrun: publishes an interval checkpoint (iteration 2), signals its whole
+# process group (as SLURM's --signal or `kill -- -PGID` do), then, like the trainers, finishes
+# its step, logs and -- unless SAVE_FAILS -- publishes a checkpoint of it and exits 15
 SIGNALLED_JOB = """#!/bin/bash
+publish() {
+  mkdir "$SAVE_CKPT_PATH/iter_000000$1" && touch "$SAVE_CKPT_PATH/iter_000000$1/COMPLETE"
+  echo $1 > "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
+}
 trap 'stop=1' TERM
+publish 2
 echo "trainer: step 3"
 sleep 0.5  # the pipeline is up (a job is signalled while it runs, not while it starts)
 kill -TERM 0
 while [ -z "$stop" ]; do sleep 0.05; done
 sleep 0.3
-echo "trainer: saved iteration 3 after the signal"
-mkdir "$SAVE_CKPT_PATH/iter_0000003" && touch "$SAVE_CKPT_PATH/iter_0000003/COMPLETE"
-echo 3 > "$SAVE_CKPT_PATH/latest_checkpointed_iteration.txt"
+[ -n "$SAVE_FAILS" ] && { echo "trainer: rank 0 failed: could not write checkpoint"; exit 1; }
+publish 3
+echo "[rank 0] stopping at iteration 3: received SIGTERM"
 exit 15
 """
 
 
+@pytest.mark.parametrize("save_fails", [False, True], ids=["saved", "save-failed"])
 def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_demo,
-                                                                      tokenizer_dir, tmp_path):
+                                                                      tokenizer_dir, tmp_path,
+                                                                      save_fails):
     """SIGTERM to every process of the job: the log's tee and the template outlive it, so the
-    trainers' lines after the signal reach the log and the template reports the checkpoint
-    with status 15 (torchrun itself would report a failure)."""
+    trainers' lines after the signal reach the log and the template reports the checkpoint of
+    the step the trainer stopped at with status 15 (torchrun itself would report a failure);
+    an earlier interval checkpoint is not reported as that save."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
@@ -94,11 +104,17 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
                                 **os.environ, "PYTHON": str(bin_dir / "python"), "DRY_RUN": "0",
                                 "GPUS_PER_NODE": "0", "MODEL": "tiny",
                                 "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
-                                "SAVE_CKPT_PATH": str(save)})
+                                "SAVE_CKPT_PATH": str(save),
+                                **({"SAVE_FAILS": "1"} if save_fails else {})})
+    log = Path(plan_lines(result.stdout)["LOG"]).read_text()
+    if save_fails:
+        assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr)
+        assert "could not write checkpoint" in log
+        assert "stopped by SIGTERM without saving the step it stopped at" in result.stdout
+        assert f"final checkpoint: {save}/iter_0000002" in result.stdout
+        return
     assert result.returncode == 15, (result.returncode, result.stdout[-2000:], result.stderr)
-    log = plan_lines(result.stdout)["LOG"]
-    with open(log) as handle:
-        assert "trainer: saved iteration 3 after the signal" in handle.read()
+    assert "stopping at iteration 3: received SIGTERM" in log
     assert (f"stopped by SIGTERM after saving iteration 3; to resume, rerun the same command "
             f"with SAVE_CKPT_PATH={save}") in result.stdout
     assert f"final checkpoint: {save}/iter_0000003" in result.stdout

@@ -25,7 +25,7 @@ def load_benchmark(name: str):
     return module
 
 
-def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None):
+def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None, timeout=600):
     """Runs the trainer on the demo data (tiny model); `env` adds variables (e.g. LLAVA_FAULT)."""
     args = ["--model", "tiny", "--data-path", str(data), "--tokenizer-path", str(tokenizer),
             "--save", str(save), "--seq-length", "256", "--micro-batch-size", "2",
@@ -38,7 +38,7 @@ def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", str(ENTRY), *args]
     env = dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    result = run_process_group(command, env)
+    result = run_process_group(command, env, timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")

@@ -184,12 +184,14 @@ AFTER=$(newest_checkpoint)
 echo "log: $LOG"
 if [ -n "$SIGNALLED" ]; then
   # torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
-  # trainers saved and exited 15 as asked: what counts is whether a new checkpoint was published
-  if [ -n "$AFTER" ] && [ "$AFTER" != "$DONE_ITERS" ]; then
+  # trainers saved and exited 15 as asked: what counts is whether the trainer stopped after a
+  # step and its checkpoint of that step is the newest published one (not an earlier interval's)
+  STOPPED_AT=$(sed -n 's/.*stopping at iteration \([0-9]*\): .*/\1/p' "$LOG" | tail -n1)
+  if [ -n "$AFTER" ] && [ "$AFTER" = "$STOPPED_AT" ]; then
     echo "stopped by $SIGNALLED after saving iteration $AFTER; to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
     exit 15
   fi
-  echo "stopped by $SIGNALLED without a new checkpoint (see the log above)"
+  echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
 fi
 # the default SAVE_CKPT_PATH holds today's date: a rerun tomorrow would start afresh elsewhere
 [ "$STATUS" -eq 0 ] || echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"

@@ -13,7 +13,9 @@ megatron creates the queue itself as before.
 
 The warm-up starts that server itself, as megatron would (a "spawn" multiprocessing manager,
 stored in megatron's module global), plus a watch that ends the server when this process is gone:
-a rank killed with SIGKILL used to leave it behind as an idle orphan holding torch. At a normal
+a rank killed with SIGKILL used to leave it behind as an idle orphan holding torch. The server
+ignores the job's stop signals: it died of the SIGTERM that reached the whole job, and the save
+that signal asked for failed with a broken pipe. At a normal
 exit the process kills the server (it holds nothing) instead of multiprocessing's orderly
 shutdown, which waited up to 1 s for the server to tear down the torch it had imported (0.8 s of
 every run's exit on 2 CPU cores). By then no result can arrive: the trainer waits for (or aborts)
@@ -29,7 +31,7 @@ import threading
 from multiprocessing.managers import SyncManager
 from typing import Optional
 
-from megatron_patch.parent_watch import end_with_parent
+from megatron_patch.parent_watch import serve_until_parent_ends
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,6 @@ def _start_results_queue():
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=end_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=serve_until_parent_ends, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     return filesystem_async._results_queue

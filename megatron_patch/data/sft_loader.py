@@ -11,6 +11,7 @@
   AssertionError otherwise), so we say so in words.
 """
 import copy
+import functools
 import logging
 import os
 from typing import Any, Dict, Iterator, List, Optional, Set
@@ -22,6 +23,7 @@ from megatron.energon import (WorkerConfig, get_loader, get_savable_loader, get_
 
 from megatron_patch.data.energon_index import META_DIR
 from megatron_patch.data.shard_scan import check_shard_files, load_manifest, read_split_layout
+from megatron_patch.parent_watch import deaf_while_the_rank_runs, rank_exit_flag
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,22 @@ def _no_pin_memory_without_accelerator(loader):
     return loader
 
 
+def _workers_deaf_to_job_stop_signals(loader):
+    """The stop signal that reaches the whole job must leave the workers to the rank: killed by
+    it, they took down the step the rank was finishing and the loader state its save asks them
+    for (parent_watch)."""
+    if loader.num_workers > 0:
+        loader.worker_init_fn = functools.partial(_init_worker, loader.worker_init_fn,
+                                                  rank_exit_flag())
+    return loader
+
+
+def _init_worker(energon_init, exit_flag, worker_id: int) -> None:
+    deaf_while_the_rank_runs(exit_flag)
+    if energon_init is not None:
+        energon_init(worker_id)
+
+
 def build_train_loader(data_path: str, task_encoder, micro_batch_size: int, dp_rank: int = 0,
                        dp_size: int = 1, num_workers: int = 0, seed: int = 1234,
                        shuffle_buffer_size: Optional[int] = None, *,
@@ -124,7 +142,7 @@ def build_train_loader(data_path: str, task_encoder, micro_batch_size: int, dp_r
         max_samples_per_sequence=max_samples_per_sequence, task_encoder=task_encoder, repeat=True)
     # no watchdog: the time between batches includes the training step, minutes on a CPU
     loader = get_savable_loader(dataset, watchdog_timeout_seconds=None)
-    return _no_pin_memory_without_accelerator(loader)
+    return _workers_deaf_to_job_stop_signals(_no_pin_memory_without_accelerator(loader))
 
 
 def build_val_loader(data_path: str, task_encoder, micro_batch_size: int, dp_rank: int = 0,
@@ -146,7 +164,8 @@ def build_val_loader(data_path: str, task_encoder, micro_batch_size: int, dp_ran
         str(data_path), split_part="val", worker_config=worker_config,
         batch_size=micro_batch_size, packing_buffer_size=_packing_buffer_size(encoder),
         task_encoder=encoder)
-    return _no_pin_memory_without_accelerator(get_loader(dataset, watchdog_timeout_seconds=None))
+    return _workers_deaf_to_job_stop_signals(
+        _no_pin_memory_without_accelerator(get_loader(dataset, watchdog_timeout_seconds=None)))
 
 
 def _has_val_split(data_path: str) -> bool:

@@ -5,7 +5,7 @@ prove that a run survives them, the tests trigger each one at an exact place. Th
 `fault_point(name, iteration, rank)` at each place that matters; it does nothing unless the
 environment variable ``LLAVA_FAULT`` names that place:
 
-    LLAVA_FAULT="<point>@<iteration>[:<action>][:rank<N>]"     (several separated by commas)
+    LLAVA_FAULT="<point>@<iteration>[:<action>][:rank<N>][:group]"  (several separated by commas)
 
 points:  ``step`` (after the optimizer step of that iteration) and, inside a checkpoint save of
          that iteration, ``save:start``, ``save:after_model`` (dist-checkpoint written),
@@ -16,7 +16,9 @@ points:  ``step`` (after the optimizer step of that iteration) and, inside a che
 actions: ``kill`` (default; SIGKILL to this process: no handler, no cleanup, like a lost node),
          ``enospc`` / ``eacces`` (raise the OSError a full or read-only disk gives),
          ``hang`` (sleep forever: a stuck rank), ``SIG<NAME>`` (send that signal to this
-         process, as a scheduler or a user would: the run's own handler takes it)
+         process, as a scheduler or a user would: the run's own handler takes it; with
+         ``group``, to its whole process group -- its loader workers and checkpoint writer
+         too -- as Ctrl-C, ``kill -- -PGID`` and SLURM do)
 
 Example: ``LLAVA_FAULT=save:after_model@8`` kills the run while it writes iter_0000008.
 """
@@ -39,6 +41,7 @@ class Fault:
     iteration: int
     action: str = "kill"
     rank: Optional[int] = None
+    to_group: bool = False
 
 
 def parse_faults(text: str) -> List[Fault]:
@@ -48,18 +51,20 @@ def parse_faults(text: str) -> List[Fault]:
         if not sep:
             raise ValueError(f"{ENV_VAR}={text!r}: '{item}' has no '@<iteration>'")
         fields = rest.split(":")
-        action, rank = "kill", None
+        action, rank, to_group = "kill", None, False
         for option in fields[1:]:
-            if option.startswith("rank"):
+            if option == "group":
+                to_group = True
+            elif option.startswith("rank"):
                 rank = int(option[4:])
             elif option in ACTIONS or option.startswith("SIG"):
                 action = option
             else:
                 raise ValueError(f"{ENV_VAR}: unknown option {option!r} in '{item}' "
-                                 f"(actions: {', '.join(ACTIONS)}; or rank<N>)")
+                                 f"(actions: {', '.join(ACTIONS)}; or rank<N>, group)")
         if where not in POINTS:
             raise ValueError(f"{ENV_VAR}: unknown point {where!r} (points: {', '.join(POINTS)})")
-        faults.append(Fault(where, int(fields[0]), action, rank))
+        faults.append(Fault(where, int(fields[0]), action, rank, to_group))
     return faults
 
 
@@ -81,7 +86,10 @@ def _trigger(fault: Fault) -> None:
         while True:
             time.sleep(60)
     if fault.action.startswith("SIG"):
-        os.kill(os.getpid(), signal.Signals[fault.action])
+        if fault.to_group:
+            os.killpg(os.getpgrp(), signal.Signals[fault.action])
+        else:
+            os.kill(os.getpid(), signal.Signals[fault.action])
         return
     code = errno.ENOSPC if fault.action == "enospc" else errno.EACCES
     raise OSError(code, f"{os.strerror(code)} (injected by {ENV_VAR} at {where})")
