@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from megatron_patch.data.tokenizer import build_tiny_tokenizer
+from megatron_patch.training.run_plan import TEMPLATE_OWNED_FLAGS
 from test_model_reference import free_port
 from trainer_runs import subprocess_env
 
@@ -40,6 +41,12 @@ def test_dry_run_prints_the_plan_and_command(converted_demo, tokenizer_dir, tmp_
     assert plan["SAMPLES"] == "108" and plan["NSTEP"] == "5"
     assert "--train-iters 5" in result.stdout and "--nproc-per-node 4" in result.stdout
     assert not (tmp_path / "run").exists()  # nothing launched, nothing created
+    # the plan refuses in EXTRA_ARGS exactly the flags the command sets (and the one that
+    # clashes with --lr-warmup-iters); --lr-decay-style may be overridden
+    trainer = result.stdout.split("COMMAND: ", 1)[1].split("pretrain_llava_ov.py", 1)[1]
+    flags = {item for item in trainer.split() if item.startswith("--")}
+    assert flags - {"--lr-decay-style"} == set(TEMPLATE_OWNED_FLAGS) - {
+        "--load", "--finetune", "--lr-warmup-fraction"}
 
 
 def test_cpu_processes_hide_the_gpus(converted_demo, tokenizer_dir, tmp_path):
@@ -176,6 +183,9 @@ def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tm
     ({"TOKENIZER_PATH": "/nonexistent"}, "TOKENIZER_PATH /nonexistent does not exist"),
     ({"CHECKPOINT_PATH": "/nonexistent"}, "CHECKPOINT_PATH /nonexistent does not exist"),
     ({"TP": "3"}, "not divisible by TP=3"),
+    ({"EXTRA_ARGS": "--packing --lr-warmup-fraction 0.01 --train-iters=10"},
+     "EXTRA_ARGS: --lr-warmup-fraction is the template's own (set WARMUP_FRACTION instead); "
+     "--train-iters is the template's own (set EPOCHS (the plan turns it into NSTEP) instead)"),
 ])
 def test_preflight_failures_name_the_fix(converted_demo, tokenizer_dir, tmp_path, overrides, message):
     data = str(converted_demo)
@@ -184,6 +194,29 @@ def test_preflight_failures_name_the_fix(converted_demo, tokenizer_dir, tmp_path
     result = run_template(env)
     assert result.returncode == 1
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_the_two_node_example_takes_its_place_from_slurm(converted_demo, tokenizer_dir, tmp_path,
+                                                          node):
+    """sft_8b_2node.sh exports NNODES=2; under SLURM (2 nodes) each node still takes its rank
+    and the first node's address from SLURM (both used to get rank 0 and 127.0.0.1)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu-001\necho gpu-002\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    script = Path(TEMPLATE).parent.parent / "examples" / "llava_ov_1_5" / "sft_8b_2node.sh"
+    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+                   "DRY_RUN": "1", "MODEL": "tiny", "DATA_PATH": str(converted_demo),
+                   "TOKENIZER_PATH": tokenizer_dir, "CHECKPOINT_PATH": "",
+                   "SAVE_CKPT_PATH": str(tmp_path / "run"), "SLURM_NNODES": "2",
+                   "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "gpu-[001-002]"}
+    result = subprocess.run(["bash", str(script)], env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (f"torchrun --nnodes 2 --node-rank {node} --nproc-per-node 8 --master-addr gpu-001 "
+            in result.stdout)
+    assert "--packing" in result.stdout and "--lr-warmup-iters" in result.stdout
 
 
 def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from megatron_patch.training.run_plan import check_not_template_owned
 from test_model_reference import free_port
 from trainer_runs import REPO, metrics, model_tensors, run_trainer, subprocess_env
 
@@ -224,14 +225,9 @@ def test_which_saved_layouts_a_run_can_read(saved, layout, tp, readable):
 
 
 def example_script_args(script="examples/llava_ov_1_5/sft_4b_1node_8gpu.sh") -> list:
-    """The EXTRA_ARGS default of an example launch script (the GPU recipe), without its warmup
-    (the test harness sets --lr-warmup-iters)."""
+    """The EXTRA_ARGS default of an example launch script (the GPU recipe)."""
     text = (REPO / script).read_text()
-    args = re.search(r'EXTRA_ARGS="\$\{EXTRA_ARGS:-(.*?)\}"', text).group(1).split()
-    if "--lr-warmup-fraction" in args:
-        at = args.index("--lr-warmup-fraction")
-        del args[at:at + 2]
-    return args
+    return re.search(r'EXTRA_ARGS="\$\{EXTRA_ARGS:-(.*?)\}"', text).group(1).split()
 
 
 @pytest.mark.parametrize("script, layout", [
@@ -247,6 +243,7 @@ def test_example_gpu_recipe_trains_in_bf16_and_resumes_exactly(script, layout, c
     weights and a resume continues bit for bit. A save every step makes the reference's last
     checkpoint one written from the reused plan (its 4th save; the resumed run's 2nd)."""
     recipe = example_script_args(f"examples/llava_ov_1_5/{script}")
+    check_not_template_owned(recipe)  # the template's plan would refuse it before launching
     assert {"--bf16", "--use-distributed-optimizer", "--overlap-param-gather", "--async-save",
             "--ckpt-assume-constant-structure", "--manual-gc", "--recompute-granularity"} \
         <= set(recipe)

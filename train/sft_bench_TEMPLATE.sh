@@ -43,12 +43,17 @@ PYTHON="${PYTHON:-$( [ -x "$REPO_DIR/.venv/bin/python" ] && echo "$REPO_DIR/.ven
 
 fail() { echo "PREFLIGHT FAILED: $*" >&2; exit 1; }
 
-# ---- nodes: explicit NNODES/NODE_RANK, else SLURM, else a job whose WORLD_SIZE/RANK count nodes
-if [ -z "${NNODES:-}" ] && [ -n "${SLURM_NNODES:-}" ]; then
-  NNODES="$SLURM_NNODES"; NODE_RANK="${SLURM_NODEID:-0}"
-  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null | head -n1)}"
-elif [ -z "${NNODES:-}" ] && [ -n "${WORLD_SIZE:-}" ] && [ -n "${RANK:-}" ]; then
-  NNODES="$WORLD_SIZE"; NODE_RANK="$RANK"    # Kubeflow PyTorchJob: one pod per node
+# ---- nodes: from SLURM, else from a job whose WORLD_SIZE/RANK count nodes (a Kubeflow
+# PyTorchJob: one pod per node), unless NNODES says otherwise; NODE_RANK/MASTER_ADDR as given win
+if [ -n "${SLURM_NNODES:-}" ] && [ "${NNODES:-$SLURM_NNODES}" = "$SLURM_NNODES" ]; then
+  NNODES="$SLURM_NNODES"; NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
+  if [ -z "${MASTER_ADDR:-}" ] && [ "$NNODES" -gt 1 ]; then
+    command -v scontrol >/dev/null || fail "a $NNODES-node SLURM job, but no scontrol here to find the first node (inside a container?): set MASTER_ADDR to its hostname (e.g. in the sbatch file: export MASTER_ADDR=\$(scontrol show hostnames \"\$SLURM_JOB_NODELIST\" | head -n1))"
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" | head -n1)
+    [ -n "$MASTER_ADDR" ] || fail "scontrol names no host for SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}': set MASTER_ADDR to the first node's hostname"
+  fi
+elif [ -n "${WORLD_SIZE:-}" ] && [ -n "${RANK:-}" ] && [ "${NNODES:-$WORLD_SIZE}" = "$WORLD_SIZE" ]; then
+  NNODES="$WORLD_SIZE"; NODE_RANK="${NODE_RANK:-$RANK}"
 fi
 NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"; MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 
@@ -80,7 +85,7 @@ PLAN="$("$PYTHON" -W ignore -m megatron_patch.training.run_plan --data-path "$DA
     --world-size "$WORLD" --tp "$TP" --pp "$PP" --mbs "$MBS" --gbs "$GBS" --gbs-per-dp "$GBS_PER_DP" \
     --epochs "$EPOCHS" --margin "$STEP_MARGIN" --save-interval "$SAVE_INTERVAL" \
     --warmup-fraction "$WARMUP_FRACTION" --samples-per-sequence "$SAMPLES_PER_SEQUENCE" --tokenizer-path "$TOKENIZER_PATH" \
-    --trainer-args="--seq-length $SEQ_LEN $EXTRA_ARGS")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
+    --trainer-args="--seq-length $SEQ_LEN $EXTRA_ARGS" --extra-args="$EXTRA_ARGS")" || fail "$(echo "$PLAN" | sed -n 's/^PLAN_ERROR=//p')"
 plan_value() { echo "$PLAN" | sed -n "s/^$1=//p" | head -n1; }
 DP=$(plan_value DP); GBS=$(plan_value GBS); NSTEP=$(plan_value NSTEP); SAMPLES=$(plan_value SAMPLES)
 WARMUP=$(plan_value WARMUP); SAVE_INTERVAL=$(plan_value SAVE_INTERVAL); GRAD_ACC=$(plan_value GRAD_ACC)

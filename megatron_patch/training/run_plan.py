@@ -107,9 +107,12 @@ def main(argv=None) -> int:
                         "--trainer-args, else estimated from the data")
     p.add_argument("--tokenizer-path", help="for the packing estimate")
     p.add_argument("--trainer-args", default="", help="the trainer's extra arguments, one string")
+    p.add_argument("--extra-args", default="",
+                   help="the user's part of them (the template's EXTRA_ARGS), one string")
     args = p.parse_args(argv)
     try:
         check_trainer_args(shlex.split(args.trainer_args))
+        check_not_template_owned(shlex.split(args.extra_args))
         if args.tokenizer_path:
             SFTTokenizer(args.tokenizer_path)  # found, readable, with the chat's special tokens
         samples = count_train_samples(args.data_path)
@@ -161,6 +164,32 @@ def check_trainer_args(trainer_args) -> None:
             hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
         raise ValueError(f"EXTRA_ARGS: unknown trainer flag(s) {', '.join(hints)}; "
                          "python train/pretrain_llava_ov.py --help lists them")
+
+
+# the trainer flags the template sets itself, and the [EDIT] variable each comes from: given in
+# EXTRA_ARGS too, one would silently win over the plan (--train-iters) or clash with the
+# template's (--lr-warmup-fraction against its --lr-warmup-iters)
+TEMPLATE_OWNED_FLAGS = {
+    "--model": "MODEL", "--tensor-model-parallel-size": "TP",
+    "--pipeline-model-parallel-size": "PP", "--seq-length": "SEQ_LEN",
+    "--micro-batch-size": "MBS", "--global-batch-size": "GBS (or GBS_PER_DP)",
+    "--train-iters": "EPOCHS (the plan turns it into NSTEP)", "--lr": "LR", "--min-lr": "MIN_LR",
+    "--lr-warmup-iters": "WARMUP_FRACTION", "--lr-warmup-fraction": "WARMUP_FRACTION",
+    "--data-path": "DATA_PATH", "--tokenizer-path": "TOKENIZER_PATH",
+    "--num-workers": "NUM_WORKERS", "--save": "SAVE_CKPT_PATH", "--save-interval": "SAVE_INTERVAL",
+    "--exit-signals": "EXIT_SIGNALS", "--load": "CHECKPOINT_PATH (or RESUME)",
+    "--finetune": "CHECKPOINT_PATH",
+}
+
+
+def check_not_template_owned(extra_args) -> None:
+    """A ValueError naming each EXTRA_ARGS flag the template sets itself, with its variable."""
+    owned = [flag for flag in (item.split("=")[0] for item in extra_args)
+             if flag in TEMPLATE_OWNED_FLAGS]
+    if owned:
+        raise ValueError("EXTRA_ARGS: " + "; ".join(
+            f"{flag} is the template's own (set {TEMPLATE_OWNED_FLAGS[flag]} instead)"
+            for flag in dict.fromkeys(owned)))
 
 
 def samples_per_sequence(args) -> tuple:
