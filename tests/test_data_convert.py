@@ -3,7 +3,9 @@ import base64
 import io
 import json
 import os
+import struct
 import tarfile
+import zlib
 
 import pytest
 import yaml
@@ -126,14 +128,26 @@ def test_energon_index_lists_every_shard_by_split(llava_input, tmp_path):
         assert os.path.exists(os.path.join(out, name + ".idx"))
 
 
+def huge_png_header(side=20000) -> bytes:
+    """A PNG that declares side x side pixels (over PIL's decompression-bomb limit) and holds
+    none: enough for PIL to refuse it at open."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def _bad_records(tmp_path):
     """One record per bad-record class, each between good ones, as JSONL; returns (path, kinds)."""
     good_image = write(str(tmp_path / "ok.png"), image_bytes((0, 0, 255)))
     write(str(tmp_path / "corrupt.png"), image_bytes((0, 0, 255))[:40])
+    write(str(tmp_path / "huge.png"), huge_png_header())
     good = {"image": good_image, "conversations": [turn("human", "<image>\nx"), turn("gpt", "y")]}
     bad = [
         ("image_not_found", {"image": "missing.png", "conversations": good["conversations"]}),
         ("image_corrupt", {"image": "corrupt.png", "conversations": good["conversations"]}),
+        ("image_too_large", {"image": "huge.png", "conversations": good["conversations"]}),
         ("invalid_json", None),
         ("empty_conversation", {"conversations": []}),
         ("invalid_record", {"conversations": [{"from": "human"}]}),
@@ -265,6 +279,9 @@ def test_messages_vqa_and_content_parts(tmp_path):
          "options": {"A": "red", "B": "grey"}, "answer": "B", "explanation": "It is dark."},
         {"id": "vqa_full", "image_base64": base64.b64encode(png).decode(),
          "full_question": "Pick:\nA. x\nB. y", "options": {"A": "x", "B": "y"}, "answer": "A"},
+        # LLaVA-OneVision-1.5's mllm_mix.json: LLaVA turns under "messages"
+        {"id": "mix", "images": ["m.png"], "messages": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
     ]
     path = write(str(tmp_path / "mixed.json"), json.dumps(records))
     out = str(tmp_path / "out")
@@ -276,7 +293,26 @@ def test_messages_vqa_and_content_parts(tmp_path):
         turn("human", "<image>\nWhich colour?\nA. red\nB. grey"),
         turn("gpt", "B. grey\n\nExplanation: It is dark.")]
     assert got["vqa_full"][0]["conversations"][1] == turn("gpt", "A. x")
+    assert got["mix"][0]["conversations"] == [turn("human", "<image>\nq"), turn("gpt", "a")]
     assert all(images == {"img0.png": png} for _, images in got.values())
+
+
+def test_inputs_that_do_not_fit_the_command_are_named(tmp_path, capsys):
+    """A missing input is a usage error; a forced --input-format whose field a record lacks
+    skips that record (it raised KeyError and left an interrupted conversion behind)."""
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(tmp_path / "nope.jsonl"), "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert f"input not found: {tmp_path / 'nope.jsonl'}" in capsys.readouterr().err
+    path = write(str(tmp_path / "m.jsonl"), json.dumps(
+        {"id": "m", "messages": [{"role": "user", "content": "q"},
+                                 {"role": "assistant", "content": "a"}]}) + "\n")
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--input-format", "llava", "--output-dir", out,
+                         "--no-progress"]) == 1
+    assert [(e["kind"], e["reason"]) for e in skipped(out)] == [
+        ("unrecognised_record", "--input-format llava: the record has no 'conversations' field "
+                                "(keys ['id', 'messages'])")]
 
 
 def test_parquet_with_bytes_dicts_and_lists(tmp_path):

@@ -85,7 +85,12 @@ def test_inputs_it_cannot_use_are_named_in_one_line(reference_run, converted_dem
     """Checked before the model is built; energon's assertion and 'No shards found', or the
     trainer's --finetune wording, would not tell an evaluator what to do."""
     other = build_tiny_tokenizer(str(tmp_path / "other"), ["quite other text"] * 20)
+    blend = tmp_path / "blend.yaml"
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
+                     f"    blend:\n      - weight: 1\n        path: {converted_demo}\n")
     cases = [
+        (("--data-path", blend), f"--data-path {blend} has no 'val' blend: add 'val:' to its "
+                                 "splits"),
         (("--split", "nosuch"), f"--data-path {converted_demo} has no split 'nosuch' (it has "
                                 "test, train, val); pass --split"),
         (("--split", "test"), f"split 'test' of {converted_demo} has no shards (the converter's "

@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    missing = [path for path in args.inputs if not os.path.exists(path)]
+    if missing:
+        parser.error(f"input not found: {', '.join(missing)}")
     options = ConvertOptions(
         inputs=args.inputs, output_dir=args.output_dir, image_root=args.image_root,
         split=args.split, workers=args.workers, shard_prefix=args.shard_prefix,

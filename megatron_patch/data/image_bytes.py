@@ -145,6 +145,10 @@ def verified_image(data: bytes, what: str, reencode: str = "none") -> tuple[byte
             return _reencode(image, target), target, True
     except BadRecord:
         raise
+    except Image.DecompressionBombError as error:  # a pixel count PIL will not decode
+        raise BadRecord(f"image too large to decode: {what}: {error}; downscale it (the trainer "
+                        "resizes every image to at most --max-pixels anyway)",
+                        "image_too_large") from None
     except UnidentifiedImageError:
         raise BadRecord(f"image cannot be decoded: {what}: not a recognised image format "
                         f"(starts with {data[:8]!r})", "image_corrupt") from None

@@ -39,6 +39,10 @@ class Conversation:
     prepended_image_tags: bool = False
 
 
+_FORMAT_KEYS = {"llava": ("conversations",), "messages": ("messages",),
+                "vqa": ("question", "full_question")}
+
+
 def detect_record_format(record: dict) -> str:
     if "conversations" in record:
         return "llava"
@@ -55,6 +59,10 @@ def normalize_record(record: Any, record_format: Optional[str] = None,
     if not isinstance(record, dict):
         raise BadRecord(f"record is a {type(record).__name__}, not a JSON object")
     record_format = record_format or detect_record_format(record)
+    if not any(key in record for key in _FORMAT_KEYS[record_format]):  # a forced format
+        raise BadRecord(f"--input-format {record_format}: the record has no "
+                        f"{' or '.join(repr(k) for k in _FORMAT_KEYS[record_format])} field "
+                        f"(keys {sorted(record)[:12]})", "unrecognised_record")
     builders = {"llava": _from_llava, "messages": _from_messages, "vqa": _from_vqa}
     turns, images = builders[record_format](record)
     conversation = Conversation(
@@ -97,6 +105,9 @@ def _from_messages(record: dict):
         raise BadRecord("'messages' is not a list")
     turns, inline_images = [], []
     for number, message in enumerate(messages):
+        if isinstance(message, dict) and "role" not in message and {"from", "value"} <= set(message):
+            # LLaVA turns under 'messages': LLaVA-OneVision-1.5's own mllm_mix.json form
+            message = {"role": message["from"], "content": message["value"]}
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise BadRecord(f"message {number} is not an object with 'role' and 'content'")
         content = message["content"]

@@ -152,9 +152,10 @@ def build_val_loader(data_path: str, task_encoder, micro_batch_size: int, dp_ran
     The encoder is copied so that drops counted during evaluation never reach a training batch.
     Over-long samples dropped after the last val batch are not reported (no batch follows).
     """
-    if not _has_val_split(str(data_path)):
-        logger.info("evaluation: %s has no 'val' split (convert with --split, e.g. 95,5); "
-                    "skipping evaluation", data_path)
+    if not has_split(str(data_path)):
+        fix = ("convert with --split, e.g. 95,5" if os.path.isdir(data_path) else
+               "add a 'val:' blend of the members' val splits to the yaml")
+        logger.info("evaluation: %s has no 'val' split (%s); skipping evaluation", data_path, fix)
         return None
     encoder = copy.copy(task_encoder)
     if hasattr(encoder, "reset_counters"):
@@ -168,17 +169,18 @@ def build_val_loader(data_path: str, task_encoder, micro_batch_size: int, dp_ran
         _no_pin_memory_without_accelerator(get_loader(dataset, watchdog_timeout_seconds=None)))
 
 
-def _has_val_split(data_path: str) -> bool:
-    """A dataset folder: its split.yaml lists val shards. A metadataset: it names a val split."""
+def has_split(data_path: str, split: str = "val") -> bool:
+    """A dataset folder: its split.yaml lists shards for `split`. A metadataset (a blend): it
+    names a blend for `split`."""
     if os.path.isdir(data_path):
-        return bool(read_split_layout(data_path).get("val"))
+        return bool(read_split_layout(data_path).get(split))
     try:
         with open(data_path) as handle:
             config = yaml.safe_load(handle) or {}
     except (OSError, yaml.YAMLError):
         return True  # let energon report what it makes of the path
     splits = config.get("splits") if isinstance(config, dict) else None
-    return not isinstance(splits, dict) or bool(splits.get("val"))
+    return not isinstance(splits, dict) or bool(splits.get(split))
 
 
 def close_loader(loader) -> None:

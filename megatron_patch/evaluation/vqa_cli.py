@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.data.image_processing import ImageGeometry
+from megatron_patch.data.sft_loader import has_split
 from megatron_patch.data.shard_scan import read_split_layout
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.evaluation.vqa import GreedyAnswerer, evaluate
@@ -44,11 +45,15 @@ class EvaluationInputError(ValueError):
 
 
 def check_split(data_path: str, split: str) -> None:
-    """A converted dataset folder has `split` and it holds shards (energon would fail with an
-    assertion or 'No shards found'); a metadataset (a .yaml) is left to energon."""
+    """A converted dataset folder has `split` and it holds shards, a blend (a metadataset .yaml)
+    names a blend for it: energon would fail with an assertion, 'No shards found' or a
+    KeyError."""
     if not os.path.isdir(data_path):
         if not os.path.exists(data_path):
             raise EvaluationInputError(f"--data-path {data_path} does not exist")
+        if not has_split(data_path, split):
+            raise EvaluationInputError(f"--data-path {data_path} has no {split!r} blend: add "
+                                       f"'{split}:' to its splits, or evaluate one member's folder")
         return
     layout = read_split_layout(data_path)
     if split not in layout:
