@@ -196,6 +196,19 @@ def test_not_a_directory(tmp_path, missing, capsys):
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_a_blend_names_its_dataset_folders(tmp_path, capsys):
+    """The trainer's data errors on a blend point at its members; so does the inspector."""
+    blend = tmp_path / "blend.yaml"
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n"
+                     "  train:\n    blend:\n      - weight: 3\n        path: ./a\n"
+                     "      - weight: 1\n        path: ./b\n"
+                     "  val:\n    blend:\n      - path: ./a\n      - path: ./c\n")
+    assert main([str(blend), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {blend} is a blend: inspect each dataset folder it names ({tmp_path / 'a'}, "
+        f"{tmp_path / 'b'}, {tmp_path / 'c'})\n")
+
+
 def test_many_shards_brace_collapsed_in_split_yaml(demo_data, tmp_path, capsys):
     from megatron_patch.data.convert_cli import main as convert_main
     out = tmp_path / "ds"

@@ -323,6 +323,20 @@ def test_truncated_tar_is_refused_before_training(converted_copy, demo_tokenizer
     assert "iter 1/4" not in text
 
 
+def test_data_error_advice_names_each_member_and_a_changed_blend(tmp_path):
+    from megatron_patch.training.trainer import data_error_advice
+    blend = tmp_path / "blend.yaml"
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
+                     "    blend:\n      - weight: 3\n        path: a\n      - weight: 1\n"
+                     "        path: b\n")
+    assert data_error_advice(str(blend), False) == (
+        f"run tools/inspect_webdataset.py {tmp_path / 'a'} --validate and "
+        f"tools/inspect_webdataset.py {tmp_path / 'b'} --validate to find a damaged shard")
+    assert "if the data (or the blend) changed since the checkpoint, its saved loader state " \
+        "does not fit it: resume with the same data, or pass --finetune" in \
+        data_error_advice(str(blend), True)
+
+
 def test_truncated_tar_without_manifest_stops_with_a_data_error(converted_copy, demo_tokenizer,
                                                                 tmp_path):
     """Without the converter's manifest the damage shows only when the loader reaches it."""

@@ -105,6 +105,29 @@ def test_plan_estimates_samples_per_sequence_with_packing(converted_demo, demo_t
     assert main(common + ["--trainer-args=--packing", "--samples-per-sequence", "4"]) == 0
     fixed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
     assert fixed["NSTEP"] == "14"  # ceil(108 / 8)
+    # without --packing a sequence holds one sample: a set SAMPLES_PER_SEQUENCE is a mistake
+    assert main(common + ["--trainer-args=--seq-length 1024", "--samples-per-sequence", "4"]) == 1
+    assert "SAMPLES_PER_SEQUENCE=4 applies to --packing only" in capsys.readouterr().out
+
+
+def test_a_blend_is_estimated_from_its_members(converted_demo, demo_tokenizer, tmp_path, capsys):
+    """A blend of the demo with itself (3:1) packs like the demo alone: the estimate reads each
+    member in proportion (it was not made at all, and NSTEP counted one sample per sequence)."""
+    blend = tmp_path / "blend.yaml"
+    blend.write_text("__module__: megatron.energon\n__class__: MetadatasetV2\nsplits:\n  train:\n"
+                     f"    blend:\n      - weight: 3\n        path: {converted_demo}\n"
+                     f"      - weight: 1\n        path: {converted_demo}\n")
+    common = ["--world-size", "1", "--gbs", "2", "--margin", "0", "--tokenizer-path",
+              demo_tokenizer, "--trainer-args=--packing --seq-length 1024"]
+    outputs = []
+    for data in (converted_demo, blend):
+        assert main(["--data-path", str(data), *common]) == 0
+        outputs.append(capsys.readouterr().out)
+    single, blended = (dict(line.split("=", 1) for line in out.splitlines()) for out in outputs)
+    assert blended["SAMPLES"] == "216"
+    assert "each member's first in the blend's proportions" in outputs[1]
+    assert float(blended["SAMPLES_PER_SEQUENCE"]) == pytest.approx(
+        float(single["SAMPLES_PER_SEQUENCE"]), rel=0.15)
 
 
 @pytest.mark.parametrize("trainer_args, message", [

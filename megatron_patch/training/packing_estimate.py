@@ -9,9 +9,11 @@ lengths, and the packer (`plan_packs`, buffer by buffer, with the image cap) for
 """
 import itertools
 import logging
+import random
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
+from megatron_patch.data.blends import blend_members, is_blend
 from megatron_patch.data.energon_reader import iter_split_samples
 from megatron_patch.data.image_processing import ImageGeometry
 from megatron_patch.data.inspect_stats import TokenCounter
@@ -32,7 +34,17 @@ class PackingEstimate:
 
 def sample_lengths(data_path: str, tokenizer_path: str, geometry: ImageGeometry,
                    limit: int) -> List[Tuple[int, int]]:
-    """(tokens as trained, images) of the first `limit` train samples; bad samples are skipped."""
+    """(tokens as trained, images) of the first `limit` train samples; bad samples are skipped.
+    For a blend, the first samples of each member in the blend's proportions (of `limit`), in a
+    fixed shuffled order, as the trainer's packer would see them mixed."""
+    if is_blend(data_path):
+        members = blend_members(data_path)
+        total = sum(weight for _, weight in members)
+        lengths = [length for member, weight in members
+                   for length in sample_lengths(member, tokenizer_path, geometry,
+                                                max(1, round(limit * weight / total)))]
+        random.Random(0).shuffle(lengths)
+        return lengths
     counter = TokenCounter(SFTTokenizer(tokenizer_path), geometry)
     samples = iter_split_samples(data_path, "train", on_error=lambda *_: None)
     lengths = []

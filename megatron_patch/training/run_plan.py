@@ -18,8 +18,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-import yaml
 
+from megatron_patch.data.blends import blend_members, is_blend
 from megatron_patch.data.tokenizer import SFTTokenizer
 
 
@@ -68,12 +68,8 @@ def plan_run(samples: int, world_size: int, tp: int = 1, pp: int = 1, micro_batc
 
 def count_train_samples(data_path: str) -> int:
     """Train samples of a converted dir (our manifest, else energon's own index) or a blend yaml."""
-    if os.path.isfile(data_path) and data_path.endswith((".yaml", ".yml")):
-        with open(data_path) as handle:
-            blend = yaml.safe_load(handle)
-        entries = blend["splits"]["train"].get("blend") or [blend["splits"]["train"]]
-        base = os.path.dirname(os.path.abspath(data_path))
-        return sum(count_train_samples(os.path.join(base, e["path"])) for e in entries)
+    if is_blend(data_path):
+        return sum(count_train_samples(member) for member, _ in blend_members(data_path))
     meta = os.path.join(data_path, ".nv-meta")
     manifest = os.path.join(meta, "llava_manifest.json")
     if os.path.isfile(manifest):
@@ -195,20 +191,26 @@ def check_not_template_owned(extra_args) -> None:
 def samples_per_sequence(args) -> tuple:
     """(samples per sequence, a note on how it was found or None)."""
     trainer_args = shlex.split(args.trainer_args)
+    if "--packing" not in trainer_args:
+        if args.samples_per_sequence not in ("auto", "1", "1.0"):
+            raise ValueError(f"SAMPLES_PER_SEQUENCE={args.samples_per_sequence} applies to "
+                             "--packing only (without it each sequence holds one sample): add "
+                             "--packing to EXTRA_ARGS or leave it auto")
+        return 1.0, None
     if args.samples_per_sequence != "auto":
         return float(args.samples_per_sequence), None
-    if "--packing" not in trainer_args:
-        return 1.0, None
-    if not args.tokenizer_path or os.path.isfile(args.data_path):
-        return 1.0, ("--packing: samples per sequence not estimated (needs a dataset folder and "
-                     "the tokenizer); NSTEP counts sequences as if each held one sample -- set "
-                     "SAMPLES_PER_SEQUENCE")
+    if not args.tokenizer_path:
+        return 1.0, ("--packing: samples per sequence not estimated (needs the tokenizer); NSTEP "
+                     "counts sequences as if each held one sample -- set SAMPLES_PER_SEQUENCE")
     from megatron_patch.training.packing_estimate import estimate_from_trainer_args
     estimate = estimate_from_trainer_args(args.data_path, args.tokenizer_path, trainer_args)
+    read = (f"{estimate.samples_read} train samples, each member's first in the blend's "
+            "proportions," if is_blend(args.data_path)
+            else f"the first {estimate.samples_read} train samples")
     return round(estimate.samples_per_sequence, 2), (
-        f"estimated from the first {estimate.samples_read} train samples packed as the trainer "
-        f"packs them ({100 * estimate.efficiency:.1f}% of each sequence filled, "
-        f"{estimate.overlong} longer than the sequence)")
+        f"estimated from {read} packed as the trainer packs them "
+        f"({100 * estimate.efficiency:.1f}% of each sequence filled, {estimate.overlong} longer "
+        "than the sequence)")
 
 
 if __name__ == "__main__":

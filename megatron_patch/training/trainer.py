@@ -17,6 +17,7 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loa
                                             build_val_loader, check_manifest, close_loader,
                                             restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop
+from megatron_patch.data.blends import is_blend, member_folders
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
@@ -57,6 +58,19 @@ class TooManyBadSamples(RuntimeError):
 
 class DataReadError(RuntimeError):
     """The data loader failed (an unreadable shard, not a single bad sample)."""
+
+
+def data_error_advice(data_path: str, resumed_loader: bool) -> str:
+    """What to check when the loader fails: the shards (of each member of a blend), and, after a
+    resume, whether the data still is what the checkpoint's loader state was saved for."""
+    folders = member_folders(data_path) if is_blend(data_path) else [data_path]
+    advice = "run " + " and ".join(f"tools/inspect_webdataset.py {folder} --validate"
+                                   for folder in folders) + " to find a damaged shard"
+    if resumed_loader:
+        advice += ("; or, if the data (or the blend) changed since the checkpoint, its saved "
+                   "loader state does not fit it: resume with the same data, or "
+                   f"{NEW_RUN_FROM_ITS_WEIGHTS}")
+    return advice
 
 
 class Trainer:
@@ -103,7 +117,8 @@ class Trainer:
         self.train_loader = build_train_loader(
             args.data_path, self.encoder, args.micro_batch_size, ranks.dp_rank, ranks.dp_size,
             args.num_workers, args.seed, args.shuffle_buffer_size)
-        if loader_state is not None:
+        self.resumed_loader = loader_state is not None
+        if self.resumed_loader:
             restore_loader_state(self.train_loader, loader_state, args.num_workers)
         self.train_batches = iter(self.train_loader)
 
@@ -252,10 +267,10 @@ class Trainer:
                 changed = ""
             except DatasetChangedError as found:
                 changed = f"\n{found}"
+            advice = data_error_advice(self.args.data_path, self.resumed_loader)
             raise DataReadError(
                 f"reading training data from {self.args.data_path} failed: "
-                f"{type(error).__name__}: {error}{changed}\nrun tools/inspect_webdataset.py "
-                f"{self.args.data_path} --validate to find the damaged shard") from error
+                f"{type(error).__name__}: {error}{changed}\n{advice}") from error
 
     def log_interval(self, stats: IntervalStats, timer: StepTimer, seconds: float) -> None:
         totals = stats.reduce()  # collective: every rank takes part
