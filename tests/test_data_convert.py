@@ -159,6 +159,8 @@ def _bad_records(tmp_path):
         ("not_alternating", {"conversations": [turn("human", "a"), turn("human", "b"), turn("gpt", "c")]}),
         ("not_alternating", {"conversations": [turn("human", "a"), turn("gpt", "b"), turn("human", "c")]}),
         ("empty_turn", {"conversations": [turn("human", "a"), turn("gpt", "  ")]}),
+        ("video_unsupported", {"video": "clip.mp4", "conversations": [
+            turn("human", "<video>\nWhat happens?"), turn("gpt", "a dog runs")]}),
     ]
     lines = []
     for index, (_, record) in enumerate(bad):
