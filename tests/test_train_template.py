@@ -119,6 +119,7 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
         assert "could not write checkpoint" in log
         assert "stopped by SIGTERM without saving the step it stopped at" in result.stdout
         assert f"final checkpoint: {save}/iter_0000002" in result.stdout
+        assert f"to resume, rerun the same command with SAVE_CKPT_PATH={save}" in result.stdout
         return
     assert result.returncode == 15, (result.returncode, result.stdout[-2000:], result.stderr)
     assert "stopping at iteration 3: received SIGTERM" in log

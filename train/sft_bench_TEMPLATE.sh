@@ -199,5 +199,9 @@ if [ -n "$SIGNALLED" ]; then
   echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
 fi
 # the default SAVE_CKPT_PATH holds today's date: a rerun tomorrow would start afresh elsewhere
-[ "$STATUS" -eq 0 ] || echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
+if [ "$STATUS" -ne 0 ] && [ -n "$AFTER" ]; then
+  echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH (unless the error above says the checkpoint cannot serve it)"
+elif [ "$STATUS" -ne 0 ]; then
+  echo "no checkpoint was saved: fix the error above and rerun"
+fi
 exit "$STATUS"

@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.compat import checkpoint_writer
-from megatron_patch.data.sft_loader import (DatasetChangedError, build_train_loader,
-                                            build_val_loader, check_manifest, close_loader,
-                                            restore_loader_state, save_loader_state)
+from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMismatch,
+                                            build_train_loader, build_val_loader, check_manifest,
+                                            close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop
 from megatron_patch.data.blends import is_blend, member_folders
 from megatron_patch.data.tokenizer import SFTTokenizer
@@ -435,7 +435,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise
     except BaseException as error:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
-        if ranks.rank == 0 and args.save and not isinstance(error, CheckpointLayoutError):
+        # rerunning helps after a crash, not when the checkpoint or its loader state cannot
+        # serve this command
+        hopeless = (CheckpointLayoutError, LoaderStateMismatch)
+        if ranks.rank == 0 and args.save and not isinstance(error, hopeless):
             logger.error("%s", checkpoint_paths.resume_hint(args.save))
         raise
     finally:
