@@ -208,7 +208,7 @@ def test_a_jsonl_line_that_is_not_utf8_is_skipped_and_named_not_altered(tmp_path
     assert "café" in json.dumps(converted["r0"][0], ensure_ascii=False)
 
 
-def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_path):
+def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_path, capsys):
     """One syntax error in a pretty-printed array: one skip naming its line, not one per line
     (the file used to be re-read as JSON Lines), and the records before it converted."""
     records = [{"id": f"r{i}", "conversations": [turn("human", "q"), turn("gpt", f"a{i}")]}
@@ -220,8 +220,10 @@ def test_a_broken_json_array_keeps_the_records_before_and_names_the_line(tmp_pat
     column = second_comma - text.rindex("\n", 0, second_comma)
     out = str(tmp_path / "out")
     assert convert_main([path, "--output-dir", out, "--no-progress"]) == EXIT_SKIPPED
+    assert "invalid_json_file: 1 .json file(s) stopped being valid JSON; the records after the " \
+        "error were not read at all" in capsys.readouterr().err
     [entry] = skipped(out)
-    assert entry["kind"] == "invalid_json" and entry["source"] == f"{path}:{line}"
+    assert entry["kind"] == "invalid_json_file" and entry["source"] == f"{path}:{line}"
     assert f"line {line} column {column}: Expecting property name" in entry["reason"]
     assert "2 record(s) were read from it, the rest of the file was not" in entry["reason"]
     converted = samples_by_id(out)

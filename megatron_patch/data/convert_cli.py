@@ -12,7 +12,7 @@ import sys
 from megatron_patch.data.convert import ConvertOptions, convert
 from megatron_patch.data.energon_index import META_DIR
 from megatron_patch.data.image_bytes import REENCODE_CHOICES
-from megatron_patch.data.readers import CONTAINER_FORMATS
+from megatron_patch.data.readers import CONTAINER_FORMATS, FILE_CUT_SHORT
 from megatron_patch.data.records import RECORD_FORMATS
 from megatron_patch.data.shard_format import DEFAULT_SHARD_PREFIX, SKIPPED_NAME
 
@@ -117,6 +117,11 @@ def print_summary(report, output_dir: str) -> None:
         kinds = ", ".join(f"{k} {n}" for k, n in report.skipped_by_kind.items())
         print(f"SKIPPED {report.skipped} record(s): {kinds}; each with its source line and reason "
               f"in {os.path.join(output_dir, SKIPPED_NAME)}", file=sys.stderr)
+        cut_short = report.skipped_by_kind.get(FILE_CUT_SHORT)
+        if cut_short:
+            print(f"{FILE_CUT_SHORT}: {cut_short} .json file(s) stopped being valid JSON; the "
+                  "records after the error were not read at all (not counted above): fix the "
+                  "file and convert again", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ def _search_dirs(path: str, options: ReaderOptions) -> tuple:
     return tuple(d for d in (options.image_root, base) if d)
 
 
+# the skip kind of an error that ends a whole .json file: one skip stands for every record after
+# it (counted apart from line-level JSON errors, so the summary can say so)
+FILE_CUT_SHORT = "invalid_json_file"
+
+
 def _read_json(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
     """A JSON array, read one record at a time (json_stream), or a single object. A file of one
     object per line named .json is read as JSON Lines. A syntax error ends the file with one
@@ -95,11 +100,11 @@ def _read_json(path: str, options: ReaderOptions) -> Iterator[RawRecord]:
             yield RawRecord(f"{path}#0 (line 1)", record, dirs, fallback_id=f"{name}#0")
     except JsonSyntaxError as error:
         yield RawRecord(f"{path}:{error.line}", search_dirs=dirs, error=BadRecord(
-            f"file is not valid JSON at {error}; {_read_so_far(count)}", "invalid_json"))
+            f"file is not valid JSON at {error}; {_read_so_far(count)}", FILE_CUT_SHORT))
     except UnicodeDecodeError as error:
         yield RawRecord(path, search_dirs=dirs, error=BadRecord(
             f"file is not UTF-8 text (byte {error.object[error.start:error.start + 1]!r}: "
-            f"{error.reason}); {_read_so_far(count)}", "invalid_json"))
+            f"{error.reason}); {_read_so_far(count)}", FILE_CUT_SHORT))
 
 
 def _read_so_far(count: int) -> str:
