@@ -61,6 +61,9 @@ def test_scores_count_every_val_question(converted_demo, monkeypatch):
     assert "overall" in scores.table() and "colour" in scores.table()
     limited = vqa.evaluate(_Oracle("x"), str(converted_demo), limit=3)
     assert sum(limited.total.values()) == 3
+    untyped = vqa.Scores()
+    untyped.add(vqa.Question("k", vqa.DEFAULT_TYPE, [], [], "red"), "Red")
+    assert untyped.table().splitlines()[1:] == [f"{'overall':<14} {1:>8} {1:>6} {'100.0%':>9}"]
 
 
 # ------------------------------------------------------------------ the command line

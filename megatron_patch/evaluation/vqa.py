@@ -59,7 +59,8 @@ class Scores:
 
     def table(self) -> str:
         lines = [f"{'question type':<14} {'correct':>8} {'total':>6} {'accuracy':>9}"]
-        for kind in sorted(self.total):
+        typed = set(self.total) != {DEFAULT_TYPE}  # untyped data: the overall row says it all
+        for kind in sorted(self.total) if typed else ():
             lines.append(f"{kind:<14} {self.correct[kind]:>8} {self.total[kind]:>6} "
                          f"{self.correct[kind] / self.total[kind]:>9.1%}")
         total = sum(self.total.values())
