@@ -1,7 +1,8 @@
 """Command line of the converter (tools/stage2_sftdata2webdataset.py, `llava-sft-convert`).
 
 Exit status: 0 every record converted; 3 done, but some records were skipped (see skipped.jsonl);
-1 a fatal error (nothing published), or any skip with --strict; 2 bad arguments.
+1 a fatal error (nothing published), or any skip with --strict (no index published); 2 bad
+arguments.
 """
 import argparse
 import os
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how often the point an interrupted conversion goes on from is saved "
                         "(default 30)")
     p.add_argument("--strict", action="store_true",
-                   help="any skipped record is an error: nothing is published")
+                   help="any skipped record is an error: the energon index (.nv-meta) is not "
+                        "published, so nothing can train on the shards")
     p.add_argument("--no-progress", action="store_true")
     return p
 
