@@ -207,7 +207,8 @@ def test_the_two_node_example_takes_its_place_from_slurm(converted_demo, tokeniz
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho gpu-001\necho gpu-002\n")
     (bin_dir / "scontrol").chmod(0o755)
     script = Path(TEMPLATE).parent.parent / "examples" / "llava_ov_1_5" / "sft_8b_2node.sh"
-    environment = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+    environment = {**subprocess_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                   "PYTHON": sys.executable,
                    "DRY_RUN": "1", "MODEL": "tiny", "DATA_PATH": str(converted_demo),
                    "TOKENIZER_PATH": tokenizer_dir, "CHECKPOINT_PATH": "",
                    "SAVE_CKPT_PATH": str(tmp_path / "run"), "SLURM_NNODES": "2",
