@@ -25,9 +25,8 @@ POLL_SECONDS = 1.0
 JOB_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def ignore_job_stop_signals(*_) -> None:
-    """In a helper: the job's stop signals are for its rank. Takes any arguments, so it can serve
-    as a worker_init_fn."""
+def ignore_job_stop_signals() -> None:
+    """In a helper server: the job's stop signals are for its rank."""
     for signum in JOB_STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
