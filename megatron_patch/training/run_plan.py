@@ -18,7 +18,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
-
 from megatron_patch.data.blends import blend_members, is_blend
 from megatron_patch.data.tokenizer import SFTTokenizer
 
