@@ -13,11 +13,11 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.compat import checkpoint_writer
+from megatron_patch.data.blends import is_blend, member_folders
 from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMismatch,
                                             build_train_loader, build_val_loader, check_manifest,
                                             close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop
-from megatron_patch.data.blends import is_blend, member_folders
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
