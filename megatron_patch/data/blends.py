@@ -4,10 +4,13 @@ energon reads the blend itself when training; the launcher's plan (samples, pack
 and the tools' messages only need to know which dataset folders a split draws from, and how
 much of each.
 """
+import logging
 import os
-from typing import List, Tuple
+from typing import Any, Iterator, List, Set, Tuple
 
 import yaml
+
+logger = logging.getLogger(__name__)
 
 
 def is_blend(path: str) -> bool:
@@ -28,10 +31,43 @@ def blend_members(path: str, split: str = "train") -> List[Tuple[str, float]]:
             for entry in entries]
 
 
-def member_folders(path: str) -> List[str]:
-    """Every dataset path the blend names, in any split, each once."""
-    with open(path) as handle:
-        config = yaml.safe_load(handle) or {}
-    splits = (config.get("splits") or {}) if isinstance(config, dict) else {}
-    return list(dict.fromkeys(member for split in splits
-                              for member, _ in blend_members(path, split)))
+def dataset_folders(path: str) -> List[str]:
+    """The dataset folders `path` stands for: itself unless it is a blend, else every path a
+    blend names under a `path:` key, in any split, following nested blends; each once. A
+    blend that cannot be read is skipped with a warning."""
+    folders: List[str] = []
+    _collect_folders(path, set(), folders)
+    return folders
+
+
+def _collect_folders(path: str, seen: Set[str], folders: List[str]) -> None:
+    real = os.path.realpath(path)
+    if real in seen:
+        return
+    seen.add(real)
+    if not is_blend(path):
+        folders.append(os.path.normpath(path))  # a dataset folder (named even if missing)
+    else:
+        try:
+            with open(path) as handle:
+                config = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError) as error:
+            logger.warning("cannot read the blend %s (%s); its datasets are not checked", path,
+                           error)
+            return
+        base = os.path.dirname(os.path.abspath(path))
+        for entry in _yaml_paths(config):
+            _collect_folders(os.path.join(base, entry), seen, folders)
+
+
+def _yaml_paths(node: Any) -> Iterator[str]:
+    """Every string under a `path` key of a (nested) metadataset yaml."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _yaml_paths(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _yaml_paths(item)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from tqdm import tqdm
 
-from megatron_patch.data.blends import is_blend, member_folders
+from megatron_patch.data.blends import is_blend, dataset_folders
 from megatron_patch.data.energon_reader import iter_split_samples
 from megatron_patch.data.inspect_stats import DatasetStats, TokenCounter
 from megatron_patch.data.sample_check import CheckedSample, check_sample
@@ -53,7 +53,7 @@ def inspect_dataset(dataset_dir: str, options: InspectOptions) -> InspectReport:
     if not os.path.isdir(dataset_dir):
         if is_blend(dataset_dir):
             raise ValueError(f"{dataset_dir} is a blend: inspect each dataset folder it names "
-                             f"({', '.join(member_folders(dataset_dir))})")
+                             f"({', '.join(dataset_folders(dataset_dir))})")
         raise FileNotFoundError(f"{dataset_dir} is not a directory")
     layout = read_split_layout(dataset_dir)
     unknown = sorted(set(options.splits or ()) - set(layout))

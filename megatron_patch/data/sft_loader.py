@@ -14,13 +14,14 @@ import copy
 import functools
 import logging
 import os
-from typing import Any, Dict, Iterator, List, Optional, Set
+from typing import Any, Dict, List, Optional
 
 import torch
 import yaml
 from megatron.energon import (WorkerConfig, get_loader, get_savable_loader, get_train_dataset,
                               get_val_dataset)
 
+from megatron_patch.data.blends import dataset_folders
 from megatron_patch.data.energon_index import META_DIR
 from megatron_patch.data.shard_scan import check_shard_files, load_manifest, read_split_layout
 from megatron_patch.parent_watch import deaf_while_the_rank_runs, rank_exit_flag
@@ -44,7 +45,7 @@ def check_manifest(data_path: str) -> List[str]:
     metadataset yaml whose `path:` entries are followed) against its manifest; returns the
     folders checked. Folders without a manifest are accepted as they are."""
     checked: List[str] = []
-    for folder in _dataset_folders(str(data_path), set()):
+    for folder in dataset_folders(str(data_path)):
         manifest = load_manifest(folder)
         if manifest is None:
             continue
@@ -58,39 +59,6 @@ def check_manifest(data_path: str) -> List[str]:
                 "restore the original shards)")
         checked.append(folder)
     return checked
-
-
-def _dataset_folders(path: str, seen: Set[str]) -> Iterator[str]:
-    real = os.path.realpath(path)
-    if real in seen:
-        return
-    seen.add(real)
-    if os.path.isdir(path):
-        yield path
-    elif os.path.isfile(path) and path.endswith((".yaml", ".yml")):
-        try:
-            with open(path) as handle:
-                config = yaml.safe_load(handle)
-        except (OSError, yaml.YAMLError) as error:
-            logger.warning("manifest check: cannot read metadataset %s (%s); not checked",
-                           path, error)
-            return
-        base = os.path.dirname(os.path.abspath(path))
-        for entry in _yaml_paths(config):
-            yield from _dataset_folders(os.path.join(base, entry), seen)
-
-
-def _yaml_paths(node: Any) -> Iterator[str]:
-    """Every string under a `path` key of a (nested) metadataset yaml."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "path" and isinstance(value, str):
-                yield value
-            else:
-                yield from _yaml_paths(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _yaml_paths(item)
 
 
 # ---------------------------------------------------------------------- loaders
