@@ -1,6 +1,7 @@
 """A checkpoint made with another model or another tokenizer is refused before the model is
 built: run checkpoints by their run_state.json (arguments, tokenizer fingerprint), converted base
-models by their hf_conversion.json (model config, tokenizer); unrecorded ones are let through."""
+models by their hf_conversion.json (model config, tokenizer); unrecorded ones are let through.
+A resume into a data loader built another way is refused too."""
 import argparse
 import json
 
@@ -10,7 +11,8 @@ from megatron_patch.data.tokenizer import (SFTTokenizer, build_tiny_tokenizer,
                                            fingerprint_differences)
 from megatron_patch.model import get_config
 from megatron_patch.training.checkpoint_match import check_checkpoint_fits
-from megatron_patch.training.checkpointing import ModelMismatchError, TokenizerMismatchError
+from megatron_patch.training.checkpointing import (CheckpointLayoutError, ModelMismatchError,
+                                                   TokenizerMismatchError)
 
 SIZES = dict.fromkeys(("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                        "num_query_groups", "vision_num_layers", "vision_hidden_size"))
@@ -110,3 +112,24 @@ def test_fingerprint_differences_say_what_differs(tokenizer):
 def test_the_trainer_records_its_tokenizer(reference_run, tokenizer):
     record = json.loads((reference_run / "iter_0000008" / "run_state.json").read_text())
     assert record["tokenizer"] == tokenizer.fingerprint()
+
+
+def test_a_resume_into_a_loader_built_another_way_is_refused(tmp_path, tokenizer):
+    """energon restores a data position only into the same pipeline: a toggled --packing failed
+    with 'Class name mismatch' from inside a loader worker, advised as a damaged shard."""
+    saved = {"model": "tiny", **SIZES, "packing": True, "packing_buffer_size": None,
+             "shuffle_buffer_size": 16}
+    checkpoint = _checkpoint(tmp_path, **{"run_state.json": {"args": saved}})
+    args, cfg = argparse.Namespace(**saved), get_config("tiny")
+    check_checkpoint_fits(str(tmp_path), args, cfg, tokenizer, resuming=True)
+    unpacked = argparse.Namespace(**{**saved, "packing": False})
+    with pytest.raises(CheckpointLayoutError) as error:
+        check_checkpoint_fits(str(tmp_path), unpacked, cfg, tokenizer, resuming=True)
+    assert str(error.value).startswith(
+        f"{checkpoint} holds the data position of a loader built with --packing: True; this run "
+        "asks for --packing: False, and energon can restore a position only into a loader "
+        "built the same way. Resume with the same data settings, or pass --finetune")
+    check_checkpoint_fits(str(tmp_path), unpacked, cfg, tokenizer)  # weights only: no position
+    # sizes may change (another --seq-length changes the packing buffer): the same stages
+    resized = argparse.Namespace(**{**saved, "packing_buffer_size": 128, "shuffle_buffer_size": 8})
+    check_checkpoint_fits(str(tmp_path), resized, cfg, tokenizer, resuming=True)

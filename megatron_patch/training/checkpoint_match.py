@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 from megatron_patch.checkpoint_conversion.record import find_record, read_json
 from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
 from megatron_patch.training import arguments, checkpoint_paths
-from megatron_patch.training.checkpointing import (RUN_STATE_NAME, ModelMismatchError,
+from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, RUN_STATE_NAME,
+                                                   CheckpointLayoutError, ModelMismatchError,
                                                    TokenizerMismatchError)
 
 # the config fields that decide the weights' shapes (LlavaOVConfig.to_dict's sections)
@@ -27,9 +28,12 @@ SHAPE_FIELDS = {
 SIZE_KEYS = tuple(name.replace("-", "_") for name in arguments.MODEL_SIZE_OPTIONS)
 
 
-def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer) -> None:
+def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,
+                          resuming: bool = False) -> None:
     """Raises ModelMismatchError or TokenizerMismatchError when the checkpoint `--load` chooses
-    was made with another model than `cfg` (built from `args`) or another tokenizer."""
+    was made with another model than `cfg` (built from `args`) or another tokenizer; when
+    `resuming` its data position too, a CheckpointLayoutError when the loader it was saved from
+    was built another way."""
     path = checkpoint_paths.choose_checkpoint(load).path
     if path is None:
         return
@@ -37,6 +41,8 @@ def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer) -> None
     conversion, _ = find_record(path)
     if run_state is not None:
         _check_run_model(load, path, run_state.get("args") or {}, args)
+        if resuming:
+            _check_loader_settings(path, run_state.get("args") or {}, args)
     elif conversion is not None:
         _check_converted_model(load, path, conversion, args, cfg)
     recorded = _recorded_tokenizer(run_state, conversion)
@@ -80,6 +86,29 @@ def _check_run_model(load: str, path: str, saved: Dict[str, Any], args) -> None:
         f"--load {load}: {path} was trained with {flags(saved.get)}; this run asks for "
         f"{flags(lambda key: getattr(args, key, None))}. Build the same model (the template's "
         "MODEL and EXTRA_ARGS), or load a checkpoint of this one")
+
+
+# what decides the stages of the data loader's pipeline (sft_loader.build_train_loader):
+# energon restores a saved position only into the same stages (a toggled --packing failed with
+# "Class name mismatch"); their sizes may change
+LOADER_STAGES = {"--packing": lambda values: bool(values.get("packing")),
+                 "--shuffle-buffer-size > 1": lambda values: (values.get("shuffle_buffer_size")
+                                                              or 0) > 1}
+
+
+def _check_loader_settings(path: str, saved: Dict[str, Any], args) -> None:
+    if not all(key in saved for key in ("packing", "shuffle_buffer_size")):
+        return  # not recorded
+    asked = vars(args)
+    differ = [(name, stage(saved), stage(asked)) for name, stage in LOADER_STAGES.items()
+              if stage(saved) != stage(asked)]
+    if differ:
+        raise CheckpointLayoutError(
+            f"{path} holds the data position of a loader built with "
+            f"{', '.join(f'{name}: {was}' for name, was, _ in differ)}; this run asks for "
+            f"{', '.join(f'{name}: {now}' for name, _, now in differ)}, and energon can restore "
+            "a position only into a loader built the same way. Resume with the same data "
+            f"settings, or {NEW_RUN_FROM_ITS_WEIGHTS}")
 
 
 def _check_converted_model(load: str, path: str, record: dict, args, cfg) -> None:

@@ -86,7 +86,8 @@ class Trainer:
         arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
         self.echo_config()
         if args.load:
-            check_checkpoint_fits(args.load, args, self.cfg, self.tokenizer)  # before building
+            check_checkpoint_fits(args.load, args, self.cfg, self.tokenizer,  # before building
+                                  resuming=not args.finetune)
 
         self.model, trainable = wrap_model(args, self.cfg, self.device)
         logger.info("trainable parameters on rank 0 by module: %s", trainable)
