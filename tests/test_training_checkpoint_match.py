@@ -133,3 +133,25 @@ def test_a_resume_into_a_loader_built_another_way_is_refused(tmp_path, tokenizer
     # sizes may change (another --seq-length changes the packing buffer): the same stages
     resized = argparse.Namespace(**{**saved, "packing_buffer_size": 128, "shuffle_buffer_size": 8})
     check_checkpoint_fits(str(tmp_path), resized, cfg, tokenizer, resuming=True)
+
+
+def test_a_resume_into_other_optimizer_groups_is_refused(tmp_path, tokenizer):
+    """Another --lr-adapter or set of trainable modules makes other parameter groups: megatron
+    failed deep in its loader ('Cannot merge two lists', a KeyError naming every tensor)."""
+    saved = {"model": "tiny", **SIZES, "lr": 1e-3, "lr_vision": None, "lr_adapter": None,
+             "trainable_modules": ["adapter", "language_model"]}
+    checkpoint = _checkpoint(tmp_path, **{"run_state.json": {"args": saved}})
+    cfg = get_config("tiny")
+    # another --lr keeps the groups (the scheduler keeps the saved rate anyway)
+    check_checkpoint_fits(str(tmp_path), argparse.Namespace(**{**saved, "lr": 2e-3}), cfg,
+                          tokenizer, resuming=True)
+    for change, now in (({"lr_adapter": 1e-2}, "adapter x10, language_model x1"),
+                        ({"trainable_modules": ["vision_model", "adapter", "language_model"]},
+                         "adapter x1, language_model x1, vision_model x1")):
+        with pytest.raises(CheckpointLayoutError) as error:
+            check_checkpoint_fits(str(tmp_path), argparse.Namespace(**{**saved, **change}), cfg,
+                                  tokenizer, resuming=True)
+        assert str(error.value).startswith(
+            f"{checkpoint} holds the optimizer state of trainable modules adapter x1, "
+            f"language_model x1 (learning rate relative to --lr); this run asks for {now}, and "
+            "megatron restores optimizer state only into the same parameter groups")

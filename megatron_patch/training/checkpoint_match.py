@@ -8,12 +8,14 @@ megatron's shape error and a resume hint that cannot help; another tokenizer of 
 does not fail at all: the model reads ids it never learned and training or evaluation goes on,
 producing garbage. Checkpoints with no record (older runs) are let through.
 """
+import argparse
 import os
 from typing import Any, Dict, List, Optional
 
 from megatron_patch.checkpoint_conversion.record import find_record, read_json
 from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
 from megatron_patch.training import arguments, checkpoint_paths
+from megatron_patch.training.optimizer import module_learning_rates
 from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, RUN_STATE_NAME,
                                                    CheckpointLayoutError, ModelMismatchError,
                                                    TokenizerMismatchError)
@@ -43,6 +45,7 @@ def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,
         _check_run_model(load, path, run_state.get("args") or {}, args)
         if resuming:
             _check_loader_settings(path, run_state.get("args") or {}, args)
+            _check_optimizer_groups(path, run_state.get("args") or {}, args)
     elif conversion is not None:
         _check_converted_model(load, path, conversion, args, cfg)
     recorded = _recorded_tokenizer(run_state, conversion)
@@ -109,6 +112,28 @@ def _check_loader_settings(path: str, saved: Dict[str, Any], args) -> None:
             f"{', '.join(f'{name}: {now}' for name, _, now in differ)}, and energon can restore "
             "a position only into a loader built the same way. Resume with the same data "
             f"settings, or {NEW_RUN_FROM_ITS_WEIGHTS}")
+
+
+def _optimizer_groups(values: Dict[str, Any]) -> Dict[str, float]:
+    """Each trainable module's learning rate relative to --lr: what megatron's parameter groups
+    (and so the optimizer state's layout) are made of."""
+    rates = module_learning_rates(argparse.Namespace(
+        **{key: values.get(key) for key in ("lr", "lr_vision", "lr_adapter")}))
+    return {module: rates[module] / values["lr"] for module in sorted(values["trainable_modules"])}
+
+
+def _check_optimizer_groups(path: str, saved: Dict[str, Any], args) -> None:
+    if not saved.get("trainable_modules") or not saved.get("lr"):
+        return  # not recorded
+    was, now = _optimizer_groups(saved), _optimizer_groups(vars(args))
+    if was != now:
+        def show(groups) -> str:
+            return ", ".join(f"{module} x{ratio:g}" for module, ratio in groups.items())
+        raise CheckpointLayoutError(
+            f"{path} holds the optimizer state of trainable modules {show(was)} (learning rate "
+            f"relative to --lr); this run asks for {show(now)}, and megatron restores optimizer "
+            "state only into the same parameter groups. Resume with the same "
+            f"--trainable-modules / --lr-vision / --lr-adapter, or {NEW_RUN_FROM_ITS_WEIGHTS}")
 
 
 def _check_converted_model(load: str, path: str, record: dict, args, cfg) -> None:
