@@ -222,35 +222,42 @@ def test_the_two_node_example_takes_its_place_from_slurm(converted_demo, tokeniz
 
 
 def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
-    """The template itself on CPU: trains, writes iter_* + log + TensorBoard events; run again
-    with more epochs, it resumes from the newest checkpoint and continues to the new NSTEP."""
+    """The template itself on CPU: trains, writes iter_* + log + TensorBoard events; a run that
+    stopped early resumes from the newest checkpoint to its own NSTEP (a changed plan does not
+    stretch it: the saved schedule would not stretch with it), and a finished one says so."""
     save = tmp_path / "run"
     env = {"DRY_RUN": "0", "MODEL": "tiny", "DATA_PATH": str(converted_demo),
            "TOKENIZER_PATH": demo_tokenizer, "SAVE_CKPT_PATH": str(save), "SEQ_LEN": "256",
            "MBS": "2", "GBS": "4", "LR": "1e-3", "MIN_LR": "1e-4", "NUM_WORKERS": "0",
-           "EPOCHS": "0.2", "SAVE_INTERVAL": "3", "MASTER_PORT": str(free_port())}
-    first = subprocess.run(["bash", TEMPLATE], env={**subprocess_env(), "PYTHON": sys.executable,
-                                                    "GPUS_PER_NODE": "0", **env},
-                           capture_output=True, text=True, timeout=300)
+           "EPOCHS": "0.2", "SAVE_INTERVAL": "3", "MASTER_PORT": str(free_port()),
+           "EXTRA_ARGS": "--exit-interval 5"}
+
+    def launch():
+        return subprocess.run(["bash", TEMPLATE], env={**subprocess_env(), "PYTHON": sys.executable,
+                                                       "GPUS_PER_NODE": "0", **env},
+                              capture_output=True, text=True, timeout=300)
+
+    first = launch()
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     plan = plan_lines(first.stdout)
     # ceil(108 x 0.2 / 4) = 6 steps, x 1.05 -> 7
     assert plan["NSTEP"] == "7" and "fresh run from random weights" in first.stdout
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
-    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000006",
-                                                           "iter_0000007"]
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000005"]
     logs = list(save.glob("run_*_tp1_pp1_gbs4_7steps.log"))
-    assert len(logs) == 1 and "iter 7/7 | loss" in logs[0].read_text()
+    assert len(logs) == 1 and "iter 5/7 | loss" in logs[0].read_text()
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
-    assert f"final checkpoint: {save}/iter_0000007" in first.stdout
+    assert f"final checkpoint: {save}/iter_0000005" in first.stdout
 
-    env["EPOCHS"] = "0.4"  # ceil(108 x 0.4 / 4) = 11 steps, x 1.05 -> 12
-    second = subprocess.run(["bash", TEMPLATE], env={**subprocess_env(), "PYTHON": sys.executable,
-                                                     "GPUS_PER_NODE": "0", **env},
-                            capture_output=True, text=True, timeout=300)
+    env.update(EPOCHS="0.4", EXTRA_ARGS="")  # this plan would give 12 steps
+    second = launch()
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"resuming from {save} (iteration 7)" in second.stdout
-    assert "resuming from" in second.stdout and "at iteration 7" in second.stdout
-    assert "iter 8/12" in second.stdout and "iter 12/12" in second.stdout
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "12"
+    assert "note: resuming keeps the run's own NSTEP=7 (this plan gives 12" in second.stdout
+    assert f"resuming from {save} (iteration 5)" in second.stdout
+    assert "iter 6/7" in second.stdout and "iter 7/7" in second.stdout
+    assert "resuming keeps the learning-rate schedule" not in second.stdout  # the same one
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+
+    third = launch()
+    assert third.returncode == 0 and "COMMAND:" not in third.stdout
+    assert f"{save} already finished: iteration 7 of NSTEP=7" in third.stdout
 

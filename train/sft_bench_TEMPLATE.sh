@@ -102,9 +102,26 @@ from megatron_patch.training.checkpoint_paths import complete_iterations
 done = complete_iterations(sys.argv[1])
 print(done[-1] if done else "")' "$SAVE_CKPT_PATH"
 }
+# the NSTEP and WARMUP the run in SAVE_CKPT_PATH was planned with (its newest checkpoint's
+# run_state.json): a resumed run keeps its learning-rate schedule, so it keeps its length too
+saved_plan() {
+  "$PYTHON" -W ignore -c 'import json, os, sys
+from megatron_patch.training.checkpoint_paths import complete_iterations, iteration_dir_name
+done = complete_iterations(sys.argv[1])
+path = os.path.join(sys.argv[1], iteration_dir_name(done[-1]), "run_state.json") if done else ""
+args = json.load(open(path)).get("args", {}) if os.path.isfile(path) else {}
+print(args.get("train_iters") or "", args.get("lr_warmup_iters") or 0)' "$SAVE_CKPT_PATH"
+}
 DONE_ITERS=$(newest_checkpoint)
 if [ -n "$DONE_ITERS" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
+  read -r SAVED_NSTEP SAVED_WARMUP <<< "$(saved_plan)"
+  if [ -n "$SAVED_NSTEP" ] && [ "$SAVED_NSTEP" != "$NSTEP" ]; then
+    echo "note: resuming keeps the run's own NSTEP=$SAVED_NSTEP (this plan gives $NSTEP: EPOCHS, GBS, SEQ_LEN or packing changed)," \
+         "as it keeps its learning-rate schedule; to train with the new plan, start a new stage:" \
+         "CHECKPOINT_PATH=$SAVE_CKPT_PATH SAVE_CKPT_PATH=<a new folder>"
+    NSTEP=$SAVED_NSTEP; WARMUP=$SAVED_WARMUP
+  fi
   if [ "$DONE_ITERS" -ge "$NSTEP" ]; then
     echo "$SAVE_CKPT_PATH already finished: iteration $DONE_ITERS of NSTEP=$NSTEP. Nothing to do." \
          "To train this model further, start a new stage from it (a resumed run keeps the" \
