@@ -110,13 +110,13 @@ from megatron_patch.training.checkpoint_paths import complete_iterations, iterat
 done = complete_iterations(sys.argv[1])
 path = os.path.join(sys.argv[1], iteration_dir_name(done[-1]), "run_state.json") if done else ""
 args = json.load(open(path)).get("args", {}) if os.path.isfile(path) else {}
-print(args.get("train_iters") or "", args.get("lr_warmup_iters") or 0)' "$SAVE_CKPT_PATH"
+print(args.get("train_iters") or "-", args.get("lr_warmup_iters") or 0)' "$SAVE_CKPT_PATH"
 }
 DONE_ITERS=$(newest_checkpoint)
 if [ -n "$DONE_ITERS" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
   read -r SAVED_NSTEP SAVED_WARMUP <<< "$(saved_plan)"
-  if [ -n "$SAVED_NSTEP" ] && [ "$SAVED_NSTEP" != "$NSTEP" ]; then
+  if [ "$SAVED_NSTEP" != "-" ] && [ "$SAVED_NSTEP" != "$NSTEP" ]; then  # "-": not recorded
     echo "note: resuming keeps the run's own NSTEP=$SAVED_NSTEP (this plan gives $NSTEP: EPOCHS, GBS, SEQ_LEN or packing changed)," \
          "as it keeps its learning-rate schedule; to train with the new plan, start a new stage:" \
          "CHECKPOINT_PATH=$SAVE_CKPT_PATH SAVE_CKPT_PATH=<a new folder>"
