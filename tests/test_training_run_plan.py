@@ -51,6 +51,8 @@ def test_counts_from_manifest_energon_index_and_blend(tmp_path, capsys):
     assert lines["SAMPLES"] == "90" and lines["GBS"] == "8" and lines["NSTEP"] == "13"
     assert main(["--data-path", str(tmp_path / "missing"), "--world-size", "1"]) == 1
     assert "no .nv-meta" in capsys.readouterr().out
+    assert main(["--data-path", str(tmp_path / "a"), "--world-size", "1", "--epochs", "0"]) == 1
+    assert "PLAN_ERROR=EPOCHS must be positive, got 0.0" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------ packing

@@ -288,6 +288,10 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
                   check_paths: bool = True) -> argparse.Namespace:
     """Checks and completes `args` in place (derived: data_parallel_size, global batch, warmup).
     The benchmark turns off the path checks (synthetic data)."""
+    for flag in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:  # 0 failed later with a bare assertion or a division
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if tp < 1 or pp < 1 or world_size % (tp * pp):
         raise ArgumentError(f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}; "

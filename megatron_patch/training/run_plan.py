@@ -106,6 +106,8 @@ def main(argv=None) -> int:
                    help="the user's part of them (the template's EXTRA_ARGS), one string")
     args = p.parse_args(argv)
     try:
+        if args.epochs <= 0:
+            raise ValueError(f"EPOCHS must be positive, got {args.epochs}")
         check_trainer_args(shlex.split(args.trainer_args))
         check_not_template_owned(shlex.split(args.extra_args))
         if args.tokenizer_path:
