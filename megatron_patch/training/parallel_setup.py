@@ -69,7 +69,10 @@ def initialize(tp: int, pp: int, seed: int, timeout_minutes: float = 10.0,
 
 def seed_everything(seed: int, cuda_graphs: bool = False) -> None:
     """Same seed on every rank: with CPU initialisation megatron builds the full weight and
-    slices it, so the initial model is identical for every TP/PP layout. With `cuda_graphs`
+    slices it, so the initial model is identical for every TP layout. Not across PP layouts:
+    each stage builds only its own layers, each from the start of the same random stream
+    (as in Megatron-LM), so to compare PP layouts start them from the same checkpoint (the
+    tests do). With `cuda_graphs`
     megatron's RNG tracker keeps graph-safe generator states, which its graph manager
     requires (``--cuda-graph-impl local``)."""
     random.seed(seed)
