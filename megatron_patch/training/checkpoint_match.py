@@ -6,7 +6,9 @@ trainer's arguments and its tokenizer's fingerprint) and a converted base model'
 the tokenizer beside it). Without this check another model fails only after it is built, with
 megatron's shape error and a resume hint that cannot help; another tokenizer of the same size
 does not fail at all: the model reads ids it never learned and training or evaluation goes on,
-producing garbage. Checkpoints with no record (older runs) are let through.
+producing garbage. A resume also needs the data loader and the optimizer's parameter groups
+built as they were saved (megatron and energon fail deep inside otherwise). Checkpoints with no
+record (older runs) are let through.
 """
 import argparse
 import os
@@ -15,10 +17,10 @@ from typing import Any, Dict, List, Optional
 from megatron_patch.checkpoint_conversion.record import find_record, read_json
 from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
 from megatron_patch.training import arguments, checkpoint_paths
-from megatron_patch.training.optimizer import module_learning_rates
 from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, RUN_STATE_NAME,
                                                    CheckpointLayoutError, ModelMismatchError,
                                                    TokenizerMismatchError)
+from megatron_patch.training.optimizer import module_learning_rates
 
 # the config fields that decide the weights' shapes (LlavaOVConfig.to_dict's sections)
 SHAPE_FIELDS = {
