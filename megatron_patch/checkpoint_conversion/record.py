@@ -25,7 +25,7 @@ def write_record(checkpoint_dir: str, record: Dict[str, Any]) -> None:
         handle.write("\n")
 
 
-def read_json(path: str) -> Optional[Dict[str, Any]]:
+def _read_json(path: str) -> Optional[Dict[str, Any]]:
     try:
         with open(path) as handle:
             return json.load(handle)
@@ -41,10 +41,10 @@ def find_record(checkpoint_dir: str) -> Tuple[Optional[Dict[str, Any]], Optional
         if current is None or os.path.realpath(current) in seen:
             break
         seen.add(os.path.realpath(current))
-        record = read_json(os.path.join(current, RECORD_NAME))
+        record = _read_json(os.path.join(current, RECORD_NAME))
         if record is not None:
             return record, current
-        run_state = read_json(os.path.join(current, RUN_STATE_NAME)) or {}
+        run_state = _read_json(os.path.join(current, RUN_STATE_NAME)) or {}
         load = (run_state.get("args") or {}).get("load")
         if not load or not os.path.exists(load):
             break
@@ -57,11 +57,11 @@ def find_record(checkpoint_dir: str) -> Tuple[Optional[Dict[str, Any]], Optional
 
 def run_args(checkpoint_dir: str) -> Dict[str, Any]:
     """The trainer arguments of the run that wrote ``checkpoint_dir`` ({} for a base model)."""
-    return (read_json(os.path.join(checkpoint_dir, RUN_STATE_NAME)) or {}).get("args") or {}
+    return (_read_json(os.path.join(checkpoint_dir, RUN_STATE_NAME)) or {}).get("args") or {}
 
 
 def run_model_config(checkpoint_dir: str) -> Optional[Dict[str, Any]]:
     """The resolved model config the trainer logged in its run directory (run_config.json)."""
-    run_config = read_json(os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),
+    run_config = _read_json(os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)),
                                          "run_config.json"))
     return (run_config or {}).get("model")

@@ -11,15 +11,14 @@ built as they were saved (megatron and energon fail deep inside otherwise). Chec
 record (older runs) are let through.
 """
 import argparse
-import os
 from typing import Any, Dict, List, Optional
 
-from megatron_patch.checkpoint_conversion.record import find_record, read_json
+from megatron_patch.checkpoint_conversion.record import find_record
 from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
 from megatron_patch.training import arguments, checkpoint_paths
-from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, RUN_STATE_NAME,
+from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS,
                                                    CheckpointLayoutError, ModelMismatchError,
-                                                   TokenizerMismatchError)
+                                                   TokenizerMismatchError, read_run_state)
 from megatron_patch.training.optimizer import module_learning_rates
 
 # the config fields that decide the weights' shapes (LlavaOVConfig.to_dict's sections)
@@ -41,13 +40,15 @@ def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,
     path = checkpoint_paths.choose_checkpoint(load).path
     if path is None:
         return
-    run_state = read_json(os.path.join(path, RUN_STATE_NAME))
-    conversion, _ = find_record(path)
+    run_state = read_run_state(path)
+    # the converted base model's record: for a base model, or a run that recorded no tokenizer
+    conversion = None if (run_state or {}).get("tokenizer") else find_record(path)[0]
     if run_state is not None:
-        _check_run_model(load, path, run_state.get("args") or {}, args)
+        saved = run_state.get("args") or {}
+        _check_run_model(load, path, saved, args)
         if resuming:
-            _check_loader_settings(path, run_state.get("args") or {}, args)
-            _check_optimizer_groups(path, run_state.get("args") or {}, args)
+            _check_loader_settings(path, saved, args)
+            _check_optimizer_groups(path, saved, args)
     elif conversion is not None:
         _check_converted_model(load, path, conversion, args, cfg)
     recorded = _recorded_tokenizer(run_state, conversion)

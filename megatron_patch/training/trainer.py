@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.compat import checkpoint_writer
-from megatron_patch.data.blends import is_blend, dataset_folders
+from megatron_patch.data.blends import dataset_folders
 from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMismatch,
                                             build_train_loader, build_val_loader, check_manifest,
                                             close_loader, restore_loader_state, save_loader_state)
@@ -63,9 +63,9 @@ class DataReadError(RuntimeError):
 def data_error_advice(data_path: str, resumed_loader: bool) -> str:
     """What to check when the loader fails: the shards (of each member of a blend), and, after a
     resume, whether the data still is what the checkpoint's loader state was saved for."""
-    folders = dataset_folders(data_path) if is_blend(data_path) else [data_path]
     advice = "run " + " and ".join(f"tools/inspect_webdataset.py {folder} --validate"
-                                   for folder in folders) + " to find a damaged shard"
+                                   for folder in dataset_folders(data_path)) + \
+        " to find a damaged shard"
     if resumed_loader:
         advice += ("; or, if the data (or the blend) changed since the checkpoint, its saved "
                    "loader state does not fit it: resume with the same data, or "
