@@ -53,9 +53,10 @@ def demo_tokenizer(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_run(converted_demo, demo_tokenizer, tmp_path_factory):
-    """8 uninterrupted packed iterations (trainer_runs.RESUME_ARGS), saving at 4 and 8: what
-    every interrupted-and-resumed run must reproduce."""
-    from trainer_runs import RESUME_ARGS, run_trainer
+    """8 uninterrupted packed iterations (trainer_runs.RESUME_ARGS), saving at 4 and 8 and
+    scoring the whole val split at 8: what every interrupted-and-resumed run must reproduce."""
+    from trainer_runs import EVAL_ALL_AT_8, RESUME_ARGS, run_trainer
     save = tmp_path_factory.mktemp("reference") / "run"
-    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 4)
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--save-interval", 4,
+                *EVAL_ALL_AT_8)
     return save

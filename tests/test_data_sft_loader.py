@@ -12,7 +12,7 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMism
 from megatron_patch.data.sft_sample import encode_sample
 from megatron_patch.data.sft_task_encoder import (AllSamplesBad, AllSamplesOverlong,
                                                   EncoderSettings, SFTMicroBatch, SFTTaskEncoder,
-                                                  find_data_stop)
+                                                  find_data_stop, with_full_rows)
 from megatron_patch.data.tokenizer import SFTTokenizer
 
 PIXELS = 56 * 56  # every demo image (56x56) -> 4x4 patches -> 4 image tokens
@@ -242,6 +242,37 @@ def test_val_loader_is_one_pass_and_absent_without_val(converted_demo, converted
     layout["split_parts"]["val"] = []
     split_yaml.write_text(yaml.safe_dump(layout))
     assert build_val_loader(converted_copy, encoder, 5) is None
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_short_last_val_batch_is_filled_with_loss_masked_rows(converted_demo, tokenizer, packing):
+    """Pipeline stages exchange [seq, micro_batch_size, hidden] activations: the evaluation
+    fills the split's last micro-batch to full size instead of dropping its samples."""
+    length, rows = 256, 8
+    encoder = SFTTaskEncoder(tokenizer, settings(length, packing=packing, pad_to_seq_length=True))
+    batches = list(build_val_loader(converted_demo, encoder, rows))
+    short = batches[-1]
+    kept = short.tokens.shape[0]
+    assert kept < rows
+    full = with_full_rows(short, rows)
+    for name in ("tokens", "labels", "loss_mask", "position_ids"):
+        tensor = getattr(full, name)
+        assert tensor.shape == (rows, length) and tensor.dtype == getattr(short, name).dtype
+        assert torch.equal(tensor[:kept], getattr(short, name)), name
+    assert full.loss_mask[kept:].sum() == 0
+    assert torch.equal(full.position_ids[kept:], torch.arange(length).expand(rows - kept, length))
+    if packing:  # each padding row is a segment of its own: no real token attends to it
+        assert torch.equal(full.cu_seqlens[:len(short.cu_seqlens)], short.cu_seqlens)
+        assert full.cu_seqlens[len(short.cu_seqlens) - 1:].diff().tolist() == [length] * (rows - kept)
+        assert full.cu_seqlens.dtype == torch.int32 and full.max_seqlen == length
+    else:
+        assert full.cu_seqlens is None
+    for name in ("pixel_values", "image_grid_thw"):
+        assert torch.equal(getattr(full, name), getattr(short, name))
+    assert (full.__key__, full.real_tokens, full.num_samples) == (
+        short.__key__, short.real_tokens, short.num_samples)
+    assert full.capacity == rows * length
+    assert with_full_rows(full, rows) is full  # a full micro-batch is passed on as it is
 
 
 def test_manifest_check_finds_a_changed_shard(converted_demo, converted_copy, tmp_path):

@@ -44,6 +44,7 @@ def test_derived_values(paths):
     (["--cuda-graph-impl", "local"], 1, "captures CUDA graphs, and this machine has no GPU"),
     (["--max-samples-per-pack", "0"], 1, "--max-samples-per-pack 0 must be at least 1"),
     (["--log-interval", "0"], 1, "--log-interval must be at least 1, got 0"),
+    (["--eval-iters", "0"], 1, "--eval-iters must be at least 1, got 0"),
     (["--global-batch-size", "0"], 1, "--global-batch-size must be at least 1, got 0"),
     (["--lr-warmup-iters", "10"], 1, r"warmup \(10 iterations\) must be shorter than the decay"),
     (["--tensor-model-parallel-size", "4", "--sequence-parallel", "--seq-length", "1022"], 4,

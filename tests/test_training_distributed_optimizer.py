@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from megatron_patch.training.run_plan import check_not_template_owned
 from test_model_reference import free_port
-from trainer_runs import REPO, metrics, model_tensors, run_trainer, subprocess_env
+from trainer_runs import (REPO, evaluations, metrics, model_tensors, run_trainer,
+                          subprocess_env)
 
 # DP=2 (2 processes), 2 micro-batches of 2 per rank and step; iter_3 is saved right after the
 # third optimizer step, before any forward pass could have gathered the updated parameters
@@ -28,7 +29,8 @@ OVERLAPPED = ("--use-distributed-optimizer", "--overlap-param-gather", "--overla
 @pytest.fixture(scope="module")
 def plain_run(converted_demo, demo_tokenizer, tmp_path_factory):
     save = tmp_path_factory.mktemp("plain") / "run"
-    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, nproc=2)
+    run_trainer(converted_demo, demo_tokenizer, save, *DP2_RUN, "--eval-interval", 6,
+                "--eval-iters", 100, nproc=2)
     return save
 
 
@@ -59,6 +61,13 @@ def test_distributed_optimizer_trains_and_saves_as_the_plain_one(plain_run, over
                             model_tensors(plain_run / iteration), atol=1e-6)
     record = json.loads((overlapped_run / "iter_0000003" / "run_state.json").read_text())
     assert (record["optimizer_format"], record["tensor_parallel_size"]) == ("dp_reshardable", 1)
+
+
+def test_data_parallel_evaluation_scores_the_whole_val_split(plain_run, reference_run):
+    """Each of the 2 ranks reads half the val split's 12 samples in micro-batches of 2, and a
+    global batch holds 8: the second is partial. Every assistant token is scored, as in the
+    one-process run with packing."""
+    assert evaluations(plain_run)[6][1] == evaluations(reference_run)[8][1]
 
 
 def _export_to_hf(checkpoint, out) -> dict:

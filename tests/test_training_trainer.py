@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megatron_patch.training.optimizer import build_scheduler, schedule_kept_from_checkpoint
-from trainer_runs import RESUME_ARGS, metrics, model_tensors, run_trainer, tensorboard_scalars
+from trainer_runs import (EVAL_ALL_AT_8, RESUME_ARGS, evaluations, metrics, model_tensors,
+                          run_trainer, tensorboard_scalars)
 
 # ------------------------------------------------------------------ training behaviour
 @pytest.fixture(scope="module")
@@ -186,9 +187,11 @@ def test_parallel_run_continues_a_single_process_checkpoint(layout, reference_ru
     compared with TP=1 in tests/test_model_parallel.py) or a PP=2 run loads the TP=1
     iteration-4 checkpoint (dist-checkpoint reshards model and optimizer) and trains
     iterations 5-8 with the reference's losses: megatron's finalize_model_grads sums the
-    sequence-parallel norms' and the q/k norms' gradients over the TP ranks."""
+    sequence-parallel norms' and the q/k norms' gradients over the TP ranks. The evaluation
+    after iteration 8 scores the whole val split (its last global batch is partial) as the
+    reference's does."""
     save = tmp_path / "run"
-    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, *layout,
+    run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, *layout, *EVAL_ALL_AT_8,
                 "--load", reference_run / "iter_0000004", nproc=2)
     kernels = json.loads((save / "run_config.json").read_text())["kernels"]
     assert kernels["sequence_parallel"] == ("--sequence-parallel" in layout)
@@ -199,6 +202,8 @@ def test_parallel_run_continues_a_single_process_checkpoint(layout, reference_ru
             reference[iteration]["train/loss"], rel=1e-5, abs=1e-6), iteration
         assert resumed[iteration]["train/grad_norm"] == pytest.approx(
             reference[iteration]["train/grad_norm"], rel=1e-4), iteration
+    (loss, tokens), expected = evaluations(save)[8], evaluations(reference_run)[8]
+    assert tokens == expected[1] and loss == pytest.approx(expected[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("source", ["base model", "earlier stage"])

@@ -3,6 +3,7 @@ helpers the trainer, template, reliability and conversion tests share."""
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,5 +107,17 @@ def tensorboard_scalars(directory) -> dict:
     return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
+def evaluations(save) -> dict:
+    """iteration -> (eval loss from TensorBoard, assistant tokens scored, from the run logs)."""
+    losses = tensorboard_scalars(save / "tensorboard").get("eval/loss", {})
+    tokens = {int(found[0]): int(found[1]) for log in sorted(save.glob("run_*.log"))
+              for found in re.findall(r"evaluation at iteration (\d+): loss \S+ over (\d+) tokens",
+                                      log.read_text())}
+    assert sorted(losses) == sorted(tokens), (losses, tokens)
+    return {iteration: (losses[iteration], tokens[iteration]) for iteration in losses}
+
+
 # the packed configuration the resume tests compare against (conftest's reference_run)
 RESUME_ARGS = ("--train-iters", 8, "--packing", "--micro-batch-size", 1, "--seq-length", 384)
+# an evaluation at iteration 8 over the whole val split (12 samples: a partial global batch)
+EVAL_ALL_AT_8 = ("--eval-interval", 8, "--eval-iters", 100)

@@ -22,6 +22,7 @@ of raising, because energon would otherwise swallow the error in its own handler
 Encoded samples are energon `Sample`s (`SFTEncodedSample`): energon keys its packing buffer and
 batches on each sample's `__restore_key__`, which a plain dataclass would silently lack.
 """
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -173,6 +174,33 @@ class SFTMicroBatch(Batch):
         rows = int(self.tokens.shape[0])
         return self.num_images / rows if rows else 0.0
 
+
+def with_full_rows(batch: SFTMicroBatch, rows: int) -> SFTMicroBatch:
+    """`batch` grown to `rows` rows with loss-masked padding rows (each its own packed segment).
+
+    The last micro-batch of a pass over the val split may hold fewer samples than
+    --micro-batch-size; pipeline stages exchange activations of one fixed shape
+    [seq, micro_batch_size, hidden], so the evaluation fills it instead of dropping its samples.
+    """
+    missing = rows - int(batch.tokens.shape[0])
+    if missing <= 0:
+        return batch
+    length = int(batch.tokens.shape[1])
+
+    def grown(tensor: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tensor, row.to(tensor.dtype).expand(missing, length)])
+
+    zeros = torch.zeros(length)
+    cu_seqlens, max_seqlen = batch.cu_seqlens, batch.max_seqlen
+    if cu_seqlens is not None:
+        ends = cu_seqlens[-1] + length * torch.arange(1, missing + 1, dtype=cu_seqlens.dtype)
+        cu_seqlens, max_seqlen = torch.cat([cu_seqlens, ends]), max(max_seqlen, length)
+    return dataclasses.replace(
+        batch, tokens=grown(batch.tokens, zeros), labels=grown(batch.labels, zeros),
+        loss_mask=grown(batch.loss_mask, zeros), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        position_ids=grown(batch.position_ids, torch.arange(length)),
+        capacity=batch.capacity + missing * length)
+
     def to_sft_batch(self) -> SFTBatch:
         return SFTBatch(self.tokens, self.labels, self.loss_mask, self.position_ids,
                         self.pixel_values, self.image_grid_thw, self.cu_seqlens, self.max_seqlen,
@@ -276,4 +304,5 @@ class SFTTaskEncoder(LlavaSftTaskEncoder):
 
 
 __all__ = ["AllSamplesBad", "AllSamplesOverlong", "cook_or_flag", "sample_location",
-           "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch", "SFTTaskEncoder"]
+           "EncoderSettings", "SFTEncodedSample", "SFTMicroBatch", "SFTTaskEncoder",
+           "with_full_rows"]

@@ -240,8 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(collectives over all ranks, seconds per save at thousands of ranks); "
                         "as Megatron-LM's flag")
     g.add_argument("--dataloader-save", help="also mirror the loader state here (default SAVE/dataloader)")
-    g.add_argument("--eval-interval", type=int)
-    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--eval-interval", type=int,
+                   help="every N iterations (and at the end), the mean loss per assistant token "
+                        "on the dataset's val split, to TensorBoard (eval/loss) and the log")
+    g.add_argument("--eval-iters", type=int, default=10,
+                   help="global batches of the val split per evaluation, from its start; "
+                        "enough to cover the split scores all of it (the last batch may be "
+                        "partial)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
     g.add_argument("--exit-duration-in-mins", type=float)
@@ -288,7 +293,8 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
                   check_paths: bool = True) -> argparse.Namespace:
     """Checks and completes `args` in place (derived: data_parallel_size, global batch, warmup).
     The benchmark turns off the path checks (synthetic data)."""
-    for flag in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval"):
+    for flag in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval",
+                 "eval_iters"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:  # 0 failed later with a bare assertion or a division
             raise ArgumentError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")

@@ -4,6 +4,7 @@ Reads top-down: `main` validates arguments (cheap, before any process group or m
 parallelism, builds tokenizer -> model -> optimizer -> checkpoint -> data, then `Trainer.train`
 runs iterations until --train-iters, a signal, --exit-interval or --exit-duration-in-mins.
 """
+import itertools
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from megatron_patch.data.blends import dataset_folders
 from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMismatch,
                                             build_train_loader, build_val_loader, check_manifest,
                                             close_loader, restore_loader_state, save_loader_state)
-from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop
+from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop, with_full_rows
 from megatron_patch.data.tokenizer import SFTTokenizer
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
@@ -326,7 +327,9 @@ class Trainer:
             handle.write(json.dumps({"iteration": self.state.iteration, **values}) + "\n")
 
     def evaluate(self) -> Optional[float]:
-        """Mean loss over up to --eval-iters global batches of the val split (from its start)."""
+        """Mean loss per assistant token over up to --eval-iters global batches of the val split
+        (from its start). The last, partial global batch counts: with --eval-iters covering the
+        split, the loss is over all of it, whatever the batch size and parallel layout."""
         args = self.args
         loader = build_val_loader(args.data_path, self.encoder, args.micro_batch_size,
                                   self.ranks.dp_rank, self.ranks.dp_size, args.num_workers)
@@ -338,13 +341,12 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), parameters_gathered(self.model):
             for _ in range(args.eval_iters):
-                micro = []
-                for _ in range(args.num_microbatches):
-                    batch = next(batches, None)
-                    if batch is not None:
-                        micro.append(batch)
-                if not self.all_ranks_have(len(micro) == args.num_microbatches):
-                    break
+                micro = [with_full_rows(batch, args.micro_batch_size)
+                         for batch in itertools.islice(batches, args.num_microbatches)]
+                if self.all_ranks_have(not micro):
+                    break  # the split is done on every rank
+                if not micro:
+                    continue  # a forward pass has no data-parallel collective: others go on
                 pair = run_micro_batches(self.model_chunks, micro, args.seq_length,
                                          args.micro_batch_size, self.device, forward_only=True)
                 if self.counts_loss:
@@ -354,7 +356,8 @@ class Trainer:
         self.garbage.after_eval()
         total = all_reduce_host(total)
         if total[1] == 0:
-            logger.info("evaluation: the val split gave no full batch at this batch size")
+            logger.info("evaluation: the val split gave no assistant tokens to score (empty, or "
+                        "every sample over --seq-length)")
             return None
         loss = float(total[0] / total[1])
         logger.info("evaluation at iteration %d: loss %.4f over %d tokens",
