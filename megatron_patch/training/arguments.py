@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-path", required=True)
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--packing", action="store_true", help="pack several samples per sequence")
-    g.add_argument("--max-images-per-pack", type=int, default=32)
+    g.add_argument("--max-images-per-pack", type=int, default=32,
+                   help="packs take samples while their images stay within this (the vision "
+                        "tower's memory); a sample with more images gets a pack of its own")
     g.add_argument("--max-samples-per-pack", type=int, metavar="N",
                    help="at most N samples per packed sequence (default: no limit; "
                         f"{DEFAULT_GRAPH_SAMPLES_PER_PACK} with --cuda-graph-impl local)")
@@ -356,6 +358,14 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
         raise ArgumentError("--recompute-modules chooses what selective recompute repeats; add "
                             "--recompute-granularity selective")
     _check_cuda_graphs(args)
+    for module, flag in (("vision_model", "lr_vision"), ("adapter", "lr_adapter")):
+        if getattr(args, flag, None) is not None and module not in args.trainable_modules:
+            raise ArgumentError(f"--{flag.replace('_', '-')} sets the learning rate of the "
+                                f"{module}, which --trainable-modules leaves frozen; add "
+                                f"{module} to --trainable-modules or drop the flag")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise ArgumentError(f"--keep-last {args.keep_last} must be at least 1 (the newest "
+                            "checkpoint is always kept); leave it out to keep every checkpoint")
     if args.packing and args.micro_batch_size != 1:
         raise ArgumentError("--packing puts several samples into one sequence per micro batch; "
                             "use --micro-batch-size 1 (raise --seq-length to fit more samples)")
