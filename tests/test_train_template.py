@@ -1,5 +1,6 @@
 """train/sft_bench_TEMPLATE.sh: DRY_RUN plan lines and preflight failures (no training here)."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,23 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
     assert (f"stopped by SIGTERM after saving iteration 3; to resume, rerun the same command "
             f"with SAVE_CKPT_PATH={save}") in result.stdout
     assert f"final checkpoint: {save}/iter_0000003" in result.stdout
+
+
+def test_a_port_in_use_is_named_with_the_fix(converted_demo, tokenizer_dir, tmp_path):
+    """A second job on the node with the default MASTER_PORT: torchrun cannot listen; the
+    template says to choose another port (not to fix an error or resume)."""
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = run_template({"DRY_RUN": "0", "MODEL": "tiny", "MASTER_PORT": str(port),
+                               "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
+                               "SAVE_CKPT_PATH": str(tmp_path / "run")})
+    assert result.returncode != 0
+    assert (f"port {port} is in use on this node (another job?): rerun with MASTER_PORT set to "
+            "a free port") in result.stdout, result.stdout[-3000:]
+    assert "rerun the same command" not in result.stdout
+    assert "no checkpoint was saved" not in result.stdout
 
 
 def test_checkpoint_path_lends_weights_only_and_a_run_in_save_resumes(converted_demo, tokenizer_dir,

@@ -215,6 +215,11 @@ if [ -n "$SIGNALLED" ]; then
   fi
   echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
 fi
+# torchrun's rendezvous could not listen on the port: a rerun would fail the same way
+if [ "$STATUS" -ne 0 ] && grep -q "port: $MASTER_PORT, .*EADDRINUSE" "$LOG"; then
+  echo "port $MASTER_PORT is in use on this node (another job?): rerun with MASTER_PORT set to a free port, e.g. MASTER_PORT=$((29500 + RANDOM % 20000))"
+  exit "$STATUS"
+fi
 # the default SAVE_CKPT_PATH holds today's date: a rerun tomorrow would start afresh elsewhere
 if [ "$STATUS" -ne 0 ] && [ -n "$AFTER" ]; then
   echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH (unless the error above says the checkpoint cannot serve it)"
