@@ -73,9 +73,14 @@ def test_packing_estimate_packs_like_the_trainer():
     # the image cap binds first: 4 images per sequence
     capped = estimate_packing([(100, 1)] * 200, 1000, 4, 100)
     assert capped.samples_per_sequence == 4 and capped.efficiency == pytest.approx(0.4)
-    # over-long samples do not count (the trainer drops them)
-    long = estimate_packing([(100, 1)] * 100 + [(5000, 1)] * 10, 1000, 64, 100)
-    assert long.overlong == 10 and long.samples_per_sequence == 10
+    # over-long samples are not packed (the trainer drops them) but are read: 110 samples of
+    # the data pass in 10 sequences; truncated, they fill one sequence each
+    lengths = [(100, 1)] * 100 + [(5000, 1)] * 10
+    dropped = estimate_packing(lengths, 1000, 64, 110)
+    assert dropped.overlong == 10 and dropped.samples_per_sequence == 11
+    assert dropped.efficiency == 1.0
+    truncated = estimate_packing(lengths, 1000, 64, 110, truncate=True)
+    assert truncated.overlong == 10 and truncated.samples_per_sequence == 110 / 20
 
 
 def test_estimated_lengths_are_the_trainers(converted_demo, demo_tokenizer):

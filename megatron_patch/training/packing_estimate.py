@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PackingEstimate:
-    samples_per_sequence: float
+    samples_per_sequence: float  # samples the loader reads per sequence, dropped ones included
     samples_read: int
     overlong: int            # samples longer than seq_length (dropped by default)
     efficiency: float        # real tokens / (sequences x seq_length)
@@ -56,17 +56,23 @@ def sample_lengths(data_path: str, tokenizer_path: str, geometry: ImageGeometry,
 
 
 def estimate_packing(lengths: Sequence[Tuple[int, int]], seq_length: int, max_images: int,
-                     buffer_size: int) -> PackingEstimate:
-    fitting = [(n, images) for n, images in lengths if n <= seq_length]
+                     buffer_size: int, truncate: bool = False) -> PackingEstimate:
+    """Over-long samples are dropped (the trainer's default), yet read: an epoch of the data
+    passes in fewer sequences. With `truncate` they fill a sequence each."""
+    overlong = sum(n > seq_length for n, _ in lengths)
+    if truncate:
+        packed = [(min(n, seq_length), images) for n, images in lengths]
+    else:
+        packed = [(n, images) for n, images in lengths if n <= seq_length]
     sequences = 0
-    for start in range(0, len(fitting), buffer_size):
-        buffer = fitting[start:start + buffer_size]
+    for start in range(0, len(packed), buffer_size):
+        buffer = packed[start:start + buffer_size]
         sequences += len(plan_packs([n for n, _ in buffer], [i for _, i in buffer], seq_length,
                                     max_images))
     if not sequences:
-        return PackingEstimate(1.0, len(lengths), len(lengths) - len(fitting), 0.0)
-    return PackingEstimate(len(fitting) / sequences, len(lengths), len(lengths) - len(fitting),
-                           sum(n for n, _ in fitting) / (sequences * seq_length))
+        return PackingEstimate(1.0, len(lengths), overlong, 0.0)
+    return PackingEstimate(len(lengths) / sequences, len(lengths), overlong,
+                           sum(n for n, _ in packed) / (sequences * seq_length))
 
 
 def estimate_from_trainer_args(data_path: str, tokenizer_path: str, trainer_args: Sequence[str],
@@ -80,4 +86,5 @@ def estimate_from_trainer_args(data_path: str, tokenizer_path: str, trainer_args
     buffer = args.packing_buffer_size or default_packing_buffer_size(args.seq_length)
     geometry = ImageGeometry(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     lengths = sample_lengths(data_path, tokenizer_path, geometry, limit)
-    return estimate_packing(lengths, args.seq_length, args.max_images_per_pack, buffer)
+    return estimate_packing(lengths, args.seq_length, args.max_images_per_pack, buffer,
+                            truncate=args.overlong == "truncate")

@@ -211,7 +211,7 @@ def samples_per_sequence(args) -> tuple:
     return round(estimate.samples_per_sequence, 2), (
         f"estimated from {read} packed as the trainer packs them "
         f"({100 * estimate.efficiency:.1f}% of each sequence filled, {estimate.overlong} longer "
-        "than the sequence)")
+        "than the sequence, read but dropped unless --overlong truncate)")
 
 
 if __name__ == "__main__":
