@@ -153,6 +153,34 @@ def test_the_plan_refuses_trainer_flags_the_trainer_would(trainer_args, message,
     assert "PLAN_ERROR=EXTRA_ARGS: " in output and message in output
 
 
+@pytest.mark.parametrize("plan_args, trainer_args, message", [
+    (["--mbs", "2"], "--packing", "--packing puts several samples into one sequence per micro "
+     "batch; use --micro-batch-size 1 (raise --seq-length to fit more samples) (in the template, "
+     "--seq-length is SEQ_LEN; --micro-batch-size is MBS)"),
+    ([], "--lr-vision 1e-5 --trainable-modules adapter language_model",
+     "--lr-vision sets the learning rate of the vision_model, which --trainable-modules leaves "
+     "frozen"),
+    (["--world-size", "2"], "--overlap-param-gather", "--overlap-param-gather overlaps the "
+     "distributed optimizer's parameter all-gather; add --use-distributed-optimizer"),
+])
+def test_the_plan_refuses_settings_the_trainer_would(plan_args, trainer_args, message,
+                                                     converted_demo, capsys):
+    """The trainer's own validation, with the plan's batch and steps, once before launch (after
+    it, every rank would print the refusal, then torchrun a traceback)."""
+    assert main(["--data-path", str(converted_demo), "--world-size", "1", *plan_args,
+                 f"--trainer-args={trainer_args}"]) == 1
+    assert f"PLAN_ERROR=the trainer would refuse these settings: {message}" in \
+        capsys.readouterr().out
+
+
+def test_a_plan_of_one_step_has_no_warmup(converted_demo, capsys):
+    """The decay needs a step after the warmup (the trainer refuses warmup >= steps)."""
+    assert main(["--data-path", str(converted_demo), "--world-size", "1", "--gbs", "200",
+                 "--margin", "0", "--warmup-fraction", "0.5"]) == 0
+    plan = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines())
+    assert (plan["NSTEP"], plan["WARMUP"]) == ("1", "0")
+
+
 def test_the_plan_refuses_a_tokenizer_the_trainer_cannot_load(converted_demo, tmp_path, capsys):
     assert main(["--data-path", str(converted_demo), "--world-size", "1",
                  "--tokenizer-path", str(tmp_path)]) == 1

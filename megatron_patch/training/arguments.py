@@ -319,7 +319,7 @@ def validate_args(args: argparse.Namespace, world_size: int, model_config=None, 
                             f"--seq-length {args.seq_length} is not divisible by {tp}, use a "
                             "multiple of it")
     if model_config is not None:
-        _check_model_divisibility(model_config, tp, pp)
+        check_model_divisibility(model_config, tp, pp)
     if args.lr_warmup_fraction is not None:
         args.lr_warmup_iters = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
     args.lr_decay_iters = args.lr_decay_iters or args.train_iters
@@ -398,8 +398,8 @@ def _check_cuda_graphs(args: argparse.Namespace) -> None:
         os.environ.setdefault("NCCL_GRAPH_REGISTER", "0")
 
 
-def _check_model_divisibility(config, tp: int, pp: int) -> None:
-    """`config` is a model.configs.LlavaOVConfig."""
+def check_model_divisibility(config, tp: int, pp: int) -> None:
+    """`config` is a model.configs.LlavaOVConfig (the launcher's preflight checks it too)."""
     language, vision = config.language, config.vision
     checks = [
         ("attention heads", language.num_attention_heads, tp, "TP"),

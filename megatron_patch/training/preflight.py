@@ -8,6 +8,7 @@ import shutil
 import sys
 
 from megatron_patch.model.configs import get_config
+from megatron_patch.training.arguments import ArgumentError, check_model_divisibility
 
 # bf16 weights + fp32 master copy + two fp32 Adam moments, per parameter
 BYTES_PER_PARAM_WITH_OPTIMIZER = 2 + 4 + 4 + 4
@@ -25,15 +26,11 @@ def approximate_parameters(config) -> int:
 
 def check(model: str, tp: int, pp: int, save: str) -> list:
     config = get_config(model)
-    lm, vi = config.language, config.vision
     problems = []
-    for what, count, parts, name in (("attention heads", lm.num_attention_heads, tp, "TP"),
-                                     ("KV heads (query groups)", lm.num_query_groups, tp, "TP"),
-                                     ("vision attention heads", vi.num_attention_heads, tp, "TP"),
-                                     ("language layers", lm.num_layers, pp, "PP")):
-        if count % parts:
-            problems.append(f"{model}: {what} ({count}) not divisible by {name}={parts}; "
-                            f"choose {name} among the divisors of {count}")
+    try:
+        check_model_divisibility(config, tp, pp)
+    except ArgumentError as error:
+        problems.append(f"{model}: {str(error).removeprefix('error: ')}")
     needed = approximate_parameters(config) * BYTES_PER_PARAM_WITH_OPTIMIZER
     target = save
     while not os.path.exists(target):

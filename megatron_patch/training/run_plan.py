@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import os
+import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field
@@ -57,6 +58,7 @@ def plan_run(samples: int, world_size: int, tp: int = 1, pp: int = 1, micro_batc
     steps = math.ceil(samples * epochs / (gbs * samples_per_sequence))
     train_iters = math.ceil(steps * (1 + margin))
     warmup = max(1, round(train_iters * warmup_fraction)) if warmup_fraction > 0 else 0
+    warmup = min(warmup, train_iters - 1)  # the decay needs a step after it
     interval = save_interval or max(1, math.ceil(train_iters / saves_per_run))
     if samples_per_sequence != 1:
         notes.append(f"packing: ~{samples_per_sequence:.2f} samples per sequence, so a step of "
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
                         args.gbs_per_dp, args.epochs, args.margin, args.warmup_fraction,
                         save_interval=args.save_interval or None,
                         samples_per_sequence=per_sequence)
+        check_trainer_settings(shlex.split(args.trainer_args), plan, args.tp, args.pp, args.mbs)
     except (ValueError, FileNotFoundError, KeyError) as error:
         print(f"PLAN_ERROR={one_line(error)}")
         return 1
@@ -140,7 +143,7 @@ def one_line(message) -> str:
     return " ".join(str(message).split())
 
 
-def check_trainer_args(trainer_args) -> None:
+def check_trainer_args(trainer_args) -> argparse.Namespace:
     """The launcher's extra trainer arguments, parsed by the trainer's own parser now rather
     than after torchrun has started: a ValueError naming an unknown flag (with the closest known
     one) or a bad value."""
@@ -149,7 +152,7 @@ def check_trainer_args(trainer_args) -> None:
     parser.exit_on_error = False
     required = ["--train-iters", "1", "--data-path", "-", "--tokenizer-path", "-"]
     try:
-        _, unknown = parser.parse_known_args(required + list(trainer_args))
+        parsed, unknown = parser.parse_known_args(required + list(trainer_args))
     except argparse.ArgumentError as error:
         raise ValueError(f"EXTRA_ARGS: {error}") from None
     flags = [item for item in unknown if item.startswith("-")]
@@ -161,6 +164,27 @@ def check_trainer_args(trainer_args) -> None:
             hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
         raise ValueError(f"EXTRA_ARGS: unknown trainer flag(s) {', '.join(hints)}; "
                          "python train/pretrain_llava_ov.py --help lists them")
+    return parsed
+
+
+def check_trainer_settings(trainer_args, plan: RunPlan, tp: int, pp: int, mbs: int) -> None:
+    """The trainer's own validation of the settings the template will launch with (the plan's
+    and EXTRA_ARGS), once, here: after torchrun has started, each rank would print the refusal
+    and torchrun its own traceback. Paths and the model's shapes are the preflight's."""
+    from megatron_patch.training.arguments import ArgumentError, validate_args
+    launched = ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size",
+                str(pp), "--micro-batch-size", str(mbs), "--global-batch-size",
+                str(plan.global_batch_size), "--lr-warmup-iters", str(plan.warmup_iters)]
+    args = check_trainer_args(launched + list(trainer_args))
+    args.train_iters = plan.train_iters
+    try:
+        validate_args(args, plan.world_size, check_paths=False)
+    except ArgumentError as error:
+        message = str(error).removeprefix("error: ")
+        named = [f"{flag} is {variable}" for flag, variable in TEMPLATE_OWNED_FLAGS.items()
+                 if re.search(re.escape(flag) + r"(?![\w-])", message)]
+        raise ValueError(f"the trainer would refuse these settings: {message}"
+                         + (f" (in the template, {'; '.join(named)})" if named else "")) from None
 
 
 # the trainer flags the template sets itself, and the [EDIT] variable each comes from: given in
