@@ -118,6 +118,8 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
     if save_fails:
         assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr)
         assert "could not write checkpoint" in log
+        assert ("first error (the log has the rest): rank 0 failed: could not write checkpoint"
+                in result.stdout)
         assert "stopped by SIGTERM without saving the step it stopped at" in result.stdout
         assert f"final checkpoint: {save}/iter_0000002" in result.stdout
         assert f"to resume, rerun the same command with SAVE_CKPT_PATH={save}" in result.stdout

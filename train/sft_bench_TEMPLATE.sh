@@ -215,6 +215,11 @@ if [ -n "$SIGNALLED" ]; then
   fi
   echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
 fi
+# torchrun ends the output with its own traceback: repeat the trainer's first error last
+if [ "$STATUS" -ne 0 ]; then
+  FIRST_ERROR=$(grep -m1 -oE "rank [0-9]+ failed: .*|^error: .*" "$LOG" || true)
+  [ -n "$FIRST_ERROR" ] && echo "first error (the log has the rest): $FIRST_ERROR"
+fi
 # torchrun's rendezvous could not listen on the port: a rerun would fail the same way
 if [ "$STATUS" -ne 0 ] && grep -q "port: $MASTER_PORT, .*EADDRINUSE" "$LOG"; then
   echo "port $MASTER_PORT is in use on this node (another job?): rerun with MASTER_PORT set to a free port, e.g. MASTER_PORT=$((29500 + RANDOM % 20000))"
