@@ -174,6 +174,11 @@ class SFTMicroBatch(Batch):
         rows = int(self.tokens.shape[0])
         return self.num_images / rows if rows else 0.0
 
+    def to_sft_batch(self) -> SFTBatch:
+        return SFTBatch(self.tokens, self.labels, self.loss_mask, self.position_ids,
+                        self.pixel_values, self.image_grid_thw, self.cu_seqlens, self.max_seqlen,
+                        self.real_tokens, self.num_samples)
+
 
 def with_full_rows(batch: SFTMicroBatch, rows: int) -> SFTMicroBatch:
     """`batch` grown to `rows` rows with loss-masked padding rows (each its own packed segment).
@@ -200,11 +205,6 @@ def with_full_rows(batch: SFTMicroBatch, rows: int) -> SFTMicroBatch:
         loss_mask=grown(batch.loss_mask, zeros), cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         position_ids=grown(batch.position_ids, torch.arange(length)),
         capacity=batch.capacity + missing * length)
-
-    def to_sft_batch(self) -> SFTBatch:
-        return SFTBatch(self.tokens, self.labels, self.loss_mask, self.position_ids,
-                        self.pixel_values, self.image_grid_thw, self.cu_seqlens, self.max_seqlen,
-                        self.real_tokens, self.num_samples)
 
 
 class SFTTaskEncoder(LlavaSftTaskEncoder):
