@@ -20,7 +20,7 @@ import torch
 
 from tar_damage import overwrite_member
 from trainer_runs import (REPO, RESUME_ARGS, metrics, model_tensors, run_trainer,
-                          subprocess_env, tensorboard_scalars)
+                          subprocess_env, tensorboard_scalars, trainer_command, trainer_env)
 
 from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.checkpointing import check_free_space
@@ -353,6 +353,57 @@ def test_truncated_tar_without_manifest_stops_with_a_data_error(converted_copy, 
 
 
 # ------------------------------------------------------------------ a rank dies or hangs
+def _rank_pids(save) -> list:
+    """The trainer ranks (not torchrun) whose command line names `save`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                words = handle.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError):
+            continue
+        if str(save) in words and "torch.distributed.run" not in words:
+            pids.append(int(entry))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_the_ranks_end_with_a_killed_torchrun(converted_demo, demo_tokenizer, tmp_path):
+    """torchrun killed with SIGKILL (a scheduler's, `kill -9` of the launcher) cannot stop its
+    ranks, which run in sessions of their own: they end by themselves instead of training and
+    saving on beside the job's restart in the same folder."""
+    save = tmp_path / "run"
+    launcher = subprocess.Popen(
+        trainer_command(converted_demo, demo_tokenizer, save, "--train-iters", 10_000, nproc=2),
+        cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (save / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)  # training has started
+        ranks = _rank_pids(save)
+        assert len(ranks) == 2, ranks
+        launcher.kill()
+        launcher.wait()
+        deadline = time.monotonic() + 20
+        while any(map(_running, ranks)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_running, ranks))
+    finally:
+        for pid in _rank_pids(save):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("action", ["kill", "hang"])
 def test_a_dead_or_stuck_rank_ends_the_job_within_the_timeout(action, converted_demo,

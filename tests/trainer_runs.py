@@ -26,20 +26,27 @@ def load_benchmark(name: str):
     return module
 
 
-def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None, timeout=600):
-    """Runs the trainer on the demo data (tiny model); `env` adds variables (e.g. LLAVA_FAULT)."""
+def trainer_command(data, tokenizer, save, *extra, nproc=1) -> list:
+    """The trainer on the demo data (tiny model), as one process or under torchrun."""
     args = ["--model", "tiny", "--data-path", str(data), "--tokenizer-path", str(tokenizer),
             "--save", str(save), "--seq-length", "256", "--micro-batch-size", "2",
             "--global-batch-size", "4", "--lr", "1e-3", "--min-lr", "1e-4",
             "--lr-warmup-iters", "2", "--num-workers", "0", "--log-interval", "1",
             "--shuffle-buffer-size", "16", *map(str, extra)]
     if nproc == 1:
-        command = [sys.executable, str(ENTRY), *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", str(ENTRY), *args]
-    env = dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    result = run_process_group(command, env, timeout)
+        return [sys.executable, str(ENTRY), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", str(ENTRY), *args]
+
+
+def trainer_env(env=None) -> dict:
+    return dict(subprocess_env(), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
+
+
+def run_trainer(data, tokenizer, save, *extra, nproc=1, check=True, env=None, timeout=600):
+    """Runs the trainer on the demo data (tiny model); `env` adds variables (e.g. LLAVA_FAULT)."""
+    command = trainer_command(data, tokenizer, save, *extra, nproc=nproc)
+    result = run_process_group(command, trainer_env(env), timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")

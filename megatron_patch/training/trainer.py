@@ -20,6 +20,7 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMism
                                             close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop, with_full_rows
 from megatron_patch.data.tokenizer import SFTTokenizer
+from megatron_patch.parent_watch import end_with_parent
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
@@ -418,6 +419,11 @@ class Trainer:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     keep_running_without_a_console()  # a closed pipe or terminal must not end the run
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker: torchrun killed with SIGKILL (a scheduler's, `kill -9 -- -PGID`)
+        # cannot stop its ranks, which run in sessions of their own; orphaned, they would train
+        # and save on beside the job's restart in the same folder
+        end_with_parent(os.getppid())
     args = arguments.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments.validate_args(args, world_size)  # fails before any heavy work
