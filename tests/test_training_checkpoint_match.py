@@ -155,3 +155,44 @@ def test_a_resume_into_other_optimizer_groups_is_refused(tmp_path, tokenizer):
             f"{checkpoint} holds the optimizer state of trainable modules adapter x1, "
             f"language_model x1 (learning rate relative to --lr); this run asks for {now}, and "
             "megatron restores optimizer state only into the same parameter groups")
+
+
+# ------------------------------------------------------------------ the --save folder
+def _complete(run, iteration, run_state=True):
+    checkpoint = run / f"iter_{iteration:07d}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("")
+    if run_state:
+        (checkpoint / "run_state.json").write_text(json.dumps({"iteration": iteration}))
+    return checkpoint
+
+
+def _save_args(save, load=None, finetune=False):
+    return argparse.Namespace(save=str(save), load=load and str(load), finetune=finetune)
+
+
+def test_a_save_folder_with_later_checkpoints_is_refused(tmp_path):
+    """A fresh run would overwrite another run's checkpoints and metrics; a resume from an
+    earlier checkpoint (a rollback) would save between the later ones, which --keep-last then
+    keeps and a restart resumes. A damaged newest checkpoint (no run_state.json) would be
+    loaded as a base model: fresh, over the run."""
+    from megatron_patch.training.checkpoint_match import SaveFolderInUse, check_save_folder
+    save = tmp_path / "run"
+    check_save_folder(_save_args(save))                     # a new folder
+    _complete(save, 2)
+    check_save_folder(_save_args(save, load=save))          # resuming the newest
+    with pytest.raises(SaveFolderInUse, match=f"--save {save} already holds checkpoints up to "
+                       f"iteration 2, and this run starts at iteration 0: it would overwrite "
+                       f"them and their metrics. Resume that run with --load {save}"):
+        check_save_folder(_save_args(save))
+    with pytest.raises(SaveFolderInUse, match="Resume that run"):
+        check_save_folder(_save_args(save, load=save, finetune=True))
+    _complete(save, 4)
+    with pytest.raises(SaveFolderInUse, match=f"--load {save}/iter_0000002 resumes at iteration "
+                       f"2, and --save {save} holds later checkpoints \\(iter_0000004\\): the run "
+                       "would save between them"):
+        check_save_folder(_save_args(save, load=save / "iter_0000002"))
+    damaged = _complete(save, 6, run_state=False)
+    with pytest.raises(SaveFolderInUse, match=f"{damaged} has no run_state.json \\(damaged, or a "
+                       "base model put there\\) and cannot be resumed: move it out"):
+        check_save_folder(_save_args(save, load=save))

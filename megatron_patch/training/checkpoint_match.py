@@ -11,6 +11,7 @@ built as they were saved (megatron and energon fail deep inside otherwise). Chec
 record (older runs) are let through.
 """
 import argparse
+import os
 from typing import Any, Dict, List, Optional
 
 from megatron_patch.checkpoint_conversion.record import find_record
@@ -29,6 +30,48 @@ SHAPE_FIELDS = {
                "patch_size"),
 }
 SIZE_KEYS = tuple(name.replace("-", "_") for name in arguments.MODEL_SIZE_OPTIONS)
+
+
+class SaveFolderInUse(CheckpointLayoutError):
+    """--save holds checkpoints past the iteration this run starts from."""
+
+
+def check_save_folder(args) -> None:
+    """Refuses a --save that holds checkpoints later than where this run starts. A fresh run
+    would write over them and their metrics; a run resumed from an earlier one (a rollback)
+    would save between them, and --keep-last or the next restart would take the abandoned
+    timeline's newest."""
+    if not args.save or not os.path.isdir(args.save):
+        return
+    saved = checkpoint_paths.complete_iterations(args.save)
+    start, path = 0, None
+    if args.load and not args.finetune:
+        choice = checkpoint_paths.choose_checkpoint(args.load)
+        path = choice.path
+        if path is not None and read_run_state(path) is not None:
+            start = choice.iteration
+    later = [iteration for iteration in saved if iteration > start]
+    if not later:
+        return
+    shown = ", ".join(checkpoint_paths.iteration_dir_name(i) for i in later[-3:])
+    if start:
+        raise SaveFolderInUse(
+            f"--load {path} resumes at iteration {start}, and --save {args.save} holds later "
+            f"checkpoints ({shown}{', ...' if len(later) > 3 else ''}): the run would save "
+            "between them, and a restart would resume the newest. To roll back, move the later "
+            "ones out of the folder first, or save to another folder")
+    fix = (f"{path} has no run_state.json (damaged, or a base model put there) and cannot be "
+           "resumed: move it out of the folder and rerun to resume from the newest one left, "
+           "or choose another --save" if path is not None and _same_folder(
+               os.path.dirname(os.path.normpath(path)), args.save) else
+           f"Resume that run with --load {args.save}, or choose another --save")
+    raise SaveFolderInUse(
+        f"--save {args.save} already holds checkpoints up to iteration {saved[-1]}, and this "
+        f"run starts at iteration 0: it would overwrite them and their metrics. {fix}")
+
+
+def _same_folder(one: str, other: str) -> bool:
+    return os.path.realpath(one) == os.path.realpath(other)
 
 
 def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,

@@ -24,7 +24,7 @@ from megatron_patch.parent_watch import end_with_parent
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
-from megatron_patch.training.checkpoint_match import check_checkpoint_fits
+from megatron_patch.training.checkpoint_match import check_checkpoint_fits, check_save_folder
 from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS, CheckpointLayoutError,
                                                    RunState, SaveStrategy, load_checkpoint,
                                                    optimizer_format, save_checkpoint)
@@ -90,6 +90,7 @@ class Trainer:
         if args.load:
             check_checkpoint_fits(args.load, args, self.cfg, self.tokenizer,  # before building
                                   resuming=not args.finetune)
+        check_save_folder(args)
 
         self.model, trainable = wrap_model(args, self.cfg, self.device)
         logger.info("trainable parameters on rank 0 by module: %s", trainable)
