@@ -94,10 +94,19 @@ def end_with_process(pid: int) -> None:
     _exit_when(gone)
 
 
+def call_when_parent_ends(parent_pid: int, action) -> None:
+    """Calls `action()` (in a thread of its own) once the parent is gone."""
+    _when(lambda: os.getppid() != parent_pid, action)
+
+
 def _exit_when(gone) -> None:
+    _when(gone, lambda: os._exit(0))
+
+
+def _when(gone, action) -> None:
     def watch() -> None:
         while not gone():
             time.sleep(POLL_SECONDS)
-        os._exit(0)
+        action()
 
-    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

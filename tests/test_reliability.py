@@ -9,6 +9,7 @@ named and either skipped and counted or refused. docs/RELIABILITY.md tabulates t
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -377,8 +378,8 @@ def _running(pid: int) -> bool:
 
 def test_the_ranks_end_with_a_killed_torchrun(converted_demo, demo_tokenizer, tmp_path):
     """torchrun killed with SIGKILL (a scheduler's, `kill -9` of the launcher) cannot stop its
-    ranks, which run in sessions of their own: they end by themselves instead of training and
-    saving on beside the job's restart in the same folder."""
+    ranks, which run in sessions of their own: they stop as on a signal (finish the step, save
+    it, exit) instead of training and saving on beside the job's restart in the same folder."""
     save = tmp_path / "run"
     launcher = subprocess.Popen(
         trainer_command(converted_demo, demo_tokenizer, save, "--train-iters", 10_000, nproc=2),
@@ -396,6 +397,10 @@ def test_the_ranks_end_with_a_killed_torchrun(converted_demo, demo_tokenizer, tm
         while any(map(_running, ranks)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not any(map(_running, ranks))
+        log = "".join(path.read_text() for path in save.glob("run_*.log"))
+        stopped = re.search(r"stopping at iteration (\d+): the launcher \(torchrun\) ended", log)
+        assert stopped, log[-3000:]
+        assert checkpoint_paths.complete_iterations(save)[-1] == int(stopped.group(1))
     finally:
         for pid in _rank_pids(save):
             try:

@@ -92,6 +92,23 @@ exit 15
 """
 
 
+def run_with_stand_in(torchrun, data, tokenizer_dir, save, env=None):
+    """The template launching `torchrun` (a bash script standing in for it and the trainers),
+    in a session of its own."""
+    bin_dir = save.parent / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "torchrun").write_text(torchrun)
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    return subprocess.run(["bash", TEMPLATE], capture_output=True, text=True, timeout=120,
+                          start_new_session=True, env={
+                              **os.environ, "PYTHON": str(bin_dir / "python"), "DRY_RUN": "0",
+                              "GPUS_PER_NODE": "0", "MODEL": "tiny", "DATA_PATH": str(data),
+                              "TOKENIZER_PATH": tokenizer_dir, "SAVE_CKPT_PATH": str(save),
+                              **(env or {})})
+
+
 @pytest.mark.parametrize("save_fails", [False, True], ids=["saved", "save-failed"])
 def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_demo,
                                                                       tokenizer_dir, tmp_path,
@@ -100,20 +117,9 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
     trainers' lines after the signal reach the log and the template reports the checkpoint of
     the step the trainer stopped at with status 15 (torchrun itself would report a failure);
     an earlier interval checkpoint is not reported as that save."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    (bin_dir / "torchrun").write_text(SIGNALLED_JOB)
-    for script in bin_dir.iterdir():
-        script.chmod(0o755)
     save = tmp_path / "run"
-    result = subprocess.run(["bash", TEMPLATE], capture_output=True, text=True, timeout=120,
-                            start_new_session=True, env={
-                                **os.environ, "PYTHON": str(bin_dir / "python"), "DRY_RUN": "0",
-                                "GPUS_PER_NODE": "0", "MODEL": "tiny",
-                                "DATA_PATH": str(converted_demo), "TOKENIZER_PATH": tokenizer_dir,
-                                "SAVE_CKPT_PATH": str(save),
-                                **({"SAVE_FAILS": "1"} if save_fails else {})})
+    result = run_with_stand_in(SIGNALLED_JOB, converted_demo, tokenizer_dir, save,
+                               {"SAVE_FAILS": "1"} if save_fails else {})
     log = Path(plan_lines(result.stdout)["LOG"]).read_text()
     if save_fails:
         assert result.returncode == 1, (result.returncode, result.stdout[-2000:], result.stderr)
@@ -129,6 +135,52 @@ def test_a_signal_to_the_whole_job_keeps_the_log_and_reports_the_save(converted_
     assert (f"stopped by SIGTERM after saving iteration 3; to resume, rerun the same command "
             f"with SAVE_CKPT_PATH={save}") in result.stdout
     assert f"final checkpoint: {save}/iter_0000003" in result.stdout
+
+
+# torchrun and one trainer: the trainer stops as asked by SIGTERM (or gives up after 5 s);
+# torchrun sends SIGTERM to its parent alone (what `docker stop` does to a container's first
+# process), then fails as torchrun does when a worker exits 15
+STOPPED_FROM_OUTSIDE = """#!/bin/bash
+bash -c 'trap "stop=1" TERM; echo "trainer: step 3"
+  for _ in $(seq 100); do [ -n "$stop" ] && break; sleep 0.05; done
+  [ -z "$stop" ] && { echo "trainer: never asked to stop"; exit 0; }
+  mkdir "$SAVE_CKPT_PATH/iter_0000003" && touch "$SAVE_CKPT_PATH/iter_0000003/COMPLETE"
+  echo "[rank 0] stopping at iteration 3: received SIGTERM"; exit 15' &
+sleep 0.5
+kill -TERM $PPID
+wait $!
+exit 1
+"""
+
+# a dropped ssh session: SIGHUP to the job's process group, torchrun's arguments shown
+HUNG_UP = """#!/bin/bash
+echo "torchrun $*"
+sleep 0.5
+kill -HUP 0
+sleep 0.3
+echo "trainer: still training after SIGHUP"
+"""
+
+
+def test_a_stop_signal_to_the_template_alone_reaches_the_trainers(converted_demo, tokenizer_dir,
+                                                                  tmp_path):
+    save = tmp_path / "run"
+    result = run_with_stand_in(STOPPED_FROM_OUTSIDE, converted_demo, tokenizer_dir, save)
+    assert result.returncode == 15, (result.stdout[-2000:], result.stderr)
+    assert (f"stopped by SIGTERM after saving iteration 3; to resume, rerun the same command "
+            f"with SAVE_CKPT_PATH={save}") in result.stdout
+
+
+def test_a_dropped_ssh_session_does_not_stop_the_run(converted_demo, tokenizer_dir, tmp_path):
+    """SIGHUP is ignored by the template and not handled by torchrun (which would relay it to
+    the trainers: Python dies of it), so all three keep the inherited SIG_IGN."""
+    save = tmp_path / "run"
+    result = run_with_stand_in(HUNG_UP, converted_demo, tokenizer_dir, save)
+    assert result.returncode == 0, (result.returncode, result.stdout[-2000:], result.stderr)
+    log = Path(plan_lines(result.stdout)["LOG"]).read_text()
+    assert "trainer: still training after SIGHUP" in log
+    handled = log.split("--signals-to-handle ", 1)[1].split()[0].split(",")
+    assert "SIGHUP" not in handled and {"SIGTERM", "SIGINT"} <= set(handled)
 
 
 def test_a_port_in_use_is_named_with_the_fix(converted_demo, tokenizer_dir, tmp_path):

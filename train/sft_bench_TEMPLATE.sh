@@ -142,7 +142,7 @@ fi
 LOG="$SAVE_CKPT_PATH/run_$(date +%Y%m%d_%H%M%S)_tp${TP}_pp${PP}_gbs${GBS}_${NSTEP}steps.log"
 CMD=(torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$PROCS_PER_NODE"
      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-     --signals-to-handle "$(echo "SIGTERM SIGINT SIGHUP SIGQUIT $EXIT_SIGNALS" | tr ' ' '\n' | sort -u | paste -sd,)"
+     --signals-to-handle "$(echo "SIGTERM SIGINT SIGQUIT $EXIT_SIGNALS" | tr ' ' '\n' | sort -u | paste -sd,)"
      --shutdown-timeout "$SHUTDOWN_TIMEOUT"
      "$REPO_DIR/train/pretrain_llava_ov.py"
      --model "$MODEL" --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
@@ -194,13 +194,34 @@ export PATH="$(dirname "$PYTHON"):$PATH"
 [ "$DEVICE" = "cuda" ] && export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"
 # A stop signal usually reaches every process of the job at once (Ctrl-C, `kill -- -PGID`, SLURM's
 # --signal): this script and the log's tee stay up while the trainers finish the step and save,
-# or the save would fail writing to a closed pipe and this summary would never print.
-SIGNALLED=""
-for SIG in TERM INT USR1; do trap "SIGNALLED=SIG$SIG" "$SIG"; done
+# or the save would fail writing to a closed pipe and this summary would never print. Sent to
+# this script alone (`docker stop`, a Kubernetes pod whose first process this is), it is passed
+# on to the trainers (a repeat within seconds is the same stop to them). SIGHUP (a dropped ssh
+# session) is ignored by this script, torchrun and the trainers: the run goes on.
+SIGNALLED=""; LAUNCHER=""
+pass_on() {  # the trainers are torchrun's children; without pgrep, torchrun relays it
+  SIGNALLED="SIG$1"
+  [ -n "$LAUNCHER" ] || return 0
+  local trainers
+  trainers=$(pgrep -P "$LAUNCHER" 2>/dev/null || true)
+  # shellcheck disable=SC2086
+  kill -"$1" ${trainers:-$LAUNCHER} 2>/dev/null || true
+}
+for SIG in TERM INT USR1; do trap "pass_on $SIG" "$SIG"; done
+trap '' HUP
+exec 3> >(trap '' TERM INT USR1 HUP; exec tee -a "$LOG")
+TEE=$!
+"${CMD[@]}" >&3 2>&1 &
+LAUNCHER=$!
+STATUS=""
 set +e
-"${CMD[@]}" 2>&1 | (trap '' TERM INT USR1 HUP; exec tee -a "$LOG")
-STATUS=${PIPESTATUS[0]}
+while [ -z "$STATUS" ]; do
+  wait "$LAUNCHER"; CODE=$?
+  kill -0 "$LAUNCHER" 2>/dev/null || STATUS=$CODE  # still running: a trapped signal ended the wait
+done
 set -e
+exec 3>&-
+for _ in $(seq 100); do kill -0 "$TEE" 2>/dev/null || break; sleep 0.1; done  # the log is complete
 AFTER=$(newest_checkpoint)
 [ -n "$AFTER" ] && printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$AFTER"
 echo "log: $LOG"

@@ -45,6 +45,15 @@ class StopRequest:
                          "(send it again to exit at once)\n")
         sys.stderr.flush()
 
+    def request(self, reason: str) -> None:
+        """The same stop, asked for by something other than a signal (the launcher's end)."""
+        with self._lock:
+            if self.received is not None:
+                return
+            self.received, self._first_at = reason, time.monotonic()
+        sys.stderr.write(f"{reason}: finishing this step, saving, then exiting\n")
+        sys.stderr.flush()
+
     @property
     def requested(self) -> bool:
         return self.received is not None

@@ -20,7 +20,7 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMism
                                             close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop, with_full_rows
 from megatron_patch.data.tokenizer import SFTTokenizer
-from megatron_patch.parent_watch import end_with_parent
+from megatron_patch.parent_watch import call_when_parent_ends
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
 from megatron_patch.training.background_saves import BackgroundSaves
@@ -375,7 +375,8 @@ class Trainer:
         args, state = self.args, self.state
         local = None
         if self.stop_request.requested:
-            local = f"received {self.stop_request.received}"
+            received = self.stop_request.received
+            local = f"received {received}" if received.startswith("SIG") else received
         elif args.exit_interval and state.iteration % args.exit_interval == 0:
             local = f"--exit-interval {args.exit_interval}"
         elif args.exit_duration_in_mins and time.time() - self.started > 60 * args.exit_duration_in_mins:
@@ -420,11 +421,7 @@ class Trainer:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     keep_running_without_a_console()  # a closed pipe or terminal must not end the run
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # a torchrun worker: torchrun killed with SIGKILL (a scheduler's, `kill -9 -- -PGID`)
-        # cannot stop its ranks, which run in sessions of their own; orphaned, they would train
-        # and save on beside the job's restart in the same folder
-        end_with_parent(os.getppid())
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
     args = arguments.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     arguments.validate_args(args, world_size)  # fails before any heavy work
@@ -439,6 +436,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ranks.rank)
     try:
         trainer = Trainer(args, ranks, memory_history)
+        if launcher is not None:
+            # torchrun killed with SIGKILL (a scheduler's, `kill -9 -- -PGID`) cannot stop its
+            # ranks, which run in sessions of their own: orphaned, they would train and save on
+            # beside the job's restart in the same folder. They stop as on a signal instead
+            call_when_parent_ends(launcher, lambda: trainer.stop_request.request(
+                "the launcher (torchrun) ended"))
         code = trainer.train()
         trainer.metrics.close()
         return code
