@@ -313,6 +313,27 @@ def test_too_many_bad_samples_stop_the_run(converted_copy, demo_tokenizer, tmp_p
     assert "iter 60/60" not in text
 
 
+def test_a_damaged_newest_checkpoint_is_named_with_the_one_to_resume_from(
+        reference_run, converted_demo, demo_tokenizer, tmp_path):
+    """A shard of the newest checkpoint truncated after it was published (a disk or copy
+    error): torch says only "CheckpointException ranks:dict_keys([0])", and the resume hint sent
+    every restart back to it. The error names the checkpoint and the one to resume from."""
+    import shutil
+    save = tmp_path / "run"
+    shutil.copytree(reference_run, save)
+    damaged = save / "iter_0000008"
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    os.truncate(shard, shard.stat().st_size // 2)
+    result = run_trainer(converted_demo, demo_tokenizer, save, *RESUME_ARGS, "--load", save,
+                         check=False)
+    assert result.returncode == 1
+    assert (f"DamagedCheckpointError: {damaged} cannot be read (EOFError): a file of it is "
+            f"truncated or missing, and every rerun would fail the same way. Move {damaged} out "
+            f"of {save}, then rerun to resume from the newest one left (iteration 4)") in \
+        output(result)
+    assert "rerunning the same command resumes" not in output(result)
+
+
 def test_truncated_tar_is_refused_before_training(converted_copy, demo_tokenizer, tmp_path):
     shard = converted_copy / TRAIN_SHARD
     os.truncate(shard, os.path.getsize(shard) // 2)

@@ -36,6 +36,7 @@ the saves after the first reuse its checks and plans.
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import time
@@ -79,6 +80,11 @@ class CheckpointLayoutError(RuntimeError):
     """The checkpoint cannot serve this run as it is (its optimizer state's layout, its
     data-parallel size; the subclasses below); the message says why. Rerunning the same command
     would not help, so no resume hint follows it."""
+
+
+class DamagedCheckpointError(CheckpointLayoutError):
+    """A file of the checkpoint cannot be read (truncated, missing); the message says which
+    checkpoint to move away to resume from the one before."""
 
 
 class ModelMismatchError(CheckpointLayoutError):
@@ -456,6 +462,43 @@ def _load_model_state(model, state: dict, absent_extra_states: List[str]) -> Non
                            f"unexpected {sorted(result.unexpected_keys)}")
 
 
+def _read_checkpoint(sharded: dict, path: str, iteration: int) -> dict:
+    """dist_checkpointing.load, with a damaged file named as such. torch reports a truncated
+    shard as "CheckpointException ranks:dict_keys([0])", and the resume hint that followed sent
+    every restart back to the same checkpoint."""
+    try:
+        return dist_checkpointing.load(sharded, path)
+    except BaseException as error:  # torch's CheckpointException is a BaseException
+        cause = _unreadable_file_cause(error)
+        if cause is None:
+            raise
+        folder = os.path.dirname(os.path.normpath(path))
+        earlier = [i for i in checkpoint_paths.complete_iterations(folder) if i < iteration]
+        then = (f"rerun to resume from the newest one left (iteration {earlier[-1]})" if earlier
+                else "rerun (no earlier checkpoint is left: the run starts afresh)")
+        what = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+        raise DamagedCheckpointError(
+            f"{path} cannot be read ({what}): a file of it is "
+            f"truncated or missing, and every rerun would fail the same way. Move {path} out "
+            f"of {folder}, then {then}") from error
+
+
+def _unreadable_file_cause(error: BaseException) -> Optional[BaseException]:
+    """The exception behind a load failure when it is a file that cannot be read, else None."""
+    failures = getattr(error, "failures", None)
+    causes = [pair[0] for pair in failures.values()] if isinstance(failures, dict) else [error]
+    for cause in causes:
+        while cause is not None:
+            text = str(cause)
+            if isinstance(cause, (EOFError, FileNotFoundError, pickle.UnpicklingError)) or (
+                    isinstance(cause, RuntimeError) and any(
+                        sign in text for sign in ("PytorchStreamReader", "unexpected EOF",
+                                                  "truncated"))):
+                return cause
+            cause = cause.__cause__ or cause.__context__
+    return None
+
+
 def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
                     weights_only: bool = False, layout: str = REPLICATED) -> LoadResult:
     """Loads the newest complete checkpoint under `load` (or that iter_* dir).
@@ -485,7 +528,7 @@ def load_checkpoint(load: str, model_chunks, optimizer, scheduler, ranks: Ranks,
     absent_extra_states = _extra_states_absent_from(choice.path, sharded["model"])
     for name in absent_extra_states:
         del sharded["model"][name]
-    loaded = dist_checkpointing.load(sharded, choice.path)
+    loaded = _read_checkpoint(sharded, choice.path, choice.iteration)
     (model,) = _unwrap(model_chunks)
     _load_model_state(model, loaded["model"], absent_extra_states)
     notes = list(choice.notes)
