@@ -162,6 +162,39 @@ echo "trainer: still training after SIGHUP"
 """
 
 
+# a rank killed from outside: the other rank loses its connection first; torchrun's summary
+# names the killed one
+RANK_KILLED = """#!/bin/bash
+echo "[10:00:01 rank 0] rank 0 failed: RuntimeError: [pair.cc:537] Read error: Connection reset by peer"
+cat <<'SUMMARY'
+Root Cause (first observed failure):
+[1]:
+  time      : 2026-12-06_10:00:01
+  host      : node7
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 4242)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 4242
+SUMMARY
+exit 1
+"""
+
+
+@pytest.mark.parametrize("killed", [True, False], ids=["sigkill", "error"])
+def test_the_cause_of_a_failure_is_the_last_line(converted_demo, tokenizer_dir, tmp_path, killed):
+    """After torchrun's traceback: the rank it found killed, or the first error that is not a
+    rank losing its connection to the one that failed."""
+    job = RANK_KILLED if killed else RANK_KILLED.replace(
+        "cat <<", "echo '[rank 1] rank 1 failed: ValueError: a real error'\ncat <<").replace(
+        "  traceback : Signal 9 (SIGKILL) received by PID 4242\n", "")
+    result = run_with_stand_in(job, converted_demo, tokenizer_dir, tmp_path / "run")
+    assert result.returncode == 1
+    expected = ("first error: rank 1: Signal 9 (SIGKILL) received by PID 4242 (killed from "
+                "outside: out of memory?" if killed else
+                "first error (the log has the rest): rank 1 failed: ValueError: a real error")
+    assert expected in result.stdout, result.stdout[-2000:]
+
+
 def test_a_stop_signal_to_the_template_alone_reaches_the_trainers(converted_demo, tokenizer_dir,
                                                                   tmp_path):
     save = tmp_path / "run"

@@ -236,10 +236,19 @@ if [ -n "$SIGNALLED" ]; then
   fi
   echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
 fi
-# torchrun ends the output with its own traceback: repeat the trainer's first error last
+# torchrun ends the output with its own traceback: repeat the cause last. A rank killed from
+# outside (SIGKILL: the out-of-memory killer) says nothing itself; torchrun's "Root Cause" names
+# it. Otherwise the trainers' first error, passing over the others' lost connections to it.
 if [ "$STATUS" -ne 0 ]; then
-  FIRST_ERROR=$(grep -m1 -oE "rank [0-9]+ failed: .*|^error: .*" "$LOG" || true)
-  [ -n "$FIRST_ERROR" ] && echo "first error (the log has the rest): $FIRST_ERROR"
+  KILLED=$(awk '/Root Cause/ {found = 1} found && /^ *rank *:/ {rank = $3}
+                found && /traceback *: Signal/ {sub(/.*traceback *: /, ""); print "rank " rank ": " $0; exit}' "$LOG")
+  ERRORS=$(grep -oE "rank [0-9]+ failed: .*|^error: .*" "$LOG" || true)
+  FIRST_ERROR=$(echo "$ERRORS" | grep -vE "Connection (reset|closed)|Broken pipe|peer" | head -n1 || true)
+  if [ -n "$KILLED" ]; then
+    echo "first error: $KILLED (killed from outside: out of memory? see dmesg or the scheduler's log)"
+  elif [ -n "${FIRST_ERROR:-$ERRORS}" ]; then
+    echo "first error (the log has the rest): $(echo "${FIRST_ERROR:-$ERRORS}" | head -n1)"
+  fi
 fi
 # torchrun's rendezvous could not listen on the port: a rerun would fail the same way
 if [ "$STATUS" -ne 0 ] && grep -q "port: $MASTER_PORT, .*EADDRINUSE" "$LOG"; then
