@@ -31,12 +31,12 @@ from megatron_patch.checkpoint_conversion import runtime
 from megatron_patch.checkpoint_conversion.errors import ConversionError
 from megatron_patch.checkpoint_conversion.hf_config import config_from_dict, hf_config_for
 from megatron_patch.checkpoint_conversion.hf_files import (ShardedWriter, copy_side_files, dtype_name,
-                                                           human_bytes, parse_dtype,
-                                                           pipeline_outputs_in)
+                                                           parse_dtype, pipeline_outputs_in)
 from megatron_patch.checkpoint_conversion.mcore_reader import CheckpointReader, checkpoint_layout
 from megatron_patch.checkpoint_conversion.record import find_record, run_args, run_model_config
 from megatron_patch.model import hf_mapping
 from megatron_patch.model.configs import LlavaOVConfig, get_config
+from megatron_patch.sizes import human_bytes
 from megatron_patch.training import checkpoint_paths
 
 logger = logging.getLogger("megatron_patch.convert")

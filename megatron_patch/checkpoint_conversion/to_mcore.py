@@ -29,12 +29,12 @@ from tqdm import tqdm
 from megatron_patch.checkpoint_conversion import hf_stream, runtime
 from megatron_patch.checkpoint_conversion.errors import ConversionError
 from megatron_patch.checkpoint_conversion.hf_config import check_config, read_hf_config
-from megatron_patch.checkpoint_conversion.hf_files import (copy_side_files, dtype_name, human_bytes,
-                                                           parse_dtype)
+from megatron_patch.checkpoint_conversion.hf_files import copy_side_files, dtype_name, parse_dtype
 from megatron_patch.checkpoint_conversion.parallel_check import check_parallel_layout
 from megatron_patch.checkpoint_conversion.record import write_record
 from megatron_patch.compat import checkpoint_writer
 from megatron_patch.model.configs import LlavaOVConfig
+from megatron_patch.sizes import human_bytes
 from megatron_patch.training import checkpoint_paths
 
 logger = logging.getLogger("megatron_patch.convert")

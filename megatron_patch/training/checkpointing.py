@@ -54,6 +54,7 @@ from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShard
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_patch.compat import checkpoint_writer, use_fused_adam
+from megatron_patch.sizes import human_bytes
 from megatron_patch.training import checkpoint_paths
 from megatron_patch.training.background_saves import BackgroundSaves
 from megatron_patch.training.fault_injection import fault_point
@@ -368,8 +369,8 @@ def _save_failed(save: str, partial: str, final: str, need: int, cause: str) -> 
     kept = (f"the previous checkpoint {checkpoint_paths.iteration_dir_name(previous[-1])} is "
             "intact" if previous else "there is no earlier checkpoint")
     return CheckpointSaveError(
-        f"could not write checkpoint {final}: {cause}. {save} has {_gib(free)} free; a "
-        f"checkpoint needs about {_gib(need) if need else 'as much as the previous one'}. "
+        f"could not write checkpoint {final}: {cause}. {save} has {_space(free)} free; a "
+        f"checkpoint needs about {_space(need) if need else 'as much as the previous one'}. "
         f"Nothing was published and {kept}: free space (or point --save to a writable disk) "
         "and rerun the same command to resume")
 
@@ -388,8 +389,8 @@ def estimated_checkpoint_bytes(save: str, model_chunks, ranks: Ranks) -> int:
 def check_free_space(save: str, need: int) -> None:
     free = _free_bytes(save)
     if free is not None and need and free < need:
-        raise OSError(28, f"No space left on device: {_gib(free)} free in {save}, "
-                          f"{_gib(need)} needed (checked before writing)")
+        raise OSError(28, f"No space left on device: {_space(free)} free in {save}, "
+                          f"{_space(need)} needed (checked before writing)")
 
 
 def _free_bytes(path: str) -> Optional[int]:
@@ -404,8 +405,8 @@ def directory_bytes(path: str) -> int:
                for root, _, names in os.walk(path) for name in names)
 
 
-def _gib(count: Optional[int]) -> str:
-    return "unknown space" if count is None else f"{count / 2 ** 30:.2f} GiB"
+def _space(count: Optional[int]) -> str:
+    return "unknown space" if count is None else human_bytes(count)
 
 
 def read_run_state(checkpoint_dir: str) -> Optional[dict]:

@@ -8,6 +8,7 @@ import shutil
 import sys
 
 from megatron_patch.model.configs import get_config
+from megatron_patch.sizes import human_bytes
 from megatron_patch.training.arguments import ArgumentError, check_model_divisibility
 
 # bf16 weights + fp32 master copy + two fp32 Adam moments, per parameter
@@ -37,8 +38,9 @@ def check(model: str, tp: int, pp: int, save: str) -> list:
         target = os.path.dirname(target) or "."
     free = shutil.disk_usage(target).free
     if free < needed:
-        problems.append(f"{save}: {free / 1e9:.1f} GB free, one checkpoint of {model} needs about "
-                        f"{needed / 1e9:.1f} GB; free space or choose another SAVE_CKPT_PATH")
+        problems.append(f"{save}: {human_bytes(free)} free, one checkpoint of {model} needs "
+                        f"about {human_bytes(needed)}; free space or choose another "
+                        "SAVE_CKPT_PATH")
     return problems
 
 
