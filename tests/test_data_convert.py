@@ -427,3 +427,23 @@ def test_split_assigner_is_exact_at_every_prefix(ratio, counts):
         for split, share in zip(("train", "val", "test"), shares):
             assert abs(seen[split] - share * n) < 1.0
     assert tuple(seen.values()) == counts
+
+
+def test_a_full_disk_says_to_free_space_and_rerun(tmp_path, monkeypatch, capsys):
+    """The conversion itself survives it (tests/test_data_convert_resume.py); the message said
+    only 'OSError: [Errno 28] No space left on device' in a traceback."""
+    import errno
+
+    from megatron_patch.data import convert_cli
+
+    def full_disk(options):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert_cli, "convert", full_disk)
+    source = tmp_path / "data.json"
+    source.write_text("[]")
+    out = tmp_path / "out"
+    assert convert_main([str(source), "--output-dir", str(out), "--no-progress"]) == 1
+    assert (f"error: the disk of {out} is full ([Errno 28] No space left on device): free space "
+            "(or choose another --output-dir) and rerun the same command: the conversion goes "
+            "on from its last commit point") in capsys.readouterr().err

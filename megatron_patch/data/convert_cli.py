@@ -5,6 +5,7 @@ Exit status: 0 every record converted; 3 done, but some records were skipped (se
 arguments.
 """
 import argparse
+import errno
 import os
 import re
 import shutil
@@ -95,6 +96,13 @@ def main(argv=None) -> int:
         report = convert(options)
     except SystemExit as error:
         print(error, file=sys.stderr)
+        return 1
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        print(f"error: the disk of {args.output_dir} is full ({error}): free space (or choose "
+              "another --output-dir) and rerun the same command: the conversion goes on from "
+              "its last commit point, to the same shards", file=sys.stderr)
         return 1
     print_summary(report, args.output_dir)
     if report.skipped and args.strict:
