@@ -196,3 +196,38 @@ def test_a_save_folder_with_later_checkpoints_is_refused(tmp_path):
     with pytest.raises(SaveFolderInUse, match=f"{damaged} has no run_state.json \\(damaged, or a "
                        "base model put there\\) and cannot be resumed: move it out"):
         check_save_folder(_save_args(save, load=save))
+
+
+def test_a_resume_into_other_data_is_refused(tmp_path, tokenizer, converted_demo):
+    """The saved data position counts into the data it was saved with: re-converted with more
+    samples a resume went on silently, with fewer it failed in a loader worker ('Index out of
+    bounds'). A moved dataset is the same data."""
+    import shutil
+
+    from megatron_patch.data.blends import train_data_fingerprint
+    saved = {"model": "tiny", **SIZES}
+    checkpoint = _checkpoint(tmp_path / "run", **{"run_state.json": {
+        "args": saved, "data": train_data_fingerprint(str(converted_demo))}})
+    cfg = get_config("tiny")
+    moved = shutil.copytree(converted_demo, tmp_path / "moved")
+    check_checkpoint_fits(str(tmp_path / "run"), argparse.Namespace(**saved, data_path=str(moved)),
+                          cfg, tokenizer, resuming=True)
+    info = moved / ".nv-meta" / ".info.json"
+    counts = json.loads(info.read_text())
+    train_shard = sorted(counts["shard_counts"])[0]
+    counts["shard_counts"][train_shard] += 30  # re-converted from more records
+    info.write_text(json.dumps(counts))
+    changed = argparse.Namespace(**saved, data_path=str(moved))
+    with pytest.raises(CheckpointLayoutError, match=(
+            f"--data-path {moved} is not the data {checkpoint} was trained on: its train split "
+            r"had 108 samples in 1 shards, now 138 samples in 1 shards. Its data position cannot "
+            "be resumed into other data")):
+        check_checkpoint_fits(str(tmp_path / "run"), changed, cfg, tokenizer, resuming=True)
+    check_checkpoint_fits(str(tmp_path / "run"), changed, cfg, tokenizer)  # weights only
+
+
+def test_the_trainer_records_its_data(reference_run, converted_demo):
+    from megatron_patch.data.blends import train_data_fingerprint
+    record = json.loads((reference_run / "iter_0000008" / "run_state.json").read_text())
+    assert record["data"] == train_data_fingerprint(str(converted_demo))
+    assert record["data"]["train_samples"] == 108

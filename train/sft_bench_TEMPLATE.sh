@@ -117,7 +117,7 @@ if [ -n "$DONE_ITERS" ]; then
   [ "$RESUME" = "0" ] && fail "$SAVE_CKPT_PATH already holds a run; set RESUME=auto to continue it or choose a new SAVE_CKPT_PATH"
   read -r SAVED_NSTEP SAVED_WARMUP <<< "$(saved_plan)"
   if [ "$SAVED_NSTEP" != "-" ] && [ "$SAVED_NSTEP" != "$NSTEP" ]; then  # "-": not recorded
-    echo "note: resuming keeps the run's own NSTEP=$SAVED_NSTEP (this plan gives $NSTEP: EPOCHS, GBS, SEQ_LEN or packing changed)," \
+    echo "note: resuming keeps the run's own NSTEP=$SAVED_NSTEP (this plan gives $NSTEP: the data, EPOCHS, GBS, SEQ_LEN or packing changed)," \
          "as it keeps its learning-rate schedule; to train with the new plan, start a new stage:" \
          "CHECKPOINT_PATH=$SAVE_CKPT_PATH SAVE_CKPT_PATH=<a new folder>"
     NSTEP=$SAVED_NSTEP; WARMUP=$SAVED_WARMUP

@@ -4,11 +4,15 @@ energon reads the blend itself when training; the launcher's plan (samples, pack
 and the tools' messages only need to know which dataset folders a split draws from, and how
 much of each.
 """
+import hashlib
+import json
 import logging
 import os
-from typing import Any, Iterator, List, Set, Tuple
+from typing import Any, Iterator, List, Optional, Set, Tuple
 
 import yaml
+
+from megatron_patch.data.energon_index import META_DIR
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,34 @@ def blend_members(path: str, split: str = "train") -> List[Tuple[str, float]]:
     base = os.path.dirname(os.path.abspath(path))
     return [(os.path.normpath(os.path.join(base, entry["path"])), float(entry.get("weight", 1.0)))
             for entry in entries]
+
+
+def train_data_fingerprint(path: str) -> Optional[dict]:
+    """What a train loader's saved position refers to: each folder's train shards with their
+    sample counts, and the blend's weights; not the paths (a moved dataset is the same data).
+    None when a folder has no energon index to read the counts from."""
+    from megatron_patch.data.shard_scan import read_split_layout  # imports energon: seconds
+    parts = []
+    for folder, weight in _weighted_folders(path, 1.0):
+        info = os.path.join(folder, META_DIR, ".info.json")
+        try:
+            with open(info) as handle:
+                counts = json.load(handle)["shard_counts"]
+        except (OSError, ValueError, KeyError):
+            return None
+        shards = read_split_layout(folder).get("train", [])
+        parts.append((weight, [(name, counts.get(name)) for name in shards]))
+    digest = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return {"train_samples": sum(n or 0 for _, shards in parts for _, n in shards),
+            "train_shards": sum(len(shards) for _, shards in parts), "digest": digest}
+
+
+def _weighted_folders(path: str, weight: float) -> Iterator[Tuple[str, float]]:
+    if not is_blend(path):
+        yield os.path.normpath(path), weight
+        return
+    for member, share in blend_members(path):
+        yield from _weighted_folders(member, weight * share)
 
 
 def dataset_folders(path: str) -> List[str]:

@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from megatron_patch.checkpoint_conversion.record import find_record
+from megatron_patch.data.blends import train_data_fingerprint
 from megatron_patch.data.tokenizer import SFTTokenizer, fingerprint_differences
 from megatron_patch.training import arguments, checkpoint_paths
 from megatron_patch.training.checkpointing import (NEW_RUN_FROM_ITS_WEIGHTS,
@@ -91,6 +92,7 @@ def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,
         _check_run_model(load, path, saved, args)
         if resuming:
             _check_loader_settings(path, saved, args)
+            _check_same_data(path, run_state.get("data"), args)
             _check_optimizer_groups(path, saved, args)
     elif conversion is not None:
         _check_converted_model(load, path, conversion, args, cfg)
@@ -158,6 +160,24 @@ def _check_loader_settings(path: str, saved: Dict[str, Any], args) -> None:
             f"{', '.join(f'{name}: {now}' for name, _, now in differ)}, and energon can restore "
             "a position only into a loader built the same way. Resume with the same data "
             f"settings, or {NEW_RUN_FROM_ITS_WEIGHTS}")
+
+
+def _check_same_data(path: str, saved: Optional[dict], args) -> None:
+    """The saved data position counts into the data it was saved with: with more data a resume
+    went on silently (in another order), with less it failed in a loader worker."""
+    if not saved:
+        return  # not recorded
+    data_path = args.data_path
+    now = train_data_fingerprint(data_path)
+    if not now or saved.get("digest") == now["digest"]:
+        return
+    was = f"{saved.get('train_samples')} samples in {saved.get('train_shards')} shards"
+    is_now = f"{now['train_samples']} samples in {now['train_shards']} shards"
+    raise CheckpointLayoutError(
+        f"--data-path {data_path} is not the data {path} was trained on: its train split had "
+        f"{was}, now {is_now}" + (" (other shards or blend weights)" if was == is_now else "")
+        + ". Its data position cannot be resumed into other data: resume with the data it was "
+        f"trained on, or {NEW_RUN_FROM_ITS_WEIGHTS}")
 
 
 def _optimizer_groups(values: Dict[str, Any]) -> Dict[str, float]:

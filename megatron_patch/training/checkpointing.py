@@ -266,7 +266,8 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
                     dataloader_mirror: Optional[str] = None, keep_last: Optional[int] = None,
                     layout: str = REPLICATED, strategy: Optional[SaveStrategy] = None,
                     background: Optional[BackgroundSaves] = None,
-                    tokenizer_fingerprint: Optional[dict] = None) -> str:
+                    tokenizer_fingerprint: Optional[dict] = None,
+                    data_fingerprint: Optional[dict] = None) -> str:
     """Writes iter_XXXXXXX for `state.iteration` from all ranks; returns its final path.
 
     With `background`, returns once the shards are copied to host memory and their writer is
@@ -318,7 +319,7 @@ def save_checkpoint(save: str, model_chunks, optimizer, scheduler, state: RunSta
         record = {"kind": "run", "world_size": ranks.world_size, "data_parallel_size": ranks.dp_size,
                   "tensor_parallel_size": ranks.tp_size, "pipeline_parallel_size": ranks.pp_size,
                   "optimizer_format": layout, **asdict(state), "args": args_dict,
-                  "tokenizer": tokenizer_fingerprint}
+                  "tokenizer": tokenizer_fingerprint, "data": data_fingerprint}
         with open(os.path.join(partial, RUN_STATE_NAME), "w") as handle:
             json.dump(record, handle, indent=1, sort_keys=True, default=str)
         fault_point("save:before_publish", iteration, rank)

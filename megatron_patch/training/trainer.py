@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_patch.compat import checkpoint_writer
-from megatron_patch.data.blends import dataset_folders
+from megatron_patch.data.blends import dataset_folders, train_data_fingerprint
 from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMismatch,
                                             build_train_loader, build_val_loader, check_manifest,
                                             close_loader, restore_loader_state, save_loader_state)
@@ -84,6 +84,9 @@ class Trainer:
             if torch.cuda.is_available() else torch.device("cpu")
         check_manifest(args.data_path)  # tars changed since conversion: fail before heavy work
         self.tokenizer = SFTTokenizer(args.tokenizer_path)
+        # what each checkpoint records, so that a resume with other ones is refused
+        self.tokenizer_fingerprint = self.tokenizer.fingerprint()
+        self.data_fingerprint = train_data_fingerprint(args.data_path)
         self.cfg = model_config(args, self.tokenizer)
         arguments.validate_args(args, ranks.world_size, self.cfg)  # model-dependent checks
         self.echo_config()
@@ -408,7 +411,8 @@ class Trainer:
                 save_loader_state(self.train_loader), self.ranks, vars(self.args),
                 dataloader_mirror=self.args.dataloader_save, keep_last=self.args.keep_last,
                 layout=self.optimizer_layout, strategy=self.save_strategy,
-                background=background, tokenizer_fingerprint=self.tokenizer.fingerprint())
+                background=background, tokenizer_fingerprint=self.tokenizer_fingerprint,
+                data_fingerprint=self.data_fingerprint)
         blocked = time.time() - started
         if background:
             logger.info("%s: state copied in %.1f s, being written in the background", path,
