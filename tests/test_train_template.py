@@ -15,10 +15,11 @@ from trainer_runs import subprocess_env
 TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "train", "sft_bench_TEMPLATE.sh")
 
 
-def run_template(env_overrides):
+def run_template(env_overrides, cwd=None):
     env = {**os.environ, "PYTHON": sys.executable, "DRY_RUN": "1", "GPUS_PER_NODE": "0",
            **env_overrides}
-    return subprocess.run(["bash", TEMPLATE], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", os.path.abspath(TEMPLATE)], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +196,31 @@ def test_the_cause_of_a_failure_is_the_last_line(converted_demo, tokenizer_dir, 
     assert expected in result.stdout, result.stdout[-2000:]
 
 
+# torchrun alone was signalled (the template was not): the trainer saved and stopped
+TORCHRUN_SIGNALLED = """#!/bin/bash
+mkdir "$SAVE_CKPT_PATH/iter_0000003" && touch "$SAVE_CKPT_PATH/iter_0000003/COMPLETE"
+echo "[rank 0] stopping at iteration 3: received SIGTERM"
+exit 1
+"""
+
+
+def test_a_save_on_a_signal_to_torchrun_alone_is_reported(converted_demo, tokenizer_dir,
+                                                          tmp_path):
+    save = tmp_path / "run"
+    result = run_with_stand_in(TORCHRUN_SIGNALLED, converted_demo, tokenizer_dir, save)
+    assert result.returncode == 15, (result.stdout[-2000:], result.stderr)
+    assert "stopped by SIGTERM after saving iteration 3" in result.stdout
+
+
+def test_a_relative_save_path_is_made_absolute(converted_demo, tokenizer_dir, tmp_path):
+    """The resume hint names it: the same command from another directory would start afresh."""
+    result = run_template({"MODEL": "tiny", "DATA_PATH": str(converted_demo),
+                           "TOKENIZER_PATH": tokenizer_dir, "SAVE_CKPT_PATH": "runs/first"},
+                          cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert plan_lines(result.stdout)["LOG"].startswith(f"{tmp_path}/runs/first/run_")
+
+
 def test_a_stop_signal_to_the_template_alone_reaches_the_trainers(converted_demo, tokenizer_dir,
                                                                   tmp_path):
     save = tmp_path / "run"
@@ -289,6 +315,7 @@ def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tm
     ({"TOKENIZER_PATH": "/nonexistent"}, "TOKENIZER_PATH /nonexistent does not exist"),
     ({"CHECKPOINT_PATH": "/nonexistent"}, "CHECKPOINT_PATH /nonexistent does not exist"),
     ({"TP": "3"}, "not divisible by TP=3"),
+    ({"SAVE_CKPT_PATH": __file__}, f"SAVE_CKPT_PATH {__file__} is a file, not a folder"),
     ({"EXTRA_ARGS": "--packing --lr-warmup-fraction 0.01 --train-iters=10"},
      "EXTRA_ARGS: --lr-warmup-fraction is the template's own (set WARMUP_FRACTION instead); "
      "--train-iters is the template's own (set EPOCHS (the plan turns it into NSTEP) instead)"),

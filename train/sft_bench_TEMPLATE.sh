@@ -76,6 +76,11 @@ if [ -d "$DATA_PATH" ]; then
 fi
 [ -e "$TOKENIZER_PATH" ] || fail "TOKENIZER_PATH $TOKENIZER_PATH does not exist (a dir with tokenizer.json)"
 [ -z "$CHECKPOINT_PATH" ] || [ -e "$CHECKPOINT_PATH" ] || fail "CHECKPOINT_PATH $CHECKPOINT_PATH does not exist (empty it to start from random weights)"
+# absolute, so that the resume hint works from any directory
+case "$SAVE_CKPT_PATH" in /*) ;; *) SAVE_CKPT_PATH="$PWD/$SAVE_CKPT_PATH" ;; esac
+[ ! -e "$SAVE_CKPT_PATH" ] || [ -d "$SAVE_CKPT_PATH" ] || fail "SAVE_CKPT_PATH $SAVE_CKPT_PATH is a file, not a folder: choose another path"
+WRITABLE="$SAVE_CKPT_PATH"; while [ ! -e "$WRITABLE" ]; do WRITABLE=$(dirname "$WRITABLE"); done
+[ -w "$WRITABLE" ] || fail "SAVE_CKPT_PATH $SAVE_CKPT_PATH: $WRITABLE is not writable for $(id -un): choose a folder you can write to"
 [ $((WORLD % (TP * PP))) -eq 0 ] || fail "TP x PP = $((TP * PP)) does not divide the $WORLD processes; pick TP and PP whose product divides $WORLD"
 "$PYTHON" -W ignore -m megatron_patch.training.preflight --model "$MODEL" --tp "$TP" --pp "$PP" \
     --save "$SAVE_CKPT_PATH" || fail "see the line above"
@@ -175,7 +180,7 @@ START: $START
 LOG=$LOG
 TENSORBOARD: tensorboard --logdir $SAVE_CKPT_PATH/tensorboard
 PLAN_EOF
-echo "COMMAND: ${CMD[*]}"
+echo "COMMAND: $(printf '%q ' "${CMD[@]}")"
 if [ "${DRY_RUN:-0}" = "1" ]; then
   echo "DRY_RUN=1: nothing launched"; exit 0
 fi
@@ -225,16 +230,19 @@ for _ in $(seq 100); do kill -0 "$TEE" 2>/dev/null || break; sleep 0.1; done  # 
 AFTER=$(newest_checkpoint)
 [ -n "$AFTER" ] && printf "final checkpoint: %s/iter_%07d\n" "$SAVE_CKPT_PATH" "$AFTER"
 echo "log: $LOG"
-if [ -n "$SIGNALLED" ]; then
-  # torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
-  # trainers saved and exited 15 as asked: what counts is whether the trainer stopped after a
-  # step and its checkpoint of that step is the newest published one (not an earlier interval's)
-  STOPPED_AT=$(sed -n 's/.*stopping at iteration \([0-9]*\): .*/\1/p' "$LOG" | tail -n1)
+# torchrun reports a signal as a failure (status 1, a SignalException traceback) even when the
+# trainers saved and exited 15 as asked: what counts is whether the trainer stopped after a step
+# on a signal (sent to this script, the job, or torchrun alone) and its checkpoint of that step
+# is the newest published one (not an earlier interval's)
+STOP_LINE=$(grep -oE "stopping at iteration [0-9]+: (received SIG[A-Z0-9]+|the launcher \(torchrun\) ended)" "$LOG" | tail -n1 || true)
+STOPPED_AT=$(echo "$STOP_LINE" | sed -n 's/stopping at iteration \([0-9]*\): .*/\1/p')
+STOPPED_BY="${SIGNALLED:-$(echo "$STOP_LINE" | sed 's/^[^:]*: //; s/^received //')}"
+if [ -n "$STOPPED_BY" ]; then
   if [ -n "$AFTER" ] && [ "$AFTER" = "$STOPPED_AT" ]; then
-    echo "stopped by $SIGNALLED after saving iteration $AFTER; to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
+    echo "stopped by $STOPPED_BY after saving iteration $AFTER; to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
     exit 15
   fi
-  echo "stopped by $SIGNALLED without saving the step it stopped at (see the log above)"
+  echo "stopped by $STOPPED_BY without saving the step it stopped at (see the log above)"
 fi
 # torchrun ends the output with its own traceback: repeat the cause last. A rank killed from
 # outside (SIGKILL: the out-of-memory killer) says nothing itself; torchrun's "Root Cause" names
