@@ -379,6 +379,9 @@ def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
     assert len(logs) == 1 and "iter 5/7 | loss" in logs[0].read_text()
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
     assert f"final checkpoint: {save}/iter_0000005" in first.stdout
+    assert (f"not finished: stopped at iteration 5 of NSTEP=7 (--exit-interval or "
+            f"--exit-duration-in-mins); to continue, rerun the same command with "
+            f"SAVE_CKPT_PATH={save}") in first.stdout
 
     env.update(EPOCHS="0.4", EXTRA_ARGS="")  # this plan would give 12 steps
     second = launch()
@@ -388,6 +391,7 @@ def test_real_cpu_run_then_resume(converted_demo, demo_tokenizer, tmp_path):
     assert "iter 6/7" in second.stdout and "iter 7/7" in second.stdout
     assert "resuming keeps the learning-rate schedule" not in second.stdout  # the same one
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "7"
+    assert "not finished" not in second.stdout
 
     third = launch()
     assert third.returncode == 0 and "COMMAND:" not in third.stdout

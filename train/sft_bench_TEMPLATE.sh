@@ -264,7 +264,9 @@ if [ "$STATUS" -ne 0 ] && grep -q "port: $MASTER_PORT, .*EADDRINUSE" "$LOG"; the
   exit "$STATUS"
 fi
 # the default SAVE_CKPT_PATH holds today's date: a rerun tomorrow would start afresh elsewhere
-if [ "$STATUS" -ne 0 ] && [ -n "$AFTER" ]; then
+if [ "$STATUS" -eq 0 ] && [ -n "$AFTER" ] && [ "$AFTER" -lt "$NSTEP" ]; then
+  echo "not finished: stopped at iteration $AFTER of NSTEP=$NSTEP (--exit-interval or --exit-duration-in-mins); to continue, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH"
+elif [ "$STATUS" -ne 0 ] && [ -n "$AFTER" ]; then
   echo "to resume, rerun the same command with SAVE_CKPT_PATH=$SAVE_CKPT_PATH (unless the error above says the checkpoint cannot serve it)"
 elif [ "$STATUS" -ne 0 ]; then
   echo "no checkpoint was saved: fix the error above and rerun"

@@ -251,8 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "partial)")
     g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", help="default: SAVE/tensorboard")
-    g.add_argument("--exit-duration-in-mins", type=float)
-    g.add_argument("--exit-interval", type=int)
+    g.add_argument("--exit-duration-in-mins", type=float,
+                   help="after this many minutes, finish the step, save and exit with status 0 "
+                        "(as Megatron-LM; rerunning the same command continues the run)")
+    g.add_argument("--exit-interval", type=int,
+                   help="at every multiple of this iteration, save and exit with status 0 (as "
+                        "Megatron-LM); the template's summary says the run is not finished and "
+                        "how to continue it")
     g.add_argument("--exit-signals", nargs="+", default=["SIGTERM", "SIGINT"],
                    help="signals that make the run finish its step, save and exit with status 15 "
                         "(add SIGUSR1 for SLURM's --signal=USR1@<seconds> warning)")
