@@ -7,8 +7,11 @@ the tokenizer beside it). Without this check another model fails only after it i
 megatron's shape error and a resume hint that cannot help; another tokenizer of the same size
 does not fail at all: the model reads ids it never learned and training or evaluation goes on,
 producing garbage. A resume also needs the data loader and the optimizer's parameter groups
-built as they were saved (megatron and energon fail deep inside otherwise). Checkpoints with no
-record (older runs) are let through.
+built as they were saved, and the same train data (megatron and energon fail deep inside, or
+go on silently, otherwise). Checkpoints with no record (older runs) are let through.
+
+`check_save_folder` guards the other side: a --save holding checkpoints later than where the
+run starts, which it would overwrite or interleave with.
 """
 import argparse
 import os
