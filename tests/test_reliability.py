@@ -160,10 +160,12 @@ def test_a_stop_signal_to_the_whole_job_still_finishes_the_step_and_saves(conver
     the rank (no hang at exit)."""
     save = tmp_path / "run"
     stopped = run_with_fault(converted_demo, demo_tokenizer, save, "step@3:SIGTERM:group",
-                             "--num-workers", 1, "--async-save", timeout=180)  # hung before
+                             "--num-workers", 1, "--async-save", "--log-interval", 2,
+                             timeout=180)  # hung before
     assert stopped.returncode == EXIT_SIGNALLED, output(stopped)[-3000:]
     assert "stopping at iteration 3: received SIGTERM" in stopped.stdout
     assert checkpoint_paths.complete_iterations(save) == [3]
+    assert sorted(metrics(save)) == [2, 3]  # the step after the last log line is logged too
 
 
 STOP_REQUEST_SCRIPT = """

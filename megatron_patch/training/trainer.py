@@ -222,6 +222,9 @@ class Trainer:
             if args.eval_interval and state.iteration % args.eval_interval == 0:
                 self.evaluate()
             stop_reason = self.stop_reason()
+            if stop_reason and stats.iterations:  # the steps since the last log line
+                self.log_interval(stats, timer, paused - interval_start)
+                stats = IntervalStats()
             if self.should_save(stop_reason):
                 self.save()
             interval_start += time.time() - paused
