@@ -44,6 +44,7 @@ from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
                                                learning_rates_by_module,
                                                schedule_kept_from_checkpoint)
 from megatron_patch.training.parallel_setup import Ranks, all_reduce_host, initialize, shutdown
+from megatron_patch.training.save_lock import SaveFolderLocked, hold_save_folder
 from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
 
@@ -78,6 +79,7 @@ def data_error_advice(data_path: str, resumed_loader: bool) -> str:
 class Trainer:
     def __init__(self, args, ranks: Ranks, memory_history: Optional[MemoryHistory] = None):
         self.args, self.ranks, self.memory_history = args, ranks, memory_history
+        self.save_lock = self.lock_save_folder() if args.save else None
         if args.save:
             checkpoint_writer.start()  # overlaps the first save's 2-3 s of setup with ours
         self.device = torch.device("cuda", torch.cuda.current_device()) \
@@ -374,6 +376,19 @@ class Trainer:
         return loss
 
     # ------------------------------------------------------------------ stopping and saving
+    def lock_save_folder(self):
+        """Rank 0 locks --save for this run (save_lock.py); every rank raises if it cannot."""
+        lock, refusal = None, None
+        if self.ranks.rank == 0:
+            try:
+                lock = hold_save_folder(self.args.save)
+            except SaveFolderLocked as error:
+                refusal = error
+        if not self.all_ranks_have(refusal is None):
+            raise refusal or SaveFolderLocked(f"another run is using --save {self.args.save} "
+                                              "(rank 0 names it)")
+        return lock
+
     def all_ranks_have(self, flag: bool) -> bool:
         return int(all_reduce_host(torch.tensor([0 if flag else 1], dtype=torch.int32))) == 0
 
@@ -458,7 +473,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
         # rerunning helps after a crash, not when the checkpoint or its loader state cannot
         # serve this command
-        hopeless = (CheckpointLayoutError, LoaderStateMismatch)
+        hopeless = (CheckpointLayoutError, LoaderStateMismatch, SaveFolderLocked)
         if ranks.rank == 0 and args.save and not isinstance(error, hopeless):
             logger.error("%s", checkpoint_paths.resume_hint(args.save))
         raise
