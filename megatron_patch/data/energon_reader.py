@@ -24,6 +24,7 @@ from megatron.energon import (Cooker, Sample, TaskEncoder, WorkerConfig,
 from megatron.energon.errors import reraise_exception
 from PIL import Image
 
+from megatron_patch.data.image_view import model_view
 from megatron_patch.data.shard_format import (IMAGE_TAG, JSON_PART, ROLE_ASSISTANT, ROLE_SYSTEM,
                                               ROLE_USER, decode_sample_json)
 
@@ -88,14 +89,15 @@ def cook_llava_sample(crude: dict) -> LlavaSftSample:
         source=record.get("source"), meta=record.get("meta") or {})
 
 
-def decode_images(sample: LlavaSftSample, mode: str = "RGB") -> List[Image.Image]:
-    """Decodes the sample's images (fully loaded, converted to `mode`); errors name the part."""
+def decode_images(sample: LlavaSftSample) -> List[Image.Image]:
+    """Decodes the sample's images as the model sees them (`model_view`: upright, RGB);
+    errors name the part."""
     images = []
     for name, data in zip(sample.image_names, sample.images):
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                images.append(image.convert(mode) if mode else image.copy())
+                images.append(model_view(image))
         except Exception as error:  # PIL raises many types for bad bytes
             raise SampleFormatError(f"sample {sample.__key__}: image part {name} does not decode: "
                                     f"{type(error).__name__}: {error}") from error

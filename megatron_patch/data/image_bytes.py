@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megatron_patch.data.errors import BadRecord
+from megatron_patch.data.image_view import model_view
 
 # Magic numbers of the formats energon/webdataset decode by extension.
 _SIGNATURES = (
@@ -117,12 +118,20 @@ def load_image_bytes(source: ImageSource, search_dirs: Sequence[str]) -> bytes:
 
 
 def _reencode(image: Image.Image, ext: str) -> bytes:
+    """The re-encoded file drops the EXIF orientation tag, so the pixels are turned upright
+    first; JPEG holds no transparency (put on white, as the model sees it), and PNG no CMYK."""
     out = io.BytesIO()
     if ext == "jpg":
-        image.convert("RGB").save(out, format="JPEG", quality=95)
+        model_view(image).save(out, format="JPEG", quality=95)
     else:
-        image.save(out, format="PNG")
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode not in _PNG_MODES:
+            upright = upright.convert("RGBA" if "A" in upright.mode else "RGB")
+        upright.save(out, format="PNG")
     return out.getvalue()
+
+
+_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")
 
 
 def verified_image(data: bytes, what: str, reencode: str = "none") -> tuple[bytes, str, bool]:

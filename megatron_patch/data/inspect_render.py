@@ -10,6 +10,7 @@ from typing import List, Sequence
 
 from PIL import Image
 
+from megatron_patch.data.image_view import model_view
 from megatron_patch.data.sample_check import CheckedSample
 from megatron_patch.data.shard_scan import Problem
 
@@ -119,7 +120,7 @@ def _thumbnail_uri(data: bytes):
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            thumb = image.convert("RGB")
+            thumb = model_view(image)  # what the model sees
     except Exception:  # a corrupt image is shown as text, not as a broken page
         return None
     thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
