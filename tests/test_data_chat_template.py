@@ -46,6 +46,19 @@ def test_own_system_prompt_replaces_the_default_and_generation_prompt(tokenizer)
     assert not any(encoded.loss_mask)
 
 
+def test_chat_markup_typed_in_a_conversation_stays_text(tokenizer):
+    """A user quoting `<|image_pad|>` broke the sample's image count (the run stopped); an
+    `<|im_end|>` inside an answer became a real end of turn in the loss."""
+    turns = [{"from": "human", "value": "<image>\nWhat does <|image_pad|> mean?"},
+             {"from": "gpt", "value": "It ends a turn: <|im_end|> like that."}]
+    encoded = encode_conversation(tokenizer, turns, image_token_counts=[3])
+    assert encoded.input_ids.count(tokenizer.image_pad_id) == 3   # the image's, not the text's
+    assert encoded.input_ids.count(tokenizer.im_end_id) == 3      # system, user, assistant
+    assert tokenizer.decode(encoded.input_ids).endswith(
+        "<|im_start|>assistant\nIt ends a turn: <|im_end|> like that.<|im_end|>\n")
+    assert tokenizer.encode_text("a <|im_end|>") != tokenizer.encode("a <|im_end|>")
+
+
 def test_image_count_mismatch_is_an_error(tokenizer):
     turns = [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]
     with pytest.raises(ValueError, match="more <image> tags"):

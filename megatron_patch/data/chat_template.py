@@ -50,7 +50,7 @@ def encode_conversation(tokenizer: SFTTokenizer, turns: Sequence[dict],
         if role == ROLE_USER:
             add(_with_image_placeholders(tokenizer, turn["value"], images), False)
         else:
-            add(tokenizer.encode(turn["value"]), role == ROLE_ASSISTANT)
+            add(tokenizer.encode_text(turn["value"]), role == ROLE_ASSISTANT)
         add([tokenizer.im_end_id], role == ROLE_ASSISTANT)
         add(newline, False)
     if add_generation_prompt:
@@ -63,12 +63,12 @@ def encode_conversation(tokenizer: SFTTokenizer, turns: Sequence[dict],
 
 def _with_image_placeholders(tokenizer: SFTTokenizer, text: str, images) -> List[int]:
     pieces = text.split(IMAGE_TAG)
-    ids = tokenizer.encode(pieces[0]) if pieces[0] else []
+    ids = tokenizer.encode_text(pieces[0]) if pieces[0] else []
     for piece in pieces[1:]:
         count = next(images, None)
         if count is None:
             raise ValueError(f"more {IMAGE_TAG} tags than images in the conversation")
         ids += [tokenizer.vision_start_id] + [tokenizer.image_pad_id] * count + [tokenizer.vision_end_id]
         if piece:
-            ids += tokenizer.encode(piece)
+            ids += tokenizer.encode_text(piece)
     return ids

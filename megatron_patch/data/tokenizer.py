@@ -73,6 +73,19 @@ class SFTTokenizer:
             return self._hf.encode(text, add_special_tokens=False).ids
         return self._sp.encode(text)
 
+    def encode_text(self, text: str) -> List[int]:
+        """A conversation's text as written: chat markup typed in it (`<|im_end|>`,
+        `<|image_pad|>`) stays text. Parsed as markup, one user's `<|image_pad|>` broke the
+        sample's image count and stopped the run, and an `<|im_end|>` in an answer taught the
+        model to stop mid-answer. (A SentencePiece model splits its own symbols as it does.)"""
+        if self._hf is None:
+            return self._sp.encode(text)
+        self._hf.encode_special_tokens = True
+        try:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        finally:
+            self._hf.encode_special_tokens = False
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = list(ids)
         if self._hf is not None:
