@@ -143,6 +143,8 @@ def _bad_records(tmp_path):
     good_image = write(str(tmp_path / "ok.png"), image_bytes((0, 0, 255)))
     write(str(tmp_path / "corrupt.png"), image_bytes((0, 0, 255))[:40])
     write(str(tmp_path / "huge.png"), huge_png_header())
+    thin = Image.new("RGB", (2010, 10), (0, 0, 255))  # over the vision tower's 200:1
+    thin.save(tmp_path / "thin.png")
     good = {"image": good_image, "conversations": [turn("human", "<image>\nx"), turn("gpt", "y")]}
     bad = [
         ("image_not_found", {"image": "missing.png", "conversations": good["conversations"]}),
@@ -161,6 +163,9 @@ def _bad_records(tmp_path):
         ("empty_turn", {"conversations": [turn("human", "a"), turn("gpt", "  ")]}),
         ("video_unsupported", {"video": "clip.mp4", "conversations": [
             turn("human", "<video>\nWhat happens?"), turn("gpt", "a dog runs")]}),
+        ("image_too_thin", {"image": "thin.png", "conversations": good["conversations"]}),
+        ("invalid_text", {"conversations": [turn("human", "a \ud800 lone surrogate"),
+                                            turn("gpt", "b")]}),  # valid JSON, not Unicode
     ]
     lines = []
     for index, (_, record) in enumerate(bad):

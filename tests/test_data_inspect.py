@@ -1,4 +1,5 @@
 """The dataset inspector: statistics equal what was written, every fault named, show/html/json."""
+import io
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import tarfile
 from collections import Counter
 
 import pytest
+from PIL import Image
 
 from megatron_patch.data.energon_reader import decode_images, iter_split_samples
 from megatron_patch.data.image_processing import ImageGeometry
@@ -110,9 +112,14 @@ def test_validate_passes_a_clean_dataset(converted_demo, capsys):
     assert "no problems found" in out and "train" in out and "108 samples" in out
 
 
-def test_validate_names_every_bad_sample_and_shard(converted_copy, capsys):
+def test_validate_names_every_bad_sample_and_shard(converted_copy, demo_tokenizer, capsys):
     train = converted_copy / TRAIN
-    rotten_image, broken_json, wrong_tags = keys_with_parts(train, 2)[2:5]
+    rotten_image, broken_json, wrong_tags, too_thin = keys_with_parts(train, 2)[2:6]
+    thin = io.BytesIO()
+    Image.new("RGB", (2010, 10)).save(thin, format="PNG")  # over the vision tower's 200:1
+    # the same length (PIL reads up to the PNG's end chunk and ignores what follows)
+    overwrite_member(train, f"{too_thin}.img0.png",
+                     lambda d: thin.getvalue() + bytes(len(d) - len(thin.getvalue())))
     # bit rot inside a PNG: the header still parses, the chunk checksum does not
     overwrite_member(train, f"{rotten_image}.img0.png",
                      lambda d: d[:60] + bytes(16) + d[76:])
@@ -131,6 +138,11 @@ def test_validate_names_every_bad_sample_and_shard(converted_copy, capsys):
     assert f"{TRAIN}:{wrong_tags}: 0 <image> tag(s) but 1 image(s)" in text
     assert f"{VAL}:: unreadable tar" in text and f"{VAL}:: size" in text
     assert rotten_image not in text                  # headers only without --validate
+    assert (f"{TRAIN}:{too_thin}: image img0.png is 2010x10, over 200:1: too thin for the "
+            "vision tower (the trainer skips the sample as bad)") in text
+    # token counts pass over it (the inspector stopped with 'too thin to patch', naming nothing)
+    rc, counted = inspect(capsys, converted_copy, "--tokenizer", demo_tokenizer)
+    assert rc == 1 and too_thin in problems_text(counted)
 
     rc, full = inspect(capsys, converted_copy, "--validate")
     assert rc == 1

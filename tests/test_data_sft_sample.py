@@ -77,3 +77,17 @@ def test_batches_round_up_to_a_multiple_for_sequence_parallelism(tokenizer):
     length = packed.tokens.shape[1]
     assert length % 8 == 0 and packed.cu_seqlens.tolist()[-1] == length
     assert packed.cu_seqlens.tolist()[:3] == [0, a.length, a.length + b.length]
+
+
+@pytest.mark.parametrize("images, text", [
+    ([Image.new("RGB", (3000, 10))], "<image>\nthin?"),       # over 200:1: cannot be patched
+    ([Image.new("RGB", (56, 56))], "<image><image>\ntwo?"),   # more tags than images
+])
+def test_a_sample_that_cannot_be_encoded_is_a_bad_sample(tokenizer, images, text):
+    """A SampleFormatError, which the task encoder names and counts toward
+    --max-bad-sample-fraction; a plain ValueError went to energon's handler, which dropped the
+    sample with a dump of it and counted nothing."""
+    from megatron_patch.data.energon_reader import SampleFormatError
+    turns = [{"from": "human", "value": text}, {"from": "gpt", "value": "red"}]
+    with pytest.raises(SampleFormatError):
+        encode_sample(tokenizer, turns, images, ImageGeometry(), 4096)

@@ -279,8 +279,16 @@ def _convert_one(item) -> _Converted:
         return _Converted(raw.source, parts, conversation.id,
                           prepended_tags=conversation.prepended_image_tags, reencoded=reencoded)
     except BadRecord as error:
-        record_id = raw.record.get("id") if isinstance(raw.record, dict) else None
-        return _Converted(raw.source, record_id=record_id, error_kind=error.kind, error=str(error))
+        return _Converted(raw.source, record_id=_record_id(raw), error_kind=error.kind,
+                          error=str(error))
+    except UnicodeError as error:  # a lone surrogate (valid JSON: "\ud800") in a text or a path
+        return _Converted(raw.source, record_id=_record_id(raw), error_kind="invalid_text",
+                          error=f"the record holds text that is not valid Unicode ({error}); "
+                                "fix it in the source")
+
+
+def _record_id(raw):
+    return raw.record.get("id") if isinstance(raw.record, dict) else None
 
 
 def _record_skip(report: ConversionReport, skipped_file, result: _Converted) -> None:

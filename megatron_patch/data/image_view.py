@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255, 255)
+MAX_ASPECT_RATIO = 200  # longest / shortest side the vision tower can patch (Qwen2-VL's limit)
 
 
 def model_view(image: Image.Image) -> Image.Image:

@@ -11,6 +11,7 @@ from typing import List, Optional
 from PIL import Image
 
 from megatron_patch.data.energon_reader import LlavaSftSample, SampleFormatError, cook_llava_sample
+from megatron_patch.data.image_view import MAX_ASPECT_RATIO
 from megatron_patch.data.shard_format import JSON_PART
 from megatron_patch.data.shard_scan import Problem, ShardSample
 
@@ -49,10 +50,17 @@ def check_sample(raw: ShardSample, full_decode: bool) -> CheckedSample:
                                                             "the json: the trainer ignores them"))
     for name, data in zip(checked.sample.image_names, checked.sample.images):
         try:
-            checked.images.append(image_info(data, full_decode))
+            info = image_info(data, full_decode)
         except Exception as error:  # PIL raises many types for bad bytes
             checked.problems.append(Problem(raw.shard, raw.key, f"image {name} does not decode: "
                                                                 f"{type(error).__name__}: {error}"))
+            continue
+        if max(info.width, info.height) > MAX_ASPECT_RATIO * min(info.width, info.height):
+            checked.problems.append(Problem(raw.shard, raw.key, (
+                f"image {name} is {info.width}x{info.height}, over {MAX_ASPECT_RATIO}:1: too "
+                "thin for the vision tower (the trainer skips the sample as bad)")))
+            continue
+        checked.images.append(info)
     return checked
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from megatron_patch.data.chat_template import encode_conversation
+from megatron_patch.data.energon_reader import SampleFormatError
 from megatron_patch.data.image_processing import ImageGeometry, image_to_patches
 from megatron_patch.data.tokenizer import SFTTokenizer
 
@@ -46,13 +47,19 @@ class EncodedSample:
 def encode_sample(tokenizer: SFTTokenizer, turns: Sequence[dict], images: Sequence[Image.Image],
                   geometry: ImageGeometry, seq_length: int, overlong: str = "drop") -> EncodedSample:
     patches, grids = [], []
-    for image in images:
-        image_patches, grid = image_to_patches(image, geometry)
-        patches.append(image_patches)
-        grids.append(grid)
-    merge = geometry.merge_size ** 2
-    counts = [t * h * w // merge for t, h, w in grids]
-    encoded = encode_conversation(tokenizer, turns, counts)
+    try:
+        for image in images:
+            image_patches, grid = image_to_patches(image, geometry)
+            patches.append(image_patches)
+            grids.append(grid)
+        merge = geometry.merge_size ** 2
+        counts = [t * h * w // merge for t, h, w in grids]
+        encoded = encode_conversation(tokenizer, turns, counts)
+    except SampleFormatError:
+        raise
+    except ValueError as error:  # an image too thin to patch, tags that do not match the images
+        # energon's handler would drop it with a sample dump, uncounted by --max-bad-sample-fraction
+        raise SampleFormatError(str(error)) from error
     ids = torch.tensor(encoded.input_ids, dtype=torch.long)
     mask = torch.tensor(encoded.loss_mask, dtype=torch.float32)
     truncated = False
