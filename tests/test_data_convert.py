@@ -369,12 +369,16 @@ def test_output_dir_refused_unless_overwrite(llava_input, tmp_path):
     path, root, _, _ = llava_input
     out = str(tmp_path / "out")
     args = [path, "--image-root", root, "--output-dir", out, "--no-progress"]
-    assert convert_main(args) == 0
+    assert convert_main(args + ["--shard-prefix", "first"]) == 0
     write(os.path.join(out, "notes.txt"), "mine")
+    write(os.path.join(out, "raw_images_backup.tar"), "mine too")  # a tar of the user's own
     assert convert_main(args) == 1
     assert convert_main(args + ["--overwrite", "--max-samples-per-shard", "1"]) == 0
     assert open(os.path.join(out, "notes.txt")).read() == "mine"
-    assert len([n for n in os.listdir(out) if n.endswith(".tar")]) == 5
+    assert open(os.path.join(out, "raw_images_backup.tar")).read() == "mine too"
+    # the previous conversion's shards (named by its manifest) are gone, 5 new ones written
+    assert sorted(n for n in os.listdir(out) if n.endswith(".tar")) == [
+        "raw_images_backup.tar", *(f"subtaskdata-{i:05d}.tar" for i in range(5))]
 
 
 def test_shard_size_limit_rolls_shards(tmp_path):

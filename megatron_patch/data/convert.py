@@ -11,6 +11,7 @@ conversion that died goes on from its last resume point when run again (convert_
 """
 import itertools
 import json
+import re
 import os
 import shutil
 import sys
@@ -29,9 +30,9 @@ from megatron_patch.data.image_bytes import load_image_bytes, verified_image
 from megatron_patch.data.ordered_pool import OrderedProcessMap, WorkerDied
 from megatron_patch.data.readers import RawRecord, ReaderOptions, read_records
 from megatron_patch.data.records import normalize_record
-from megatron_patch.data.shard_format import (DEFAULT_SHARD_PREFIX, JSON_PART, REPORT_NAME,
-                                              SKIPPED_NAME, SPLITS, encode_sample_json,
-                                              image_part_name, sample_key)
+from megatron_patch.data.shard_format import (DEFAULT_SHARD_PREFIX, JSON_PART, MANIFEST_NAME,
+                                              REPORT_NAME, SKIPPED_NAME, SPLITS,
+                                              encode_sample_json, image_part_name, sample_key)
 from megatron_patch.data.shard_writer import STAGING_DIR, SplitShardWriter
 
 
@@ -203,13 +204,27 @@ def _prepare_output_dir(options: ConvertOptions, fingerprint: dict) -> Optional[
         raise SystemExit(f"error: output dir {output_dir} is not empty ({len(existing)} entries, "
                          f"e.g. {sorted(existing)[0]}); pass --overwrite to replace a previous "
                          "conversion, or choose an empty dir")
+    ours = _previous_shards(output_dir, options.shard_prefix)
     for name in existing:
         path = os.path.join(output_dir, name)
         if name == META_DIR:
             shutil.rmtree(path)
-        elif name.endswith((".tar", ".tar.idx")) or name in (SKIPPED_NAME, REPORT_NAME):
+        elif name.removesuffix(".idx") in ours or name in (SKIPPED_NAME, REPORT_NAME):
             os.remove(path)
     return None
+
+
+def _previous_shards(output_dir: str, prefix: str) -> set:
+    """The shards a conversion wrote here: those its manifest lists, and any named as this
+    conversion names them; a tar of the user's own in the folder is not one of them."""
+    names = {name for name in os.listdir(output_dir)
+             if re.fullmatch(re.escape(prefix) + r"-\d{5}\.tar", name)}
+    try:
+        with open(os.path.join(output_dir, META_DIR, MANIFEST_NAME)) as handle:
+            names.update(json.load(handle)["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return names
 
 
 def _open_skipped_file(output_dir: str, resume: Optional[ResumePoint]):
