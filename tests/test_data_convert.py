@@ -456,3 +456,28 @@ def test_a_full_disk_says_to_free_space_and_rerun(tmp_path, monkeypatch, capsys)
     assert (f"error: the disk of {out} is full ([Errno 28] No space left on device): free space "
             "(or choose another --output-dir) and rerun the same command: the conversion goes "
             "on from its last commit point") in capsys.readouterr().err
+
+
+def test_a_conversion_into_a_folder_another_one_writes_is_refused(llava_input, tmp_path, capsys):
+    """The second took the first's staging folder for an interrupted conversion to resume, and
+    the first then died on its missing progress file."""
+    import subprocess
+    import sys
+
+    from megatron_patch.data.convert import CONVERT_LOCK
+    path, root, _, _ = llava_input
+    out = tmp_path / "out"
+    holding = ("import sys, time\nfrom megatron_patch.folder_lock import hold_folder\n"
+               f"lock = hold_folder(sys.argv[1], {CONVERT_LOCK!r}, '')\n"
+               "print('held', flush=True)\ntime.sleep(30)\n")
+    holder = subprocess.Popen([sys.executable, "-c", holding, str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = [path, "--image-root", root, "--output-dir", str(out), "--no-progress"]
+        assert convert_main(args) == 1
+        assert f"error: another conversion (pid {holder.pid} on " in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert convert_main(args) == 0  # the lock ended with its holder

@@ -34,6 +34,7 @@ from megatron_patch.data.shard_format import (DEFAULT_SHARD_PREFIX, JSON_PART, M
                                               REPORT_NAME, SKIPPED_NAME, SPLITS,
                                               encode_sample_json, image_part_name, sample_key)
 from megatron_patch.data.shard_writer import STAGING_DIR, SplitShardWriter
+from megatron_patch.folder_lock import FolderInUse, hold_folder
 
 
 @dataclass
@@ -83,8 +84,25 @@ class _Converted:
     reencoded: int = 0
 
 
+CONVERT_LOCK = ".convert.lock"
+
+
 def convert(options: ConvertOptions) -> ConversionReport:
     fingerprint = convert_progress.fingerprint(options)  # the inputs as this run finds them
+    try:
+        lock = hold_folder(options.output_dir, CONVERT_LOCK, refusal=(
+            f"error: another conversion ({{holder}}) is writing to {options.output_dir}: wait for "
+            "it to end (or stop it: rerunning then goes on with it), or choose another "
+            "--output-dir"))
+    except FolderInUse as error:
+        raise SystemExit(str(error)) from None
+    try:
+        return _convert(options, fingerprint)
+    finally:
+        lock.close()
+
+
+def _convert(options: ConvertOptions, fingerprint: dict) -> ConversionReport:
     resume = _prepare_output_dir(options, fingerprint)
     conversion = _Conversion(options, resume, fingerprint)
     if resume is None or not resume.all_converted:
@@ -197,7 +215,7 @@ def _prepare_output_dir(options: ConvertOptions, fingerprint: dict) -> Optional[
               f"{resume.consumed} ({samples} samples and {resume.report['skipped']} skips so "
               "far; --overwrite starts over)", file=sys.stderr)
         return resume
-    existing = [n for n in os.listdir(output_dir) if n != STAGING_DIR]
+    existing = [n for n in os.listdir(output_dir) if n not in (STAGING_DIR, CONVERT_LOCK)]
     if not existing:
         return None
     if not overwrite:

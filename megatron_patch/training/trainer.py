@@ -20,6 +20,7 @@ from megatron_patch.data.sft_loader import (DatasetChangedError, LoaderStateMism
                                             close_loader, restore_loader_state, save_loader_state)
 from megatron_patch.data.sft_task_encoder import SFTTaskEncoder, find_data_stop, with_full_rows
 from megatron_patch.data.tokenizer import SFTTokenizer
+from megatron_patch.folder_lock import FolderInUse, hold_folder
 from megatron_patch.parent_watch import call_when_parent_ends
 from megatron_patch.training import arguments
 from megatron_patch.training import checkpoint_paths, kernels
@@ -44,7 +45,6 @@ from megatron_patch.training.optimizer import (build_optimizer, build_scheduler,
                                                learning_rates_by_module,
                                                schedule_kept_from_checkpoint)
 from megatron_patch.training.parallel_setup import Ranks, all_reduce_host, initialize, shutdown
-from megatron_patch.training.save_lock import SaveFolderLocked, hold_save_folder
 from megatron_patch.training.signals import EXIT_SIGNALLED, StopRequest, signal_from_name
 from megatron_patch.training.train_step import guarded_optimizer_step, run_micro_batches
 
@@ -53,6 +53,10 @@ logger = logging.getLogger("megatron_patch.train")
 
 class TooManySkippedSteps(RuntimeError):
     """Training diverged: the gradient norm stayed NaN/inf for too many steps in a row."""
+
+
+SAVE_LOCK = ".run.lock"
+SAVE_LOCK_WAIT_SECONDS = 120.0
 
 
 class TooManyBadSamples(RuntimeError):
@@ -377,16 +381,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping and saving
     def lock_save_folder(self):
-        """Rank 0 locks --save for this run (save_lock.py); every rank raises if it cannot."""
-        lock, refusal = None, None
+        """Rank 0 locks --save for this run (folder_lock.py), waiting a while for a holder to
+        end (a restart's previous job may still be finishing its last save); every rank raises
+        if it cannot."""
+        save, lock, refusal = self.args.save, None, None
         if self.ranks.rank == 0:
             try:
-                lock = hold_save_folder(self.args.save)
-            except SaveFolderLocked as error:
+                lock = hold_folder(save, SAVE_LOCK, wait_seconds=SAVE_LOCK_WAIT_SECONDS, refusal=(
+                    f"another run ({{holder}}) is using --save {save}: two runs in one folder "
+                    "would overwrite each other's checkpoints. Stop it (or wait for it to end) "
+                    "and rerun, or choose another --save"))
+            except FolderInUse as error:
                 refusal = error
         if not self.all_ranks_have(refusal is None):
-            raise refusal or SaveFolderLocked(f"another run is using --save {self.args.save} "
-                                              "(rank 0 names it)")
+            raise refusal or FolderInUse(f"another run is using --save {save} (rank 0 names it)")
         return lock
 
     def all_ranks_have(self, flag: bool) -> bool:
@@ -473,7 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logger.error("rank %d failed: %s: %s", ranks.rank, type(error).__name__, error)
         # rerunning helps after a crash, not when the checkpoint or its loader state cannot
         # serve this command
-        hopeless = (CheckpointLayoutError, LoaderStateMismatch, SaveFolderLocked)
+        hopeless = (CheckpointLayoutError, LoaderStateMismatch, FolderInUse)
         if ranks.rank == 0 and args.save and not isinstance(error, hopeless):
             logger.error("%s", checkpoint_paths.resume_hint(args.save))
         raise
