@@ -481,3 +481,52 @@ def test_a_conversion_into_a_folder_another_one_writes_is_refused(llava_input, t
         holder.kill()
         holder.wait()
     assert convert_main(args) == 0  # the lock ended with its holder
+
+
+def test_a_rerun_after_nothing_converted_is_not_refused(tmp_path, capsys):
+    """A wrong --image-root skips every record and leaves only skipped.jsonl (the reasons); the
+    corrected rerun was refused as 'not empty' unless --overwrite."""
+    write(str(tmp_path / "pics" / "a.png"), image_bytes((0, 0, 255)))
+    record = {"id": "a", "image": "a.png", "conversations": [turn("human", "<image>\nq"),
+                                                            turn("gpt", "a")]}
+    path = write(str(tmp_path / "d.json"), json.dumps([record]))
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == 1
+    assert "no sample could be converted" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".convert.lock", "skipped.jsonl"]
+    assert convert_main([path, "--image-root", str(tmp_path / "pics"), "--output-dir", out,
+                         "--no-progress"]) == 0
+
+
+def test_ctrl_c_says_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    from megatron_patch.data import convert_cli
+
+    def interrupted(options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_cli, "convert", interrupted)
+    source = write(str(tmp_path / "data.json"), "[]")
+    assert convert_main([source, "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 130
+    assert ("interrupted: rerun the same command to go on from the last commit point (at most "
+            "--commit-interval 30 s back)") in capsys.readouterr().err
+
+
+def test_zero_samples_per_shard_is_refused(tmp_path, capsys):
+    source = write(str(tmp_path / "data.json"), "[]")
+    with pytest.raises(SystemExit):
+        convert_main([source, "--output-dir", str(tmp_path / "out"), "--max-samples-per-shard",
+                      "0"])
+    assert "--max-samples-per-shard: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_image_data_taken_for_a_path_is_not_quoted_whole(tmp_path):
+    """Base64 without a data: prefix is a path to the converter; the skip reason quoted all of
+    it (megabytes on one line of skipped.jsonl)."""
+    record = {"id": "b64", "image": "iVBORw0KGgo" + "A" * 5000,
+              "conversations": [turn("human", "<image>\nq"), turn("gpt", "a")]}
+    path = write(str(tmp_path / "d.json"), json.dumps([record]))
+    out = str(tmp_path / "out")
+    assert convert_main([path, "--output-dir", out, "--no-progress"]) == 1
+    (entry,) = skipped(out)
+    assert entry["kind"] == "image_not_found" and len(entry["reason"]) < 400
+    assert "(5011 characters: image data without a data: URI prefix?)" in entry["reason"]

@@ -216,8 +216,8 @@ def _prepare_output_dir(options: ConvertOptions, fingerprint: dict) -> Optional[
               "far; --overwrite starts over)", file=sys.stderr)
         return resume
     existing = [n for n in os.listdir(output_dir) if n not in (STAGING_DIR, CONVERT_LOCK)]
-    if not existing:
-        return None
+    if set(existing) <= {SKIPPED_NAME}:  # what a conversion that converted nothing leaves
+        return None                       # (rewritten by this one)
     if not overwrite:
         raise SystemExit(f"error: output dir {output_dir} is not empty ({len(existing)} entries, "
                          f"e.g. {sorted(existing)[0]}); pass --overwrite to replace a previous "

@@ -41,6 +41,16 @@ def parse_split(text: str) -> list:
     return weights
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Convert LLaVA-style SFT data (JSON, JSONL, Parquet or a folder of JSON files) "
@@ -51,10 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: each input file's own folder)")
     p.add_argument("--split", type=parse_split, default=[98.0, 2.0],
                    help="train,val[,test] weights, per sample (default 98,2)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=positive_int, default=min(8, os.cpu_count() or 1),
                    help="processes that load and verify images (default: min(8, cores))")
     p.add_argument("--shard-prefix", default=DEFAULT_SHARD_PREFIX)
-    p.add_argument("--max-samples-per-shard", type=int, default=5000)
+    p.add_argument("--max-samples-per-shard", type=positive_int, default=5000)
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("1GiB"),
                    help="roll to a new shard past this size (e.g. 500MB)")
     p.add_argument("--input-format", choices=("auto",) + RECORD_FORMATS + CONTAINER_FORMATS,
@@ -97,6 +107,10 @@ def main(argv=None) -> int:
     except SystemExit as error:
         print(error, file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to go on from the last commit point (at "
+              f"most --commit-interval {args.commit_interval:g} s back)", file=sys.stderr)
+        return 130
     except OSError as error:
         if error.errno != errno.ENOSPC:
             raise

@@ -95,13 +95,21 @@ def resolve_image_path(path: str, search_dirs: Sequence[str]) -> str:
     if os.path.isabs(path):
         if os.path.isfile(path):
             return path
-        raise BadRecord(f"image not found: {path}", "image_not_found")
+        raise BadRecord(f"image not found: {_shown(path)}", "image_not_found")
     for directory in search_dirs:
         candidate = os.path.join(directory, path)
         if os.path.isfile(candidate):
             return candidate
-    raise BadRecord(f"image not found: {path} (looked under {', '.join(search_dirs)}; "
+    raise BadRecord(f"image not found: {_shown(path)} (looked under {', '.join(search_dirs)}; "
                     "set --image-root to the folder the paths are relative to)", "image_not_found")
+
+
+def _shown(path: str) -> str:
+    """A path as messages show it: a very long one (image data without a data: URI prefix,
+    taken for a path) cut short, not megabytes on one line of skipped.jsonl."""
+    if len(path) <= 200:
+        return path
+    return f"{path[:60]}... ({len(path)} characters: image data without a data: URI prefix?)"
 
 
 def load_image_bytes(source: ImageSource, search_dirs: Sequence[str]) -> bytes:
