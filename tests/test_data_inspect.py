@@ -244,3 +244,15 @@ def test_tars_without_an_index_are_still_counted(converted_copy, capsys):
     assert rc == 1
     assert stats["splits"]["unindexed"]["samples"] == 120
     assert "no .nv-meta/split.yaml: not an energon dataset" in problems_text(stats)
+
+
+def test_show_escapes_control_characters():
+    """A NUL or a carriage return in a conversation garbled the terminal; CJK and tabs stay."""
+    from megatron_patch.data.energon_reader import LlavaSftSample
+    from megatron_patch.data.inspect_render import format_sample
+    from megatron_patch.data.sample_check import CheckedSample
+    sample = LlavaSftSample(__key__="k", __restore_key__=(), id="r1", image_names=[], images=[],
+                            conversations=[{"from": "human", "value": "a\x00b\r\nc\td 中文"},
+                                           {"from": "gpt", "value": "ok"}])
+    shown = format_sample(CheckedSample("s.tar", "k", sample))
+    assert "a\\x00b\\r\n    c\td 中文" in shown and "\x00" not in shown and "\r" not in shown

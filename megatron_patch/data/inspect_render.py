@@ -6,6 +6,7 @@ scratch folder without the shards beside it.
 import base64
 import html
 import io
+import unicodedata
 from typing import List, Sequence
 
 from PIL import Image
@@ -80,9 +81,16 @@ def format_sample(checked: CheckedSample) -> str:
         lines.append(f"  meta {sample.meta}")
     for turn in sample.conversations:
         label = _ROLE_LABELS.get(turn["from"], turn["from"])
-        lines.append(f"  {label}: " + turn["value"].replace("\n", "\n    "))
+        lines.append(f"  {label}: " + _visible(turn["value"]).replace("\n", "\n    "))
     lines += [f"  !! {p.message}" for p in checked.problems]
     return "\n".join(lines)
+
+
+def _visible(text: str) -> str:
+    """Control characters other than newline and tab as escapes (a NUL or a carriage return
+    printed raw garbles the terminal and hides what the text holds)."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc"
+                   else repr(c)[1:-1] for c in text)
 
 
 def write_html(path: str, dataset_dir: str, samples: List[CheckedSample]) -> int:
