@@ -442,3 +442,22 @@ def test_cli_reports_errors_without_a_traceback(hf_dir, tmp_path, capsys):
     code = hf_to_mcore_main(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "o"), "--tp", "3",
                              "--no-progress"])
     assert code == 2 and "error: model tiny cannot be split at TP=3" in capsys.readouterr().err
+
+
+def test_an_export_with_another_tokenizer_is_refused(converted, tmp_path):
+    """The exporter ships the tokenizer beside the weights: another one of the same size went
+    through, and every later check (the import's record, evaluate_vqa) then agreed with it."""
+    from megatron_patch.data.tokenizer import SFTTokenizer, build_tiny_tokenizer
+    size = SFTTokenizer(str(converted)).vocab_size
+    other = build_tiny_tokenizer(str(tmp_path / "other"), ["Trains cross rivers at dawn."] * 50,
+                                 vocab_size=size)
+    with pytest.raises(ConversionError, match=f"--tokenizer-path {other} is not the tokenizer "):
+        convert_mcore_to_hf(str(converted), str(tmp_path / "hf"), tokenizer_path=other,
+                            progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_an_import_into_its_own_source_folder_is_refused(hf_copy):
+    """It converted everything, then failed copying the tokenizer onto itself (SameFileError)."""
+    with pytest.raises(ConversionError, match="is the --hf-dir itself"):
+        convert_hf_to_mcore(str(hf_copy), str(hf_copy), progress=False)

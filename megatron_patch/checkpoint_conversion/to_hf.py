@@ -96,14 +96,23 @@ def _tokenizer_dir(explicit: Optional[str], record_dir: Optional[str],
     return None
 
 
-def _special_ids(tokenizer_dir: Optional[str]) -> Optional[Dict[str, int]]:
+def _special_ids(tokenizer_dir: Optional[str], checkpoint: str) -> Optional[Dict[str, int]]:
+    """The tokenizer's special ids, once it is known to be the one the checkpoint was made with
+    (another one, shipped beside the weights, would turn every later check green on garbage)."""
     if tokenizer_dir is None:
         return None
     from megatron_patch.data.tokenizer import SFTTokenizer
+    from megatron_patch.training.checkpoint_match import check_tokenizer_fits
+    from megatron_patch.training.checkpointing import TokenizerMismatchError
     try:
-        return SFTTokenizer(tokenizer_dir).special_ids
+        tokenizer = SFTTokenizer(tokenizer_dir)
     except ValueError:
         return None
+    try:
+        check_tokenizer_fits(checkpoint, tokenizer)
+    except TokenizerMismatchError as error:
+        raise ConversionError(str(error)) from None
+    return tokenizer.special_ids
 
 
 def _batches(entries: List[Tuple[hf_mapping.Item, int]], budget: int) -> List[List[hf_mapping.Item]]:
@@ -138,7 +147,7 @@ def convert_mcore_to_hf(load: str, out: str, model: Union[str, LlavaOVConfig, No
     record = record or {}
     cfg = resolve_config(model, checkpoint, record)
     tokenizer_dir = _tokenizer_dir(tokenizer_path, record_dir, checkpoint)
-    special_ids = _special_ids(tokenizer_dir)
+    special_ids = _special_ids(tokenizer_dir, checkpoint)
     if special_ids:
         cfg.image_token_id = special_ids["<|image_pad|>"]
         cfg.video_token_id = special_ids["<|video_pad|>"]
@@ -167,7 +176,11 @@ def convert_mcore_to_hf(load: str, out: str, model: Union[str, LlavaOVConfig, No
         handle.write("\n")
     copied = copy_side_files(tokenizer_dir, out) if tokenizer_dir else []
     if not copied:
-        logger.warning("no tokenizer files found to copy: pass --tokenizer-path")
+        looked = [path for path in (tokenizer_path, run_args(checkpoint).get("tokenizer_path"))
+                  if path]
+        logger.warning("no tokenizer files found to copy%s: the export cannot be used without "
+                       "one; rerun with --tokenizer-path <the tokenizer the run was trained with>",
+                       f" (looked in {', '.join(looked)})" if looked else "")
     logger.info("wrote %d shards (%s) to %s in %.1f s", len(writer.shards),
                 human_bytes(writer.total_bytes), out, time.time() - started)
     return out

@@ -90,6 +90,9 @@ def convert_hf_to_mcore(hf_dir: str, out: str, model: Union[str, LlavaOVConfig, 
     the layout the user will train with, validated here (the files do not depend on it, see
     ``runtime``). ``dtype``: parameter dtype to store (default: the checkpoint's own)."""
     started = time.time()
+    if os.path.realpath(out) == os.path.realpath(hf_dir):
+        raise ConversionError(f"--out {out} is the --hf-dir itself: the base checkpoint needs a "
+                              "folder of its own")
     hf_config = read_hf_config(hf_dir)
     cfg, notes = check_config(hf_config, model)
     for note in notes:

@@ -99,17 +99,31 @@ def check_checkpoint_fits(load: str, args, cfg, tokenizer: SFTTokenizer,
             _check_optimizer_groups(path, saved, args)
     elif conversion is not None:
         _check_converted_model(load, path, conversion, args, cfg)
+    _check_tokenizer(path, run_state, conversion, tokenizer)
+
+
+def check_tokenizer_fits(path: str, tokenizer: SFTTokenizer) -> None:
+    """Raises TokenizerMismatchError when checkpoint `path` records another tokenizer (the HF
+    exporter's check: the tokenizer it ships beside the weights)."""
+    run_state = read_run_state(path)
+    conversion = None if (run_state or {}).get("tokenizer") else find_record(path)[0]
+    _check_tokenizer(path, run_state, conversion, tokenizer)
+
+
+def _check_tokenizer(path: str, run_state: Optional[dict], conversion: Optional[dict],
+                     tokenizer: SFTTokenizer) -> None:
     recorded = _recorded_tokenizer(run_state, conversion)
-    if recorded is not None:
-        differences = fingerprint_differences(recorded, tokenizer.fingerprint())
-        if differences:
-            made_with = (run_state or {}).get("args", {}).get("tokenizer_path") \
-                or (conversion or {}).get("source")
-            raise TokenizerMismatchError(
-                f"--tokenizer-path {tokenizer.path} is not the tokenizer {path} was made with"
-                f"{f' ({made_with})' if made_with else ''}: {'; '.join(differences)}. The model "
-                "would read ids it never learned. Give the tokenizer it was trained with (the "
-                "template's TOKENIZER_PATH; for a converted model, its --out folder)")
+    if recorded is None:
+        return
+    differences = fingerprint_differences(recorded, tokenizer.fingerprint())
+    if differences:
+        made_with = (run_state or {}).get("args", {}).get("tokenizer_path") \
+            or (conversion or {}).get("source")
+        raise TokenizerMismatchError(
+            f"--tokenizer-path {tokenizer.path} is not the tokenizer {path} was made with"
+            f"{f' ({made_with})' if made_with else ''}: {'; '.join(differences)}. The model "
+            "would read ids it never learned. Give the tokenizer it was trained with (the "
+            "template's TOKENIZER_PATH; for a converted model, its --out folder)")
 
 
 def _recorded_tokenizer(run_state: Optional[dict], conversion: Optional[dict]) -> Optional[dict]:
