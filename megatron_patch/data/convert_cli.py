@@ -17,6 +17,7 @@ from megatron_patch.data.image_bytes import REENCODE_CHOICES
 from megatron_patch.data.readers import CONTAINER_FORMATS, FILE_CUT_SHORT
 from megatron_patch.data.records import RECORD_FORMATS
 from megatron_patch.data.shard_format import DEFAULT_SHARD_PREFIX, SKIPPED_NAME
+from megatron_patch.training.arguments import positive_int
 
 EXIT_SKIPPED = 3
 _SIZE_UNITS = {"": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -39,16 +40,6 @@ def parse_split(text: str) -> list:
         raise argparse.ArgumentTypeError(f"not a split: {text!r}: 1-3 non-negative weights "
                                          "for train,val,test")
     return weights
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

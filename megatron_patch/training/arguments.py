@@ -21,6 +21,17 @@ MODEL_OVERRIDE_KEYS = (*(name.replace("-", "_") for name in MODEL_SIZE_OPTIONS),
                        "init_method_std")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_override_arguments(group, help_suffix: str = "override the config's value") -> None:
     """--num-layers ... --vision-hidden-size and --rotary-base: the trainer, the evaluator and
     the benchmark must build the same model from the same flags."""
