@@ -316,12 +316,19 @@ def test_warmup_fraction_sets_the_warmup_steps(converted_demo, tokenizer_dir, tm
     ({"CHECKPOINT_PATH": "/nonexistent"}, "CHECKPOINT_PATH /nonexistent does not exist"),
     ({"TP": "3"}, "not divisible by TP=3"),
     ({"SAVE_CKPT_PATH": __file__}, f"SAVE_CKPT_PATH {__file__} is a file, not a folder"),
+    ({"CHECKPOINT_PATH": "HF"}, "is a Hugging Face model folder: convert it first"),
     ({"EXTRA_ARGS": "--packing --lr-warmup-fraction 0.01 --train-iters=10"},
      "EXTRA_ARGS: --lr-warmup-fraction is the template's own (set WARMUP_FRACTION instead); "
      "--train-iters is the template's own (set EPOCHS (the plan turns it into NSTEP) instead)"),
 ])
 def test_preflight_failures_name_the_fix(converted_demo, tokenizer_dir, tmp_path, overrides, message):
     data = str(converted_demo)
+    if overrides.get("CHECKPOINT_PATH") == "HF":  # a downloaded model, not yet converted
+        hf = tmp_path / "hf"
+        hf.mkdir()
+        (hf / "config.json").write_text("{}")
+        (hf / "model-00001-of-00001.safetensors").write_bytes(b"")
+        overrides = {"CHECKPOINT_PATH": str(hf)}
     env = {"MODEL": "tiny", "DATA_PATH": data, "TOKENIZER_PATH": tokenizer_dir,
            "SAVE_CKPT_PATH": str(tmp_path / "run"), **overrides}
     result = run_template(env)

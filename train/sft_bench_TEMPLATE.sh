@@ -76,6 +76,10 @@ if [ -d "$DATA_PATH" ]; then
 fi
 [ -e "$TOKENIZER_PATH" ] || fail "TOKENIZER_PATH $TOKENIZER_PATH does not exist (a dir with tokenizer.json)"
 [ -z "$CHECKPOINT_PATH" ] || [ -e "$CHECKPOINT_PATH" ] || fail "CHECKPOINT_PATH $CHECKPOINT_PATH does not exist (empty it to start from random weights)"
+if [ -n "$CHECKPOINT_PATH" ] && [ -f "$CHECKPOINT_PATH/config.json" ] && ls "$CHECKPOINT_PATH"/*.safetensors >/dev/null 2>&1 \
+    && ! ls -d "$CHECKPOINT_PATH"/iter_* >/dev/null 2>&1; then
+  fail "CHECKPOINT_PATH $CHECKPOINT_PATH is a Hugging Face model folder: convert it first (python tools/convert_hf_to_mcore.py --hf-dir $CHECKPOINT_PATH --out <a new folder>) and give that folder"
+fi
 # absolute, so that the resume hint works from any directory
 case "$SAVE_CKPT_PATH" in /*) ;; *) SAVE_CKPT_PATH="$PWD/$SAVE_CKPT_PATH" ;; esac
 [ ! -e "$SAVE_CKPT_PATH" ] || [ -d "$SAVE_CKPT_PATH" ] || fail "SAVE_CKPT_PATH $SAVE_CKPT_PATH is a file, not a folder: choose another path"
