@@ -461,3 +461,22 @@ def test_an_import_into_its_own_source_folder_is_refused(hf_copy):
     """It converted everything, then failed copying the tokenizer onto itself (SameFileError)."""
     with pytest.raises(ConversionError, match="is the --hf-dir itself"):
         convert_hf_to_mcore(str(hf_copy), str(hf_copy), progress=False)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(28, "No space left on device"),
+    RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 "
+                 "vs 598"),                                  # torch's writer on a full disk
+    OSError(30, "Read-only file system")])
+def test_a_disk_that_cannot_take_the_output_is_one_line(error, tmp_path, monkeypatch, capsys):
+    from megatron_patch.checkpoint_conversion import cli, to_hf
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(to_hf, "convert_mcore_to_hf", failing)
+    out = tmp_path / "hf"
+    assert cli.mcore_to_hf_main(["--load", str(tmp_path), "--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: cannot write --out {out}: the disk is ")
+    assert "then rerun with --overwrite" in message

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from typing import Optional, Sequence
@@ -14,13 +15,38 @@ def _setup_logging() -> None:
                         stream=sys.stdout)
 
 
-def _run(action) -> int:
+# a disk that cannot take the output: said in one line (the writers' own errors are tracebacks,
+# e.g. torch's "unexpected pos 704 vs 598" for a full disk)
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the disk is read-only",
+                errno.EACCES: "no permission to write there", errno.EDQUOT: "the disk quota is used up"}
+
+
+def _run(action, out: str) -> int:
     try:
         action()
     except ConversionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as exc:
+        cause = _disk_error(exc)
+        if cause is None:
+            raise
+        print(f"error: cannot write --out {out}: {cause} ({exc.__class__.__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}). Free space or choose another "
+              "--out, then rerun with --overwrite", file=sys.stderr)
+        return 1
     return 0
+
+
+def _disk_error(error: BaseException) -> Optional[str]:
+    """Why the output could not be written, when a disk problem is behind `error`."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _DISK_ERRORS:
+            return _DISK_ERRORS[error.errno]
+        if "No space left on device" in str(error) or "unexpected pos" in str(error):
+            return _DISK_ERRORS[errno.ENOSPC]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def hf_to_mcore_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -47,7 +73,7 @@ def hf_to_mcore_main(argv: Optional[Sequence[str]] = None) -> int:
 
     return _run(lambda: convert_hf_to_mcore(args.hf_dir, args.out, model=args.model, tp=args.tp, pp=args.pp,
                                             dtype=args.dtype, overwrite=args.overwrite,
-                                            progress=not args.no_progress))
+                                            progress=not args.no_progress), args.out)
 
 
 def mcore_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -77,4 +103,5 @@ def mcore_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     return _run(lambda: convert_mcore_to_hf(args.load, args.out, model=args.model,
                                             tokenizer_path=args.tokenizer_path, dtype=args.dtype,
                                             key_layout=args.key_layout, max_shard_size=args.max_shard_size,
-                                            overwrite=args.overwrite, progress=not args.no_progress))
+                                            overwrite=args.overwrite, progress=not args.no_progress),
+                args.out)
