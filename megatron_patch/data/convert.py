@@ -11,8 +11,8 @@ conversion that died goes on from its last resume point when run again (convert_
 """
 import itertools
 import json
-import re
 import os
+import re
 import shutil
 import sys
 import time

@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from megatron_patch.checkpoint_conversion.record import find_record
 from megatron_patch.data.image_processing import ImageGeometry
 from megatron_patch.data.sft_loader import has_split
 from megatron_patch.data.shard_scan import read_split_layout
@@ -99,6 +100,8 @@ def settings_from_the_run(args, checkpoint: str) -> List[str]:
     """Fills the settings left out with the run's recorded ones (else the defaults); returns a
     note for each one given that differs from the run's."""
     recorded = (read_run_state(checkpoint) or {}).get("args") or {}
+    if "model" not in recorded:  # a converted base model records its preset
+        recorded = {"model": (find_record(checkpoint)[0] or {}).get("model"), **recorded}
     notes = []
     for name in RUN_SETTINGS:
         given, trained = getattr(args, name), recorded.get(name)
