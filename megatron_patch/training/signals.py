@@ -24,7 +24,8 @@ REPEAT_WINDOW_SECONDS = 2.0
 class StopRequest:
     def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS,
                  repeat_window: float = REPEAT_WINDOW_SECONDS):
-        self.received = None
+        self.received = None  # the signal's name
+        self.reason = None    # what asked for the stop, as the trainer's "stopping" line says it
         self.repeat_window = repeat_window
         self._first_at = None
         self._lock = threading.Lock()
@@ -34,13 +35,14 @@ class StopRequest:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         with self._lock:
-            if self.received is not None:
+            if self.reason is not None:
                 if time.monotonic() - self._first_at < self.repeat_window:
                     return  # the same stop, delivered again by another route
                 sys.stderr.write(f"second signal {name}: exiting now without saving\n")
                 sys.stderr.flush()
                 os._exit(EXIT_SIGNALLED)
-            self.received, self._first_at = name, time.monotonic()
+            self.received = name
+            self.reason, self._first_at = f"received {name}", time.monotonic()
         sys.stderr.write(f"received {name}: finishing this step, saving, then exiting "
                          "(send it again to exit at once)\n")
         sys.stderr.flush()
@@ -48,15 +50,15 @@ class StopRequest:
     def request(self, reason: str) -> None:
         """The same stop, asked for by something other than a signal (the launcher's end)."""
         with self._lock:
-            if self.received is not None:
+            if self.reason is not None:
                 return
-            self.received, self._first_at = reason, time.monotonic()
+            self.reason, self._first_at = reason, time.monotonic()
         sys.stderr.write(f"{reason}: finishing this step, saving, then exiting\n")
         sys.stderr.flush()
 
     @property
     def requested(self) -> bool:
-        return self.received is not None
+        return self.reason is not None
 
 
 def signal_from_name(name: str) -> signal.Signals:

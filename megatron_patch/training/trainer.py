@@ -404,8 +404,7 @@ class Trainer:
         args, state = self.args, self.state
         local = None
         if self.stop_request.requested:
-            received = self.stop_request.received
-            local = f"received {received}" if received.startswith("SIG") else received
+            local = self.stop_request.reason
         elif args.exit_interval and state.iteration % args.exit_interval == 0:
             local = f"--exit-interval {args.exit_interval}"
         elif args.exit_duration_in_mins and time.time() - self.started > 60 * args.exit_duration_in_mins:
