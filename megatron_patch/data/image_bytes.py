@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from megatron_patch.data.errors import BadRecord
-from megatron_patch.data.image_view import MAX_ASPECT_RATIO, model_view
+from megatron_patch.data.image_view import MAX_ASPECT_RATIO, model_view, too_thin
 
 # Magic numbers of the formats energon/webdataset decode by extension.
 _SIGNATURES = (
@@ -155,7 +155,7 @@ def verified_image(data: bytes, what: str, reencode: str = "none") -> tuple[byte
             image.load()
             if image.width < 1 or image.height < 1:
                 raise BadRecord(f"image has no pixels: {what}", "image_corrupt")
-            if max(image.size) > MAX_ASPECT_RATIO * min(image.size):
+            if too_thin(image.width, image.height):
                 raise BadRecord(f"image too thin for the vision tower: {what} is "
                                 f"{image.width}x{image.height}, over {MAX_ASPECT_RATIO}:1",
                                 "image_too_thin")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_patch.data.image_view import MAX_ASPECT_RATIO
+from megatron_patch.data.image_view import MAX_ASPECT_RATIO, too_thin
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,7 +39,7 @@ class ImageGeometry:
 def fit_size(height: int, width: int, geometry: ImageGeometry) -> Tuple[int, int]:
     """Target (height, width): multiples of `factor`, aspect kept, pixels within the budget."""
     factor = geometry.factor
-    if max(height, width) / max(1, min(height, width)) > MAX_ASPECT_RATIO:
+    if too_thin(width, height):
         raise ValueError(f"image aspect ratio {height}x{width} is over {MAX_ASPECT_RATIO}: too "
                          "thin to patch")
     h = max(factor, round(height / factor) * factor)

@@ -8,6 +8,12 @@ WHITE = (255, 255, 255, 255)
 MAX_ASPECT_RATIO = 200  # longest / shortest side the vision tower can patch (Qwen2-VL's limit)
 
 
+def too_thin(width: int, height: int) -> bool:
+    """Longer side over MAX_ASPECT_RATIO times the shorter: the vision tower cannot patch it
+    (the converter skips it, the inspector names it, the trainer counts it as a bad sample)."""
+    return max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height))
+
+
 def model_view(image: Image.Image) -> Image.Image:
     """The RGB image the model sees, as Hugging Face's loaders make it: the EXIF orientation
     applied (a phone photo taken upright, stored sideways), transparency on white, and 16-bit

@@ -11,7 +11,7 @@ from typing import List, Optional
 from PIL import Image
 
 from megatron_patch.data.energon_reader import LlavaSftSample, SampleFormatError, cook_llava_sample
-from megatron_patch.data.image_view import MAX_ASPECT_RATIO
+from megatron_patch.data.image_view import MAX_ASPECT_RATIO, too_thin
 from megatron_patch.data.shard_format import JSON_PART
 from megatron_patch.data.shard_scan import Problem, ShardSample
 
@@ -55,7 +55,7 @@ def check_sample(raw: ShardSample, full_decode: bool) -> CheckedSample:
             checked.problems.append(Problem(raw.shard, raw.key, f"image {name} does not decode: "
                                                                 f"{type(error).__name__}: {error}"))
             continue
-        if max(info.width, info.height) > MAX_ASPECT_RATIO * min(info.width, info.height):
+        if too_thin(info.width, info.height):
             checked.problems.append(Problem(raw.shard, raw.key, (
                 f"image {name} is {info.width}x{info.height}, over {MAX_ASPECT_RATIO}:1: too "
                 "thin for the vision tower (the trainer skips the sample as bad)")))

@@ -93,7 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # what the evaluator takes from the run when not given: the model it built and the image sizes
 # it trained at (other sizes score lower without a word: 31.9% instead of 34.5% measured)
 RUN_SETTINGS = ("model", *MODEL_OVERRIDE_KEYS, "min_pixels", "max_pixels")
-DEFAULTS = {"model": "tiny", "min_pixels": 4 * 28 * 28, "max_pixels": 1280 * 28 * 28}
+DEFAULTS = {"model": "tiny", "min_pixels": ImageGeometry.min_pixels,
+            "max_pixels": ImageGeometry.max_pixels}
 
 
 def settings_from_the_run(args, checkpoint: str) -> List[str]:
