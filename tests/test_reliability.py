@@ -412,8 +412,10 @@ def test_the_ranks_end_with_a_killed_torchrun(converted_demo, demo_tokenizer, tm
         start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while not (save / "metrics.jsonl").is_file() and time.monotonic() < deadline:
-            time.sleep(0.5)  # training has started
+        metrics_file = save / "metrics.jsonl"  # made at start-up, written from iteration 1
+        while not (metrics_file.is_file() and metrics_file.stat().st_size) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)  # training has started (killed during start-up, a rank just fails)
         ranks = _rank_pids(save)
         assert len(ranks) == 2, ranks
         launcher.kill()
